@@ -1,0 +1,186 @@
+"""The only module that speaks transformers' cache and attention APIs.
+
+`KVCache` is a `transformers.Cache`. The model's attention module calls `cache.update(k, v, layer)`: the
+cache hands the new keys and values to the method and returns them unchanged. The model then calls its
+attention function; kvtier registers its own ("kvtier"), which takes the query and asks the method for
+the output. A registered mask function passes the 2D padding mask through instead of building a 4D one:
+the method knows which positions it attends over, transformers does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+
+import torch
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
+
+from .attention import causal_attention
+from .methods import method_class
+from .models import ModelSpec
+
+ATTN_NAME = "kvtier"
+
+# Set by KVCache.update, consumed by the attention call of the same layer right after it.
+_handoff = threading.local()
+
+
+def _kvtier_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    cache = getattr(_handoff, "cache", None)
+    scaling = module.head_dim ** -0.5 if scaling is None else scaling
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        raise NotImplementedError("kvtier attention takes a 2D padding mask; custom 4D attention masks are "
+                                  "not supported")
+    if cache is None:
+        # The model runs without a KVCache (use_cache=False, or another Cache): plain causal attention.
+        n, t = key.shape[2], query.shape[2]
+        return causal_attention(query, key, value, scaling, attention_mask, q_offset=n - t), None
+    _handoff.cache = None
+    return cache._attend(module, query, attention_mask, scaling), None
+
+
+def _kvtier_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """The padding mask over the kv_length positions [kv_offset, kv_offset + kv_length), or None if none pads."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    mask = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+    if mask.shape[1] != kv_length:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions but the cache and input "
+                         f"span {kv_offset + kv_length}; pass the mask of the whole sequence so far")
+    return mask
+
+
+AttentionInterface.register(ATTN_NAME, _kvtier_attention)
+AttentionMaskInterface.register(ATTN_NAME, _kvtier_mask)
+
+
+class _LayerView(CacheLayerMixin):
+    """What transformers sees of one layer: its length. The data lives in the method."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: "KVCache", layer: int):
+        super().__init__()
+        self._cache = weakref.proxy(cache)
+        self.layer = layer
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states):
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("KVCache layers are updated through KVCache.update")
+
+    def get_seq_length(self) -> int:
+        return self._cache.method.lengths[self.layer]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self):
+        raise NotImplementedError("a KVCache cannot be reset; make a new one")
+
+
+class KVCache(Cache):
+    """A transformers `Cache` whose keys and values are placed and moved by a kvtier method.
+
+        cache = kvtier.KVCache(model, method="offload")
+        model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=64)
+        cache.stats()
+
+    Constructing it registers kvtier's attention function and switches `model` to it (the function falls
+    back to plain attention when the model runs without a KVCache). One cache serves one model and one
+    batch of sequences; make a new cache for a new prompt.
+    """
+
+    def __init__(self, model, method: str = "full", **options):
+        cls = method_class(method)  # unknown method: ValueError listing the valid ones
+        self.spec = ModelSpec.from_model(model)  # unsupported family: NotImplementedError
+        self.method = cls(self.spec, **options)  # unknown option: ValueError listing the valid ones
+        self._config = model.config
+        self._modules = {}
+        for module in model.modules():
+            if hasattr(module, "layer_idx") and hasattr(module, "k_proj"):
+                self._modules[module.layer_idx] = id(module)
+        if model.config._attn_implementation != ATTN_NAME:
+            model.set_attn_implementation(ATTN_NAME)
+        self._pending: int | None = None
+        super().__init__(layers=[_LayerView(self, i) for i in range(self.spec.num_layers)])
+
+    # -- transformers Cache API -----------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self._config._attn_implementation != ATTN_NAME:
+            raise RuntimeError(f"the model's attention implementation was changed to "
+                               f"{self._config._attn_implementation!r}; KVCache needs {ATTN_NAME!r} "
+                               f"(model.set_attn_implementation('{ATTN_NAME}'))")
+        if layer_idx == 0:
+            self._check_length(key_states.shape[2])
+        self.method.append(layer_idx, key_states, value_states)
+        self._pending = layer_idx
+        _handoff.cache = self
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.method.lengths[layer_idx]
+
+    def crop(self, max_length: int):
+        raise NotImplementedError("KVCache cannot be cropped (assisted or speculative decoding through "
+                                  "model.generate is not supported); use plain greedy or sampling")
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("beam search is not supported by KVCache; use num_beams=1")
+
+    def batch_repeat_interleave(self, repeats: int):
+        raise NotImplementedError("KVCache holds one batch of sequences; use num_return_sequences=1 or "
+                                  "repeat the prompt in the batch")
+
+    def batch_select_indices(self, indices):
+        raise NotImplementedError("KVCache cannot drop sequences from its batch")
+
+    def reset(self):
+        raise NotImplementedError("a KVCache cannot be reset; make a new one")
+
+    # -- kvtier -------------------------------------------------------------------------------------
+    def _attend(self, module, query, padding_mask, scaling):
+        layer = module.layer_idx
+        if self._pending != layer:
+            raise RuntimeError(f"attention for layer {layer} without its cache update (pending: {self._pending})")
+        if self._modules.get(layer) != id(module):
+            raise ValueError("this KVCache was made for a different model; make one KVCache per model")
+        self._pending = None
+        return self.method.attend(layer, query, padding_mask, scaling)
+
+    def _check_length(self, new_tokens: int) -> None:
+        total = self.method.lengths[0] + new_tokens
+        if total > self.spec.max_positions:
+            raise ValueError(f"sequence of {total} tokens exceeds the model's maximum of "
+                             f"{self.spec.max_positions} positions (max_position_embeddings)")
+
+    @contextlib.contextmanager
+    def prefilling(self):
+        """Forwards inside this block extend the prompt (chunked prefill); they are not decode steps."""
+        self.method.in_prefill = True
+        try:
+            yield self
+        finally:
+            self.method.in_prefill = False
+
+    def reserve(self, tokens: int) -> None:
+        """Size buffers once for a sequence that will reach `tokens` tokens."""
+        self.method.reserve(tokens)
+
+    def stats(self) -> dict:
+        """Counters: device_kv_bytes (peak), host_kv_bytes, h2d_bytes, d2h_bytes, decode_steps, tokens, ..."""
+        return self.method.stats()
+
+    def __repr__(self):
+        return f"KVCache(method={self.method.name!r}, tokens={self.method.lengths[0]})"

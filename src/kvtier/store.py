@@ -67,12 +67,16 @@ class HostPool:
         self.num_pages = [0] * num_layers
 
     @property
+    def dtype_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
     def page_bytes(self) -> int:
         """Bytes of one page of one layer (every sequence, every KV head)."""
         n = 1
         for s in self.shape_tail:
             n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.dtype_bytes
 
     def reserve(self, layer: int, pages: int) -> None:
         buf = self.pages[layer]

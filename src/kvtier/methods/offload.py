@@ -35,8 +35,6 @@ class Offload(Method):
 
     def reserve(self, tokens: int) -> None:
         self.reserved = max(self.reserved, tokens)
-        s = self.spec
-        self.staging.reserve(tokens * (self.batch or 1) * s.num_kv_heads * 2 * s.head_dim)
 
     def _append(self, layer, k, v):
         if self.pool is None:
@@ -44,6 +42,7 @@ class Offload(Method):
             self.pool = HostPool(s.num_layers, k.shape[0], s.num_kv_heads, s.head_dim, 1, s.dtype, self.link)
         if self.reserved:
             self.pool.reserve(layer, self.reserved)
+            self.staging.reserve(self.reserved * self.pool.page_bytes // self.pool.dtype_bytes)
         self.fresh[layer] = (k, v)
         self.pool.write(layer, to_pages(k, v, 1))
 

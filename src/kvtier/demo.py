@@ -1,0 +1,135 @@
+"""The quickstart's main job: one long prompt, every method, side by side.
+
+A needle (a passphrase) is hidden in a few thousand tokens of Python's own documentation; each method
+answers the same question with greedy decoding. The table shows the answer, whether it matches `full`
+token for token, KV bytes on the device and in host memory, bytes moved, and wall time. On CPU the
+"device" is main memory too: bytes are exact, times are CPU times and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .generate import generate
+from .methods import METHOD_REGISTRY
+from .models import environment_summary, load
+
+NEEDLE = "The secret passphrase of the kvtier demo is {value}."
+QUESTION = "What is the secret passphrase of the kvtier demo? Answer with the passphrase only."
+
+
+def haystack_text() -> str:
+    """Real prose every Python install has: the interpreter's own help topics."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def needle_prompt(tokenizer, context_tokens: int, depth: float, value: str) -> torch.Tensor:
+    """Chat-formatted prompt of about `context_tokens` tokens with the needle at `depth` (0..1) of the text."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    text_ids = tokenizer(haystack_text(), add_special_tokens=False)["input_ids"]
+    overhead = len(tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=True,
+                                                 add_generation_prompt=True))
+    budget = context_tokens - overhead - 32
+    if budget < 64:
+        raise ValueError(f"context_tokens={context_tokens} is too short for the demo prompt")
+    if budget > len(text_ids):
+        raise ValueError(f"context_tokens={context_tokens} exceeds the {len(text_ids)} tokens of haystack text")
+    body = text_ids[:budget]
+    cut = int(len(body) * depth)
+    # cut at a line break so the needle reads as its own sentence
+    text = tokenizer.decode(body[:cut]).rsplit("\n", 1)[0]
+    rest = tokenizer.decode(body[cut:])
+    content = f"{text}\n{NEEDLE.format(value=value)}\n{rest}\n\n{QUESTION}"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
+                                        add_generation_prompt=True, return_tensors="pt")
+    if not isinstance(ids, torch.Tensor):
+        ids = ids["input_ids"]
+    return ids
+
+
+def run(model_name: str | None = None, methods=None, context_tokens: int = 3000, max_new_tokens: int = 24,
+        device=None, dtype=None, out: str | None = "runs/demo.json", progress: bool = True, **options) -> dict:
+    methods = list(methods or METHOD_REGISTRY)
+    unknown = [m for m in methods if m not in METHOD_REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHOD_REGISTRY)}")
+    if "full" not in methods:
+        methods = ["full"] + methods  # every figure is set against full
+    model, tokenizer = load(model_name, device=device, dtype=dtype)
+    value = "violet-anchor-4127"
+    ids = needle_prompt(tokenizer, context_tokens, 0.5, value).to(next(model.parameters()).device)
+    rows = []
+    reference = None
+    for method in methods:
+        method_options = {k: v for k, v in options.items() if k in METHOD_REGISTRY[method].defaults}
+        from .cache import KVCache
+
+        cache = KVCache(model, method=method, **method_options)
+        start = time.perf_counter()
+        out_ids = generate(model, ids, cache=cache, max_new_tokens=max_new_tokens, progress=progress)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        new = out_ids[0, ids.shape[1]:]
+        if reference is None:
+            reference = new
+        stats = cache.stats()
+        rows.append({
+            "method": method,
+            "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
+            "found_needle": value in tokenizer.decode(new, skip_special_tokens=True),
+            "same_tokens_as_full": bool(torch.equal(new, reference)),
+            "seconds": seconds,
+            "options": method_options,
+            **stats,
+        })
+    result = {
+        "job": "demo",
+        "prompt_tokens": int(ids.shape[1]),
+        "max_new_tokens": max_new_tokens,
+        "needle": value,
+        "environment": environment_summary(),
+        "time_note": "wall time on CPU: not a speed result" if model.device.type == "cpu" else "wall time",
+        "rows": rows,
+    }
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        result["path"] = str(path)
+    return result
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:8.2f}"
+
+
+def format_table(result: dict) -> str:
+    env = result["environment"]
+    lines = [
+        f"kvtier {env['kvtier']} | torch {env['torch']} | transformers {env['transformers']} | {env['device']}",
+        f"prompt: {result['prompt_tokens']} tokens, needle '{result['needle']}' at half depth; "
+        f"{result['max_new_tokens']} new tokens, greedy",
+        "",
+        f"{'method':<9} {'device KV MiB':>13} {'host KV MiB':>11} {'h2d MiB':>9} {'d2h MiB':>9} "
+        f"{'time s':>7}  {'=full':>5}  answer",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['method']:<9} {_mib(r['device_kv_bytes']):>13} {_mib(r['host_kv_bytes']):>11} "
+            f"{_mib(r['h2d_bytes']):>9} {_mib(r['d2h_bytes']):>9} {r['seconds']:7.1f}  "
+            f"{'yes' if r['same_tokens_as_full'] else 'no':>5}  {r['answer'][:60]!r}"
+        )
+    lines.append("")
+    lines.append(f"({result['time_note']}; device KV = peak bytes of KV state on the device; "
+                 f"h2d/d2h = bytes moved host->device / device->host)")
+    if "path" in result:
+        lines.append(f"JSON: {result['path']}")
+    return "\n".join(lines)

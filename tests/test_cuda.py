@@ -1,0 +1,148 @@
+"""The CUDA paths: pinned host pool, asynchronous copies with events, the offload method, recall on the GPU.
+
+Skipped without a CUDA device. The bodies take the device as an argument so that the same checks can be
+read against the CPU path; the tests themselves always run on "cuda".
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvtier
+from kvtier.link import Link
+from kvtier.models import tiny_random_model
+from kvtier.store import DevicePool, HostPool, to_pages
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_host_pool_with_cuda_link_is_pinned_and_written_correctly():
+    link = Link("cuda")
+    assert link.cuda
+    batch, heads, d, page_size = 2, 3, 8, 4
+    pool = HostPool(2, batch, heads, d, page_size, torch.float16, link)
+    assert pool.pin is True
+    torch.manual_seed(0)
+    blocks = []
+    for n in (5, 20, 3):  # the second write grows the buffer
+        k = torch.randn(batch, heads, n * page_size, d, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        block = to_pages(k, v, page_size)
+        pool.write(0, block)
+        blocks.append(block)
+        assert pool.pages[0].device.type == "cpu"
+        assert pool.pages[0].is_pinned()
+    link.synchronize()  # host reads of written-back pages
+    assert torch.equal(pool.layer_block(0), torch.cat(blocks).cpu())
+    assert link.d2h_copies == 3
+    assert link.d2h_bytes == sum(b.numel() for b in blocks) * 2
+    assert pool.used_bytes() == 28 * pool.page_bytes
+    pool.reserve(1, 10)
+    assert pool.pages[1].is_pinned()
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+@pytest.mark.parametrize("lane", [0, 1, 5])
+def test_h2d_returns_event_and_copies(pinned, lane):
+    link = Link("cuda", lanes=2)
+    torch.manual_seed(lane)
+    src = torch.randn(64, 33)
+    if pinned:
+        src = src.pin_memory()
+    dst = torch.empty(64, 33, device="cuda")
+    event = link.h2d(dst, src, lane=lane)
+    assert isinstance(event, torch.cuda.Event)
+    link.wait(event)
+    torch.cuda.synchronize()
+    assert torch.equal(dst.cpu(), src)
+    assert link.h2d_bytes == 64 * 33 * 4 and link.h2d_copies == 1
+
+
+def test_d2h_into_pinned_memory():
+    link = Link("cuda")
+    torch.manual_seed(1)
+    src = torch.randn(3, 1000, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty(3, 1000, dtype=torch.bfloat16, pin_memory=True)
+    event = link.d2h(dst, src)
+    assert isinstance(event, torch.cuda.Event)
+    link.synchronize()
+    assert torch.equal(dst, src.cpu())
+    assert link.d2h_bytes == 3000 * 2 and link.d2h_copies == 1
+
+
+def test_h2d_after_d2h_reads_the_written_data():
+    # a page written back and read again at once: the link orders the read after the write, no sync needed
+    link = Link("cuda")
+    torch.manual_seed(2)
+    host = torch.zeros(4, 1 << 18, pin_memory=True)
+    src = torch.randn(4, 1 << 18, device="cuda")
+    link.d2h(host, src)
+    back = torch.empty_like(src)
+    event = link.h2d(back, host, lane=1)
+    link.wait(event)
+    assert torch.equal(back, src)
+
+
+def test_mismatched_copies_raise_on_cuda():
+    link = Link("cuda")
+    with pytest.raises(ValueError):
+        link.h2d(torch.empty(3, device="cuda"), torch.empty(4))
+    with pytest.raises(ValueError):
+        link.d2h(torch.empty(3, dtype=torch.float16), torch.empty(3, device="cuda"))
+
+
+def run_generate(device, method, max_new_tokens=10):
+    model = tiny_random_model("llama", device=device)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 256, (2, 21), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    cache = kvtier.KVCache(model, method=method)
+    out = kvtier.generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, cache=cache)
+    return out, cache.stats()
+
+
+def test_offload_generate_matches_full_on_cuda():
+    full, full_stats = run_generate("cuda", "full")
+    offload, stats = run_generate("cuda", "offload")
+    assert full.device.type == "cuda"
+    assert full.shape == (2, 31)
+    assert torch.equal(offload, full)
+    assert full_stats["h2d_bytes"] == 0 and full_stats["d2h_bytes"] == 0
+    # every token is written back once; every decode step streams the whole cache in
+    assert stats["d2h_bytes"] == stats["host_kv_bytes"] > 0
+    assert stats["h2d_bytes"] > stats["d2h_bytes"]
+    assert stats["tokens"] == full_stats["tokens"] == 30
+
+
+def recall_run(device, steps=6):
+    """Fill a host pool through a Link on `device`, recall planned pages; returns (slot_k, slot_v, table, link)."""
+    batch, heads, d, page_size, n_pages, slots = 2, 3, 16, 4, 12, 5
+    link = Link(device)
+    pool = HostPool(1, batch, heads, d, page_size, torch.float32, link)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(batch, heads, n_pages * page_size, d, generator=g)
+    v = torch.randn(batch, heads, n_pages * page_size, d, generator=g)
+    pool.write(0, to_pages(k.to(device), v.to(device), page_size))
+    dev = DevicePool(batch, heads, d, page_size, slots, torch.float32, torch.device(device))
+    for step in range(steps):
+        kk = [5, 3, 5, 1, 4, 5][step]
+        wanted = torch.stack([torch.randperm(n_pages, generator=g)[:kk] for _ in range(batch * heads)])
+        wanted = wanted.view(batch, heads, kk).to(device)
+        scores = torch.randn(batch, heads, n_pages, generator=g).to(device)
+        dev.recall(pool, 0, link, *dev.table.plan(wanted, scores))
+    return dev.slot_k.cpu(), dev.slot_v.cpu(), dev.table.slot_page.cpu(), link
+
+
+def test_device_pool_recall_cuda_matches_cpu():
+    cpu_k, cpu_v, cpu_table, cpu_link = recall_run("cpu")
+    cuda_k, cuda_v, cuda_table, cuda_link = recall_run("cuda")
+    assert torch.equal(cuda_table, cpu_table)
+    assert torch.equal(cuda_k, cpu_k)
+    assert torch.equal(cuda_v, cpu_v)
+    assert cuda_link.counters() == cpu_link.counters()
+    assert cuda_link.h2d_copies == cpu_link.h2d_copies > 0

@@ -299,14 +299,13 @@ def test_page_table_empty_request_copies_nothing():
     assert bool((table.slot_page == -1).all())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a non-wanted resident page scored +inf ties with the wanted pages "
-                                        "(masked to +inf) and the stable argsort can pick a wanted page as victim")
-def test_page_table_never_evicts_a_wanted_page_even_with_infinite_scores():
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_page_table_never_evicts_a_wanted_page_even_with_infinite_scores(bad):
     table = PageTable(1, 1, 3, torch.device("cpu"))
     table.plan(as_wanted([[[0, 1, 2]]]))
     scores = torch.zeros(1, 1, 10)
-    scores[..., 1] = float("inf")
-    scores[..., 2] = float("inf")
+    scores[..., 1] = bad
+    scores[..., 2] = bad
     table.plan(as_wanted([[[5, 0]]]), scores)
     resident = set(rows(table)[0][0])
     assert {0, 5} <= resident

@@ -146,14 +146,19 @@ class PageTable:
         hit = (wanted.unsqueeze(-1) == resident.unsqueeze(-2)).any(-1)
         # keep[s, h, j]: slot j holds a wanted page and must not be evicted
         keep = (resident.unsqueeze(-1) == wanted.unsqueeze(-2)).any(-1) & (resident >= 0)
+        occupied = resident >= 0
         if page_scores is not None:
-            score = torch.where(resident >= 0, page_scores.gather(-1, resident.clamp(min=0)),
-                                torch.full_like(resident, float("-inf"), dtype=page_scores.dtype))
+            # NaN scores rank lowest; the ordering below never lets a score outrank `keep`
+            score = page_scores.float().gather(-1, resident.clamp(min=0)).nan_to_num(nan=float("-inf"))
         else:
-            score = torch.where(resident >= 0, 0.0, float("-inf")).to(torch.float32)
-        score = score.masked_fill(keep, float("inf"))
-        # Victim order: empty slots, then lowest scores. Missing pages take victims in that order.
+            score = torch.zeros(resident.shape, device=resident.device)
+        # Victim order, lexicographic: slots not kept before kept ones, empty before occupied, then lowest
+        # score first (stable sorts from the least to the most significant key). Missing pages take victims
+        # in that order.
         victim_order = score.argsort(dim=-1, stable=True)
+        for key in (occupied, keep):
+            victim_order = victim_order.gather(
+                -1, key.gather(-1, victim_order).to(torch.int8).argsort(dim=-1, stable=True))
         missing_order = (~hit).to(torch.int8).argsort(dim=-1, descending=True, stable=True)
         n_missing = (~hit).sum(-1)  # [b, h]
         rank = torch.arange(k, device=wanted.device).expand(b, h, k)

@@ -21,7 +21,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from .attention import causal_attention
 from .methods import method_class
-from .models import ModelSpec
+from .models import ModelSpec, attention_modules, kv_projectors
 
 ATTN_NAME = "kvtier"
 
@@ -56,6 +56,22 @@ def _kvtier_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atten
 
 AttentionInterface.register(ATTN_NAME, _kvtier_attention)
 AttentionMaskInterface.register(ATTN_NAME, _kvtier_mask)
+
+
+def _observe_attention_input(module, args, kwargs):
+    """Forward pre-hook on attention modules: hands the layer input to methods that recompute KV from it."""
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, KVCache) and cache._observes_inputs:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        cache.method.observe(module.layer_idx, hidden, cos, sin)
+
+
+def _install_input_hooks(modules: dict) -> None:
+    for module in modules.values():
+        if not getattr(module, "_kvtier_input_hook", False):
+            module.register_forward_pre_hook(_observe_attention_input, with_kwargs=True)
+            module._kvtier_input_hook = True
 
 
 class _LayerView(CacheLayerMixin):
@@ -107,10 +123,12 @@ class KVCache(Cache):
         self.spec = ModelSpec.from_model(model)  # unsupported family: NotImplementedError
         self.method = cls(self.spec, **options)  # unknown option: ValueError listing the valid ones
         self._config = model.config
-        self._modules = {}
-        for module in model.modules():
-            if hasattr(module, "layer_idx") and hasattr(module, "k_proj"):
-                self._modules[module.layer_idx] = id(module)
+        modules = attention_modules(model)
+        self._modules = {layer: id(module) for layer, module in modules.items()}
+        self._observes_inputs = getattr(cls, "needs_layer_inputs", False)
+        if self._observes_inputs:
+            self.method.attach(kv_projectors(model))
+            _install_input_hooks(modules)
         if model.config._attn_implementation != ATTN_NAME:
             model.set_attn_implementation(ATTN_NAME)
         self._pending: int | None = None

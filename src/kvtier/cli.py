@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None)
     demo.add_argument("--dtype", default=None)
     demo.add_argument("--out", default="runs/demo.json")
+
+    prof = sub.add_parser("profile", help="measure host->device bandwidth and matmul rate (KVPR's cost model), "
+                          "cached per machine")
+    prof.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    prof.add_argument("--dtype", default=None, help="matmul dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    prof.add_argument("--hidden-size", type=int, default=4096, help="hidden size of the recompute GEMM")
+    prof.add_argument("--kv-width", type=int, default=4096, help="num_kv_heads * head_dim of the recompute GEMM")
+    prof.add_argument("--out", type=Path, default=None, help="also write the profile as JSON here")
+    prof.add_argument("--force", action="store_true", help="measure again even when a cached profile exists")
     return parser
 
 
@@ -108,9 +117,33 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from kvtier import profile
+
+    hw = profile.load_profile(None, device=args.device, dtype=args.dtype, hidden_size=args.hidden_size,
+                              kv_width=args.kv_width, force=args.force)
+    path = profile.cache_file(args.device, args.dtype, args.hidden_size, args.kv_width)
+    origin = {"cache": f"read from the cache {path} (--force measures again)",
+              "measured": f"measured now; cached at {path}"}.get(hw.source, hw.source)
+    shape = " x ".join(str(n) for n in hw.shape)
+    print(f"{'device':>14}: {hw.device}")
+    print(f"{'dtype':>14}: {hw.dtype}")
+    print(f"{'host->device':>14}: {hw.h2d_bytes_per_s / 1e9:.2f} GB/s")
+    print(f"{'matmul':>14}: {hw.matmul_flops_per_s / 1e12:.3f} TFLOP/s  (tokens x hidden x kv_width = {shape})")
+    print(f"{'measured at':>14}: {hw.measured_at}")
+    print(f"{'source':>14}: {origin}")
+    if hw.device.startswith("cpu"):
+        print("These are CPU numbers: host and device are both main memory. They exercise the scheduler; "
+              "they are not speed results.")
+    if args.out is not None:
+        profile.save(hw, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"info": cmd_info, "generate": cmd_generate, "demo": cmd_demo}
+    handlers = {"info": cmd_info, "generate": cmd_generate, "demo": cmd_demo, "profile": cmd_profile}
     try:
         return handlers[args.command](args)
     except (ValueError, NotImplementedError, FileNotFoundError) as err:

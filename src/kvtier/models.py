@@ -201,3 +201,46 @@ def environment_summary() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "python": os.sys.version.split()[0],
     }
+
+
+class KVProjector:
+    """Recompute one layer's keys and values from its attention input, with the model's own weights.
+
+    The same arithmetic as the four supported families' attention modules: k = k_proj(x) (+ bias), Qwen3's
+    per-head key norm, RoPE as q*cos + rotate_half(q)*sin; v = v_proj(x). The caller passes the cos/sin
+    the model used for those positions, so recomputed keys equal the cached ones to float rounding.
+    """
+
+    def __init__(self, attention_module, num_kv_heads: int, head_dim: int):
+        self.k_proj = attention_module.k_proj
+        self.v_proj = attention_module.v_proj
+        self.k_norm = getattr(attention_module, "k_norm", None)
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+
+    def flops_per_token(self) -> int:
+        return 2 * 2 * self.k_proj.in_features * self.num_kv_heads * self.head_dim
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [b, l, hidden]; cos, sin [b, l, head_dim] -> keys, values [b, kv_heads, l, head_dim]."""
+        b, length, _ = x.shape
+        shape = (b, length, self.num_kv_heads, self.head_dim)
+        k = self.k_proj(x).view(shape)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        k = k.transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        half = self.head_dim // 2
+        rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+        return k * cos + rotated * sin, v
+
+
+def attention_modules(model) -> dict[int, torch.nn.Module]:
+    """The attention module of every layer, by layer index."""
+    return {m.layer_idx: m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")}
+
+
+def kv_projectors(model) -> list[KVProjector]:
+    spec = ModelSpec.from_model(model)
+    modules = attention_modules(model)
+    return [KVProjector(modules[i], spec.num_kv_heads, spec.head_dim) for i in range(spec.num_layers)]

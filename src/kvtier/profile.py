@@ -1,0 +1,323 @@
+"""Measured host->device bandwidth and matmul rate: the two numbers KVPR's cost model needs.
+
+`measure()` times them on this machine; `load_profile()` returns a user override, a saved JSON file, or
+the per-machine cache (measuring and caching on first use). The cache lives under $KVTIER_CACHE_DIR or
+~/.cache/kvtier, one file per device name, dtype and matmul shape.
+
+On CPU "host" and "device" are both main memory: B is a memory-to-memory copy rate and F a CPU GEMM
+rate, fine for exercising the scheduler and never a speed result. CPU runs shrink the sizes so that a
+measurement takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import platform
+import re
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+SOURCES = ("measured", "override", "cache")
+RATE_KEYS = ("h2d_bytes_per_s", "matmul_flops_per_s")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+# CPU runs: at most this much copied, at most this many tokens in the GEMM, about this long per GEMM.
+_CPU_COPY_MIB = 64
+_CPU_TOKENS = 1024
+_CPU_GEMM_SECONDS = 0.05
+
+
+@dataclass
+class HardwareProfile:
+    """Rates of one machine for one dtype and matmul shape."""
+
+    h2d_bytes_per_s: float  # B: host->device copy rate (pinned host memory on CUDA)
+    matmul_flops_per_s: float  # F: rate of [tokens, hidden] x [hidden, kv_width] in `dtype`
+    device: str  # device name, e.g. "NVIDIA H100 80GB HBM3" or "cpu (AMD EPYC ...)"
+    dtype: str  # "bfloat16", "float16", "float32"
+    shape: tuple = ()  # (tokens, hidden, kv_width) of the GEMM measured
+    measured_at: str = ""  # ISO 8601 time of the measurement
+    source: str = "measured"  # "measured" (just now), "override" (given by the user) or "cache"
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HardwareProfile":
+        return _from_mapping(data, source=None)
+
+    def summary(self) -> str:
+        return (f"{self.device} [{self.dtype}]: host->device {self.h2d_bytes_per_s / 1e9:.2f} GB/s, "
+                f"matmul {self.matmul_flops_per_s / 1e12:.3g} TFLOP/s ({self.source})")
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in fields(HardwareProfile)]
+
+
+def _from_mapping(data, source: str | None, defaults: dict | None = None) -> HardwareProfile:
+    """Validate a dict (an override or a saved file) into a HardwareProfile."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a hardware profile must be a dict, got {type(data).__name__}")
+    valid = _field_names()
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown hardware profile key(s) {unknown}; valid keys: {valid}")
+    missing = [k for k in RATE_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"a hardware profile needs both rates {list(RATE_KEYS)}; missing {missing}")
+    for key in RATE_KEYS:
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                or value <= 0:
+            raise ValueError(f"{key} must be a positive finite number, got {value!r}")
+    merged = dict(defaults or {})
+    merged.update(data)
+    merged["h2d_bytes_per_s"] = float(merged["h2d_bytes_per_s"])
+    merged["matmul_flops_per_s"] = float(merged["matmul_flops_per_s"])
+    merged["shape"] = tuple(int(x) for x in merged.get("shape", ()) or ())
+    merged.setdefault("device", "unknown")
+    merged.setdefault("dtype", "unknown")
+    merged["device"], merged["dtype"] = str(merged["device"]), str(merged["dtype"])
+    if source is not None:
+        merged["source"] = source
+    if merged.get("source", "measured") not in SOURCES:
+        raise ValueError(f"source must be one of {list(SOURCES)}, got {merged['source']!r}")
+    return HardwareProfile(**merged)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for, but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise ValueError(f"kvtier profiles 'cpu' and 'cuda' devices, got {str(device)!r}")
+    return device
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use one of {sorted(_DTYPES)}")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def device_name(device) -> str:
+    device = _resolve_device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({_cpu_model()})"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def _time_cuda(work, device: torch.device) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    work()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def _time_cpu(work) -> float:
+    t0 = time.perf_counter()
+    work()
+    return time.perf_counter() - t0
+
+
+def _measure_copy(device: torch.device, nbytes: int, repeats: int) -> float:
+    if device.type == "cuda":
+        try:
+            src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:  # pinning can fail (locked-memory limits): measure what we can get
+            warnings.warn("could not pin host memory; measuring a pageable host->device copy")
+            src = torch.empty(nbytes, dtype=torch.uint8)
+        src.fill_(1)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        with torch.cuda.device(device):
+            seconds = _median_seconds(lambda: _time_cuda(lambda: dst.copy_(src, non_blocking=True), device),
+                                      repeats)
+    else:
+        src = torch.ones(nbytes, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        seconds = _median_seconds(lambda: _time_cpu(lambda: dst.copy_(src)), repeats)
+    return nbytes / max(seconds, 1e-9)
+
+
+def _cpu_gemm_tokens(hidden: int, kv_width: int, dtype: torch.dtype, cap: int) -> int:
+    """The largest token count up to `cap` whose GEMM takes about _CPU_GEMM_SECONDS (CPU rates vary 1000x
+    by dtype: float16 GEMMs on CPU can run at well under 1 GFLOP/s)."""
+    w = torch.randn(hidden, kv_width, dtype=dtype)
+    t = 1
+    while t < cap:
+        x = torch.randn(t, hidden, dtype=dtype)
+        dt = _time_cpu(lambda: x @ w)
+        if dt >= _CPU_GEMM_SECONDS:
+            break
+        t = min(cap, max(2 * t, int(t * _CPU_GEMM_SECONDS / max(dt, 1e-9) / 2)))
+    return t
+
+
+def _measure_matmul(device: torch.device, dtype: torch.dtype, tokens: int, hidden: int, kv_width: int,
+                    repeats: int) -> float:
+    flops = 2.0 * tokens * hidden * kv_width
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            x = torch.randn(tokens, hidden, dtype=dtype, device=device)
+            w = torch.randn(hidden, kv_width, dtype=dtype, device=device)
+            one = _median_seconds(lambda: _time_cuda(lambda: x @ w, device), 1)
+            inner = max(1, min(100, math.ceil(2e-3 / max(one, 1e-9))))  # >= ~2 ms per timed block
+
+            def block():
+                for _ in range(inner):
+                    x @ w
+
+            seconds = _median_seconds(lambda: _time_cuda(block, device), repeats) / inner
+    else:
+        x = torch.randn(tokens, hidden, dtype=dtype)
+        w = torch.randn(hidden, kv_width, dtype=dtype)
+        seconds = _median_seconds(lambda: _time_cpu(lambda: x @ w), repeats)
+    return flops / max(seconds, 1e-12)
+
+
+def measure(device=None, dtype=None, hidden_size: int = 4096, kv_width: int = 4096, tokens: int = 4096,
+            copy_mib: int = 256, repeats: int = 5) -> HardwareProfile:
+    """Measure B (host->device copy of `copy_mib` MiB) and F (the recompute GEMM
+    [tokens, hidden_size] x [hidden_size, kv_width] in `dtype`) on `device`: medians of `repeats` runs
+    after a warm-up. On CUDA the host side is pinned and times come from CUDA events; on CPU both sides
+    are main memory, timed with perf_counter, and the sizes shrink (copy <= 64 MiB, tokens <= 1024 and
+    fewer when the dtype is slow on CPU) so the run takes about a second. `shape` records what was run.
+    """
+    for name, value in (("hidden_size", hidden_size), ("kv_width", kv_width), ("tokens", tokens),
+                        ("copy_mib", copy_mib), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
+    if device.type == "cpu":
+        copy_mib = min(copy_mib, _CPU_COPY_MIB)
+        tokens = _cpu_gemm_tokens(hidden_size, kv_width, dtype, min(tokens, _CPU_TOKENS))
+    bandwidth = _measure_copy(device, copy_mib << 20, repeats)
+    flops = _measure_matmul(device, dtype, tokens, hidden_size, kv_width, repeats)
+    return HardwareProfile(
+        h2d_bytes_per_s=bandwidth, matmul_flops_per_s=flops, device=device_name(device),
+        dtype=dtype_name(dtype), shape=(tokens, hidden_size, kv_width),
+        measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), source="measured",
+    )
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("KVTIER_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvtier"
+
+
+def cache_file(device=None, dtype=None, hidden_size: int = 4096, kv_width: int = 4096, tokens: int = 4096,
+               cache_dir=None) -> Path:
+    """Where the cached profile of this device name, dtype and GEMM shape lives."""
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower() or "device"
+    directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return directory / f"profile-{slug}-{dtype_name(dtype)}-{tokens}x{hidden_size}x{kv_width}.json"
+
+
+def save(profile: HardwareProfile, path) -> Path:
+    """Write `profile` as JSON to `path` (parent folders created; written atomically)."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(profile.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not a valid hardware profile JSON file: {err}") from None
+
+
+def load_profile(profile=None, device=None, dtype=None, hidden_size: int = 4096, kv_width: int = 4096,
+                 tokens: int = 4096, cache_dir=None, force: bool = False) -> HardwareProfile:
+    """The hardware profile to plan with.
+
+    profile: a dict override (both rates, positive: {"h2d_bytes_per_s": ..., "matmul_flops_per_s": ...},
+    optionally other HardwareProfile fields; source "override"); a path to a JSON file written by `save`
+    (or by hand, same keys; source "override"); a HardwareProfile (returned as is); or None: the cached
+    profile of this device, dtype and shape (source "cache"), measured and cached when there is none or
+    when `force` is set (source "measured"). The cache lives in `cache_dir`, else $KVTIER_CACHE_DIR,
+    else ~/.cache/kvtier.
+    """
+    if isinstance(profile, HardwareProfile):
+        return profile
+    if profile is not None and not isinstance(profile, (dict, str, os.PathLike)):
+        raise ValueError(f"profile must be a dict, a JSON path, a HardwareProfile or None, got "
+                         f"{type(profile).__name__}")
+    dev = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, dev)
+    defaults = {"device": device_name(dev), "dtype": dtype_name(torch_dtype),
+                "shape": (tokens, hidden_size, kv_width),
+                "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if isinstance(profile, dict):
+        return _from_mapping(profile, source="override", defaults=defaults)
+    if profile is not None:
+        path = Path(profile).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"hardware profile file not found: {path}")
+        return _from_mapping(_read_json(path), source="override", defaults=defaults)
+
+    path = cache_file(dev, torch_dtype, hidden_size, kv_width, tokens, cache_dir)
+    if path.is_file() and not force:
+        try:
+            return _from_mapping(_read_json(path), source="cache")
+        except (ValueError, TypeError) as err:
+            warnings.warn(f"ignoring the unreadable profile cache {path} ({err}); measuring again")
+    measured = measure(dev, torch_dtype, hidden_size=hidden_size, kv_width=kv_width, tokens=tokens)
+    try:
+        save(measured, path)
+    except OSError as err:
+        warnings.warn(f"could not write the profile cache {path}: {err}")
+    return measured

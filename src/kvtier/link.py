@@ -8,6 +8,8 @@ Without CUDA the same calls copy synchronously and return None, so the logic and
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -69,6 +71,20 @@ class Link:
             event.record(stream)
         src.record_stream(stream)  # the allocator must not hand src's memory out before the copy has read it
         self._last_d2h = event
+        return event
+
+    def on_lane(self, lane: int):
+        """Context in which device work runs on copy lane `lane` (ordered after that lane's copies)."""
+        if not self.cuda:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self.h2d_streams[lane % len(self.h2d_streams)])
+
+    def record(self, lane: int):
+        """An event marking everything queued so far on lane `lane` (None on CPU)."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.h2d_streams[lane % len(self.h2d_streams)])
         return event
 
     def wait(self, event) -> None:

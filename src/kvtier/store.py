@@ -186,24 +186,66 @@ class DevicePool:
         self.slot_k = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_v = torch.zeros(shape, dtype=dtype, device=device)
         self.table = PageTable(batch, num_kv_heads, slots, device)
+        self._host_buffers = [None, None]
+        self._device_buffers = [None, None]
+        self._host_busy = [None, None]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.slot_k, self.slot_v, self.table.slot_page
+        """Every device tensor the pool holds (slots, page table, staging buffers), for the device ledger."""
+        staging = tuple(b for b in self._device_buffers if b is not None)
+        return (self.slot_k, self.slot_v, self.table.slot_page, *staging)
 
-    def recall(self, host: HostPool, layer: int, link: Link, seq, head, slot, page) -> None:
-        """Copy the planned (seq, head, slot, page) head-pages from the host pool into their slots."""
-        p = self.page_size
-        staging = torch.empty((len(seq), 2, p, self.slot_k.shape[-1]), dtype=self.slot_k.dtype,
-                              device=self.slot_k.device)
+    def recall(self, host: HostPool, layer: int, link: Link, seq, head, slot, page) -> list:
+        """Copy the planned (seq, head, slot, page) head-pages from the host pool into their slots.
+
+        Double-buffered by KV head: head j's pages are gathered on the host into staging buffer j % 2,
+        copied in one transfer on lane j % 2, and scattered into their slots on that same lane, so head j's
+        copy overlaps head j-1's scatter. Each lane first waits for the compute work already queued (see
+        Link.h2d), so a slot that a launched attention still reads is never overwritten under it.
+        Returns the events the compute stream must wait on before reading the slots (empty on CPU).
+        """
+        if len(seq) == 0:
+            return []
+        batch, heads = host.shape_tail[:2]
+        p, d = self.page_size, self.slot_k.shape[-1]
+        flat = host.pages[layer].view(-1, 2, p, d)
+        seq_h, head_h, page_h = seq.cpu(), head.cpu(), page.cpu()
+        host_rows = (page_h * batch + seq_h) * heads + head_h
         events = []
-        for i, (s, h, pg) in enumerate(zip(seq.tolist(), head.tolist(), page.tolist())):
-            events.append(link.h2d(staging[i], host.head_page(layer, pg, s, h), lane=i))
-        for event in events:
-            link.wait(event)
-        starts = slot * p
-        offsets = starts.unsqueeze(-1) + torch.arange(p, device=starts.device)
-        self.slot_k[seq.unsqueeze(-1), head.unsqueeze(-1), offsets] = staging[:, 0]
-        self.slot_v[seq.unsqueeze(-1), head.unsqueeze(-1), offsets] = staging[:, 1]
+        for j in torch.unique(head_h).tolist():
+            lane = j % 2
+            on_host = head_h == j
+            count = int(on_host.sum())
+            src = self._host_staging(lane, count, flat.dtype, link)
+            torch.index_select(flat, 0, host_rows[on_host], out=src)
+            dst = self._device_staging(lane, count, link)
+            self._host_busy[lane] = link.h2d(dst, src, lane=lane)
+            on_dev = head == j
+            offsets = (slot[on_dev] * p).unsqueeze(-1) + torch.arange(p, device=slot.device)
+            rows = seq[on_dev].unsqueeze(-1)
+            with link.on_lane(lane):
+                self.slot_k[rows, j, offsets] = dst[:, 0]
+                self.slot_v[rows, j, offsets] = dst[:, 1]
+                events.append(link.record(lane))
+        return [e for e in events if e is not None]
+
+    def _host_staging(self, lane: int, count: int, dtype, link: Link) -> torch.Tensor:
+        busy = self._host_busy[lane]
+        if busy is not None:
+            busy.synchronize()  # the previous copy out of this host buffer must have read it
+        buf = self._host_buffers[lane]
+        shape = (count, 2, self.page_size, self.slot_k.shape[-1])
+        if buf is None or buf.shape[0] < count or buf.dtype != dtype:
+            buf = torch.empty((max(count, 8), *shape[1:]), dtype=dtype, pin_memory=link.cuda)
+            self._host_buffers[lane] = buf
+        return buf[:count]
+
+    def _device_staging(self, lane: int, count: int, link: Link) -> torch.Tensor:
+        buf = self._device_buffers[lane]
+        if buf is None or buf.shape[0] < count:
+            buf = self.slot_k.new_empty((max(count, 8), 2, self.page_size, self.slot_k.shape[-1]))
+            self._device_buffers[lane] = buf
+        return buf[:count]
 
     def slot_positions(self) -> torch.Tensor:
         """Token position of every slot token [b, h, slots*P] (-1 where the slot is empty)."""

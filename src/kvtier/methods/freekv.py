@@ -1,0 +1,275 @@
+"""`freekv`: page retrieval with speculative selection and fine-grained correction (FreeKV, arXiv 2505.13109).
+
+Every page of the cache goes to the host pool when it fills. The device keeps, per layer, the sink (first
+`sink` tokens), the recent window (last `window` tokens plus the page being filled), min/max key digests of
+every page, and `budget - sink - window` tokens of slots for recalled pages; `dense_layers` leading layers
+keep everything on the device.
+
+Decode step t, layer l: attention runs over the pages selected with the previous step's query (recalled in
+the background since then). Before it, the cosine similarity of q_t and q_{t-1} is checked per KV head
+(averaged over its query heads); heads below `tau` are corrected: reselected with q_t and their missing
+pages recalled synchronously. After attention, selection with q_t for step t+1 is launched at once and
+overlaps the rest of this step and the next step's earlier layers. Recall copies only pages that are not
+resident, into the slots of the lowest-scoring resident pages, double-buffered per KV head (`store`).
+Prefill attends densely over the prompt; chunked prefill and multi-token forwards read the whole cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import attend, causal_attention
+from ..select import page_digest, query_similarity, select_pages
+from ..store import DevicePool, HostPool, from_pages, to_pages
+from .base import Method, register
+from .full import Full
+
+
+class _Layer:
+    """Device state of one retrieval layer."""
+
+    def __init__(self, k: torch.Tensor, sink: int):
+        b, h, _, d = k.shape
+        self.sink_k = k.new_zeros((b, h, sink, d))
+        self.sink_v = k.new_zeros((b, h, sink, d))
+        self.recent_k = k.new_zeros((b, h, 0, d))
+        self.recent_v = k.new_zeros((b, h, 0, d))
+        self.recent_start = sink  # position of recent_k[:, :, 0]
+        self.digest_max = k.new_zeros((b, h, 0, d))
+        self.digest_min = k.new_zeros((b, h, 0, d))
+        self.slots: DevicePool | None = None
+        self.selected: torch.Tensor | None = None  # [b, h_kv, k] pages wanted by the last selection
+        self.previous_q: torch.Tensor | None = None
+        self.pending: list = []  # events of a recall still in flight
+
+
+@register
+class FreeKV(Method):
+    """Speculative page retrieval with correction. Approximate; identical to `full` when the budget covers
+    the context.
+
+    Options: budget (device tokens per layer: sink + recalled pages + window), page_size, sink, window,
+    tau (correction threshold on query cosine similarity), dense_layers (leading layers kept whole on the
+    device), speculative (False: select with the current query and recall synchronously every step).
+    """
+
+    name = "freekv"
+    exact = False
+    defaults = {"budget": 2048, "page_size": 32, "sink": 128, "window": 128, "tau": 0.8, "dense_layers": 1,
+                "speculative": True}
+
+    def __init__(self, spec, **options):
+        super().__init__(spec, **options)
+        o = self.options
+        for key in ("budget", "page_size", "sink", "window", "dense_layers"):
+            if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < 0:
+                raise ValueError(f"freekv option {key} must be a non-negative int, got {o[key]!r}")
+        self.page_size = p = o["page_size"]
+        if p < 1:
+            raise ValueError("freekv page_size must be >= 1")
+        if o["sink"] % p or o["window"] % p:
+            raise ValueError(f"freekv sink ({o['sink']}) and window ({o['window']}) must be multiples of "
+                             f"page_size ({p})")
+        self.sink, self.window = o["sink"], o["window"]
+        self.num_slots = (o["budget"] - self.sink - self.window) // p
+        if self.num_slots < 1:
+            raise ValueError(f"freekv budget {o['budget']} must cover sink ({self.sink}) + window "
+                             f"({self.window}) + at least one page of {p} tokens")
+        if not -1.0 <= float(o["tau"]) <= 1.0:
+            raise ValueError(f"freekv tau is a cosine similarity threshold in [-1, 1], got {o['tau']!r}")
+        if o["dense_layers"] > spec.num_layers:
+            raise ValueError(f"freekv dense_layers={o['dense_layers']} exceeds the model's {spec.num_layers} layers")
+        if not isinstance(o["speculative"], bool):
+            raise ValueError(f"freekv speculative must be True or False, got {o['speculative']!r}")
+        self.tau, self.speculative = float(o["tau"]), o["speculative"]
+        self.dense = Full(spec)
+        self.dense.ledger = self.ledger  # one ledger: the device peak covers dense and retrieval layers together
+        self.pool: HostPool | None = None
+        self.layers: list[_Layer | None] = [None] * spec.num_layers
+        self.fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scaling = spec.head_dim ** -0.5
+        self.recalled_pages = 0
+        self.selections = 0
+        self.checks = [0] * spec.num_layers
+        self.corrections = [0] * spec.num_layers
+
+    def reserve(self, tokens: int) -> None:
+        self.dense.reserve(tokens)
+
+    def _is_dense(self, layer: int) -> bool:
+        return layer < self.options["dense_layers"]
+
+    # -- storing ----------------------------------------------------------------------------------------
+    def _append(self, layer, k, v):
+        if self._is_dense(layer):
+            self.dense._append(layer, k, v)
+            self.dense.lengths[layer] += k.shape[2]
+            return
+        if self.pool is None:
+            s = self.spec
+            self.pool = HostPool(s.num_layers, k.shape[0], s.num_kv_heads, s.head_dim, self.page_size, s.dtype,
+                                 self.link)
+        st = self.layers[layer]
+        if st is None:
+            st = self.layers[layer] = _Layer(k, self.sink)
+        self.fresh[layer] = (k, v)
+        n, t, p = self.lengths[layer], k.shape[2], self.page_size
+        into_sink = max(0, min(self.sink - n, t))
+        if into_sink:
+            st.sink_k[:, :, n:n + into_sink] = k[:, :, :into_sink]
+            st.sink_v[:, :, n:n + into_sink] = v[:, :, :into_sink]
+        if into_sink < t:
+            st.recent_k = torch.cat((st.recent_k, k[:, :, into_sink:]), dim=2)
+            st.recent_v = torch.cat((st.recent_v, v[:, :, into_sink:]), dim=2)
+        total = n + t
+        # Pages that filled: to the host pool, and their digests on the device.
+        first, last = self.pool.num_pages[layer], total // p
+        if last > first:
+            pk, pv = self._tokens(st, first * p, last * p)
+            self.pool.write(layer, to_pages(pk, pv, p))
+            dmax, dmin = page_digest(pk, p)
+            st.digest_max = torch.cat((st.digest_max, dmax), dim=2)
+            st.digest_min = torch.cat((st.digest_min, dmin), dim=2)
+        # Slide the window: whole pages older than `window` tokens leave it (they are in the host pool).
+        start = max(self.sink, (total - self.window) // p * p)
+        if start > st.recent_start:
+            drop = start - st.recent_start
+            st.recent_k = st.recent_k[:, :, drop:].clone()
+            st.recent_v = st.recent_v[:, :, drop:].clone()
+            st.recent_start = start
+        self.ledger.hold(f"layer{layer}", st.sink_k, st.sink_v, st.recent_k, st.recent_v, st.digest_max,
+                         st.digest_min)
+
+    def _tokens(self, st: _Layer, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [start, end), all of them still in the sink or the recent window."""
+        ks, vs = [], []
+        if start < self.sink:
+            stop = min(end, self.sink)
+            ks.append(st.sink_k[:, :, start:stop])
+            vs.append(st.sink_v[:, :, start:stop])
+            start = stop
+        if start < end:
+            lo, hi = start - st.recent_start, end - st.recent_start
+            if lo < 0:
+                raise RuntimeError("a page left the recent window before it was written to the host pool")
+            ks.append(st.recent_k[:, :, lo:hi])
+            vs.append(st.recent_v[:, :, lo:hi])
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+    # -- selecting and recalling ------------------------------------------------------------------------
+    def _select_and_recall(self, layer: int, st: _Layer, q: torch.Tensor, lo: int, hi: int,
+                           heads: torch.Tensor | None = None) -> list:
+        """Select each KV head's top pages in [lo, hi) with query q; recall the missing ones into slots.
+
+        heads: [b, h_kv] bool, the rows to reselect (None: all). Other rows keep their last selection.
+        """
+        hi = min(hi, st.digest_max.shape[2])
+        if hi <= lo:
+            return []
+        if st.slots is None:
+            b, h, _, d = st.sink_k.shape
+            st.slots = DevicePool(b, h, d, self.page_size, self.num_slots, st.sink_k.dtype, st.sink_k.device)
+        pages, probs = select_pages(q, st.digest_max[:, :, lo:hi], st.digest_min[:, :, lo:hi], self.num_slots,
+                                    self.scaling, first_page=lo)
+        if heads is not None and st.selected is not None and st.selected.shape == pages.shape:
+            pages = torch.where(heads.unsqueeze(-1), pages, st.selected)
+        scores = probs.new_full((*probs.shape[:2], hi), float("-inf"))
+        scores[..., lo:hi] = probs
+        plan = st.slots.table.plan(pages, scores)
+        events = st.slots.recall(self.pool, layer, self.link, *plan)
+        st.selected = pages
+        self.recalled_pages += len(plan[0])
+        self.selections += 1
+        self.ledger.hold(f"slots{layer}", *st.slots.tensors())
+        return events
+
+    # -- attending --------------------------------------------------------------------------------------
+    def _attend(self, layer, q, valid, scaling):
+        if self._is_dense(layer):
+            return self.dense._attend(layer, q, valid, scaling)
+        self.scaling = scaling
+        st = self.layers[layer]
+        k_new, v_new = self.fresh.pop(layer)
+        n, t = self.lengths[layer], q.shape[2]
+        if n == t:  # prefill of an empty cache: dense attention over the prompt itself
+            return causal_attention(q, k_new, v_new, scaling, valid, q_offset=0)
+        if t > 1 or self.in_prefill:
+            k, v = self._whole_cache(layer, st, n)
+            return causal_attention(q, k, v, scaling, valid, q_offset=n - t)
+        q_now = q[:, :, -1]
+        lo, hi = self.sink // self.page_size, st.recent_start // self.page_size
+        for event in st.pending:
+            self.link.wait(event)
+        st.pending = []
+        if hi > lo:
+            if st.previous_q is None or not self.speculative:
+                self.link_wait_all(self._select_and_recall(layer, st, q_now, lo, hi))
+            else:
+                drift = query_similarity(q_now, st.previous_q, self.spec.num_kv_heads) < self.tau
+                self.checks[layer] += drift.numel()
+                corrected = int(drift.sum())
+                self.corrections[layer] += corrected
+                if corrected:
+                    self.link_wait_all(self._select_and_recall(layer, st, q_now, lo, hi, heads=drift))
+        k, v, mask = self._resident(st, n, valid)
+        out = attend(q, k, v, scaling, mask)
+        st.previous_q = q_now
+        if self.speculative:
+            # Select for step t+1 now (its window will have moved by one token) and recall in the background.
+            next_hi = max(self.sink, (n + 1 - self.window) // self.page_size * self.page_size) // self.page_size
+            st.pending = self._select_and_recall(layer, st, q_now, lo, next_hi)
+        return out
+
+    def link_wait_all(self, events) -> None:
+        for event in events:
+            self.link.wait(event)
+
+    def _resident(self, st: _Layer, n: int, valid):
+        """Keys, values and mask [b, h_kv, 1, N] over sink + recalled slots + recent window."""
+        b, h = st.sink_k.shape[:2]
+        device = st.sink_k.device
+        in_sink = min(n, self.sink)
+        ks, vs = [st.sink_k[:, :, :in_sink]], [st.sink_v[:, :, :in_sink]]
+        positions = [torch.arange(in_sink, device=device).expand(b, h, -1)]
+        if st.slots is not None:
+            ks.append(st.slots.slot_k)
+            vs.append(st.slots.slot_v)
+            slot_pos = st.slots.slot_positions()
+            # a recalled page that is back in the window (or beyond the sequence) must not count twice
+            positions.append(torch.where(slot_pos >= st.recent_start, -1, slot_pos))
+        ks.append(st.recent_k)
+        vs.append(st.recent_v)
+        positions.append(torch.arange(st.recent_start, st.recent_start + st.recent_k.shape[2],
+                                      device=device).expand(b, h, -1))
+        pos = torch.cat(positions, dim=-1)
+        mask = pos >= 0
+        if valid is not None:
+            mask &= valid.gather(1, pos.clamp(min=0).view(b, -1)).view(b, h, -1)
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2), mask.unsqueeze(2)
+
+    def _whole_cache(self, layer: int, st: _Layer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All n tokens on the device (for multi-token forwards): host pages, then the unwritten tail."""
+        written = self.pool.num_pages[layer]
+        src = self.pool.layer_block(layer)
+        block = torch.empty(src.shape, dtype=src.dtype, device=st.sink_k.device)
+        self.link.wait(self.link.h2d(block, src))
+        k, v = from_pages(block)
+        tail_k, tail_v = self._tokens(st, written * self.page_size, n)
+        return torch.cat((k, tail_k), dim=2), torch.cat((v, tail_v), dim=2)
+
+    # -- reporting --------------------------------------------------------------------------------------
+    def host_bytes(self) -> int:
+        return 0 if self.pool is None else self.pool.used_bytes()
+
+    def method_stats(self) -> dict:
+        checks, corrections = sum(self.checks), sum(self.corrections)
+        return {
+            "budget": self.options["budget"],
+            "slots_per_head": self.num_slots,
+            "recalled_pages": self.recalled_pages,
+            "selections": self.selections,
+            "corrections": corrections,
+            "correction_rate": corrections / checks if checks else 0.0,
+            "correction_rate_per_layer": [c / k if k else 0.0 for c, k in zip(self.corrections, self.checks)],
+            "speculative": self.speculative,
+        }

@@ -180,20 +180,17 @@ class DevicePool:
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, page_size: int, slots: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, staging: "RecallStaging | None" = None):
         self.page_size = page_size
+        self.staging = staging or RecallStaging(page_size, head_dim, dtype, device)
         shape = (batch, num_kv_heads, slots * page_size, head_dim)
         self.slot_k = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_v = torch.zeros(shape, dtype=dtype, device=device)
         self.table = PageTable(batch, num_kv_heads, slots, device)
-        self._host_buffers = [None, None]
-        self._device_buffers = [None, None]
-        self._host_busy = [None, None]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """Every device tensor the pool holds (slots, page table, staging buffers), for the device ledger."""
-        staging = tuple(b for b in self._device_buffers if b is not None)
-        return (self.slot_k, self.slot_v, self.table.slot_page, *staging)
+        """The device tensors this pool holds (slots and page table; staging is counted by its owner)."""
+        return self.slot_k, self.slot_v, self.table.slot_page
 
     def recall(self, host: HostPool, layer: int, link: Link, seq, head, slot, page) -> list:
         """Copy the planned (seq, head, slot, page) head-pages from the host pool into their slots.
@@ -216,10 +213,10 @@ class DevicePool:
             lane = j % 2
             on_host = head_h == j
             count = int(on_host.sum())
-            src = self._host_staging(lane, count, flat.dtype, link)
+            src = self.staging.host_buffer(lane, count, flat.dtype, link)
             torch.index_select(flat, 0, host_rows[on_host], out=src)
-            dst = self._device_staging(lane, count, link)
-            self._host_busy[lane] = link.h2d(dst, src, lane=lane)
+            dst = self.staging.device_buffer(lane, count)
+            self.staging.host_busy[lane] = link.h2d(dst, src, lane=lane)
             on_dev = head == j
             offsets = (slot[on_dev] * p).unsqueeze(-1) + torch.arange(p, device=slot.device)
             rows = seq[on_dev].unsqueeze(-1)
@@ -229,27 +226,44 @@ class DevicePool:
                 events.append(link.record(lane))
         return [e for e in events if e is not None]
 
-    def _host_staging(self, lane: int, count: int, dtype, link: Link) -> torch.Tensor:
-        busy = self._host_busy[lane]
-        if busy is not None:
-            busy.synchronize()  # the previous copy out of this host buffer must have read it
-        buf = self._host_buffers[lane]
-        shape = (count, 2, self.page_size, self.slot_k.shape[-1])
-        if buf is None or buf.shape[0] < count or buf.dtype != dtype:
-            buf = torch.empty((max(count, 8), *shape[1:]), dtype=dtype, pin_memory=link.cuda)
-            self._host_buffers[lane] = buf
-        return buf[:count]
-
-    def _device_staging(self, lane: int, count: int, link: Link) -> torch.Tensor:
-        buf = self._device_buffers[lane]
-        if buf is None or buf.shape[0] < count:
-            buf = self.slot_k.new_empty((max(count, 8), 2, self.page_size, self.slot_k.shape[-1]))
-            self._device_buffers[lane] = buf
-        return buf[:count]
-
     def slot_positions(self) -> torch.Tensor:
         """Token position of every slot token [b, h, slots*P] (-1 where the slot is empty)."""
         pages = self.table.slot_page
         p = self.page_size
         pos = pages.unsqueeze(-1) * p + torch.arange(p, device=pages.device)
         return torch.where(pages.unsqueeze(-1) >= 0, pos, -1).flatten(-2)
+
+
+class RecallStaging:
+    """The two host and two device staging buffers of page recall, one pair per copy lane.
+
+    One instance can serve every layer: work on a lane runs in order, so a buffer is only refilled after
+    the scatter that read it; a host buffer is refilled only once its previous copy has completed.
+    """
+
+    def __init__(self, page_size: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.page_shape = (2, page_size, head_dim)
+        self.dtype, self.device = dtype, device
+        self.host_buffers: list[torch.Tensor | None] = [None, None]
+        self.device_buffers: list[torch.Tensor | None] = [None, None]
+        self.host_busy = [None, None]
+
+    def host_buffer(self, lane: int, count: int, dtype: torch.dtype, link: Link) -> torch.Tensor:
+        busy = self.host_busy[lane]
+        if busy is not None:
+            busy.synchronize()
+        buf = self.host_buffers[lane]
+        if buf is None or buf.shape[0] < count or buf.dtype != dtype:
+            buf = torch.empty((count, *self.page_shape), dtype=dtype, pin_memory=link.cuda)
+            self.host_buffers[lane] = buf
+        return buf[:count]
+
+    def device_buffer(self, lane: int, count: int) -> torch.Tensor:
+        buf = self.device_buffers[lane]
+        if buf is None or buf.shape[0] < count:
+            buf = torch.empty((count, *self.page_shape), dtype=self.dtype, device=self.device)
+            self.device_buffers[lane] = buf
+        return buf[:count]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(b for b in self.device_buffers if b is not None)

@@ -20,7 +20,7 @@ import torch
 
 from ..attention import attend, causal_attention
 from ..select import page_digest, query_similarity, select_pages
-from ..store import DevicePool, HostPool, from_pages, to_pages
+from ..store import DevicePool, HostPool, RecallStaging, from_pages, to_pages
 from .base import Method, register
 from .full import Full
 
@@ -85,6 +85,7 @@ class FreeKV(Method):
         self.dense = Full(spec)
         self.dense.ledger = self.ledger  # one ledger: the device peak covers dense and retrieval layers together
         self.pool: HostPool | None = None
+        self.staging: RecallStaging | None = None  # shared by every layer's recall
         self.layers: list[_Layer | None] = [None] * spec.num_layers
         self.fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scaling = spec.head_dim ** -0.5
@@ -168,7 +169,10 @@ class FreeKV(Method):
             return []
         if st.slots is None:
             b, h, _, d = st.sink_k.shape
-            st.slots = DevicePool(b, h, d, self.page_size, self.num_slots, st.sink_k.dtype, st.sink_k.device)
+            if self.staging is None:
+                self.staging = RecallStaging(self.page_size, d, st.sink_k.dtype, st.sink_k.device)
+            st.slots = DevicePool(b, h, d, self.page_size, self.num_slots, st.sink_k.dtype, st.sink_k.device,
+                                  staging=self.staging)
         pages, probs = select_pages(q, st.digest_max[:, :, lo:hi], st.digest_min[:, :, lo:hi], self.num_slots,
                                     self.scaling, first_page=lo)
         if heads is not None and st.selected is not None and st.selected.shape == pages.shape:
@@ -181,6 +185,7 @@ class FreeKV(Method):
         self.recalled_pages += len(plan[0])
         self.selections += 1
         self.ledger.hold(f"slots{layer}", *st.slots.tensors())
+        self.ledger.hold("recall_staging", *self.staging.tensors())
         return events
 
     # -- attending --------------------------------------------------------------------------------------

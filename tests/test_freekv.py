@@ -1,0 +1,227 @@
+"""FreeKV: selection math, recall bookkeeping, correction, and identity with `full` when the budget covers all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, batch_prompt
+from transformers import DynamicCache
+
+import kvtier
+from kvtier.select import group_page_probs, page_digest, page_scores, query_similarity, select_pages
+from kvtier.store import from_pages
+
+SMALL = dict(page_size=4, sink=8, window=8)
+
+
+# -- selection math ------------------------------------------------------------------------------------------
+def test_page_digest_is_elementwise_max_and_min():
+    torch.manual_seed(0)
+    keys = torch.randn(2, 3, 20, 8)
+    dmax, dmin = page_digest(keys, 4)
+    assert dmax.shape == dmin.shape == (2, 3, 5, 8)
+    for page in range(5):
+        chunk = keys[:, :, page * 4:(page + 1) * 4]
+        assert torch.equal(dmax[:, :, page], chunk.max(dim=2).values)
+        assert torch.equal(dmin[:, :, page], chunk.min(dim=2).values)
+    with pytest.raises(ValueError):
+        page_digest(keys[:, :, :19], 4)
+
+
+def test_page_score_bounds_every_key_in_the_page():
+    torch.manual_seed(1)
+    b, hkv, g, d, p, pages = 2, 2, 3, 16, 8, 6
+    keys = torch.randn(b, hkv, pages * p, d)
+    q = torch.randn(b, hkv * g, d)
+    dmax, dmin = page_digest(keys, p)
+    bound = page_scores(q, dmax, dmin)  # [b, hkv, g, pages]
+    qg = q.view(b, hkv, g, d)
+    exact = torch.einsum("bhgd,bhnd->bhgn", qg, keys).view(b, hkv, g, pages, p)
+    assert bool((exact.max(-1).values <= bound + 1e-5).all())
+    # the bound is tight for a one-token page
+    dmax1, dmin1 = page_digest(keys, 1)
+    tight = page_scores(q, dmax1, dmin1)
+    torch.testing.assert_close(tight, torch.einsum("bhgd,bhnd->bhgn", qg, keys))
+
+
+def test_group_probabilities_average_each_query_heads_softmax():
+    torch.manual_seed(2)
+    scores = torch.randn(1, 2, 3, 7)
+    probs = group_page_probs(scores, 0.5)
+    expected = torch.softmax(scores * 0.5, dim=-1).mean(dim=2)
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2))
+
+
+def test_select_pages_returns_each_kv_heads_top_pages_with_offset():
+    torch.manual_seed(3)
+    keys = torch.randn(1, 2, 40, 8)
+    q = torch.randn(1, 4, 8)
+    dmax, dmin = page_digest(keys, 4)
+    pages, probs = select_pages(q, dmax, dmin, k=3, scaling=0.35, first_page=5)
+    assert pages.shape == (1, 2, 3)
+    assert torch.equal(pages - 5, probs.topk(3, dim=-1).indices)
+    assert bool(((pages >= 5) & (pages < 15)).all())
+    few, _ = select_pages(q, dmax[:, :, :2], dmin[:, :, :2], k=3, scaling=0.35)
+    assert few.shape == (1, 2, 2), "k is capped by the pages available"
+
+
+def test_query_similarity_is_grouped_cosine():
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]])
+    prev = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [-1.0, -1.0], [1.0, 0.0]]])
+    sim = query_similarity(q, prev, num_kv_heads=2)
+    torch.testing.assert_close(sim, torch.tensor([[0.5, 0.0]]))
+
+
+# -- the method ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("speculative", [True, False])
+def test_budget_covering_the_context_is_identical_to_full(tiny_pair, family, batch, speculative):
+    ref_model, model = tiny_pair(family)
+    ids, mask = batch_prompt(batch, length=45, pad=9)
+    new = 40
+    expected = ref_model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                  do_sample=False, past_key_values=DynamicCache(config=ref_model.config))
+    opts = dict(budget=128, speculative=speculative, **SMALL)
+    cache = kvtier.KVCache(model, method="freekv", **opts)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         past_key_values=cache)
+    assert torch.equal(out, expected)
+    stats = cache.stats()
+    assert stats["recalled_pages"] > 0, "pages left the window and had to be recalled"
+    own = kvtier.generate(model, ids, attention_mask=mask, method="freekv", max_new_tokens=new, eos_token_id=-1,
+                          **opts)
+    assert torch.equal(own, expected)
+
+
+def run_steps(model, cache, ids, steps):
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache)
+        for _ in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, past_key_values=cache)
+            yield nxt
+
+
+def test_recall_bookkeeping_no_page_lost_or_duplicated(tiny):
+    model = tiny("llama", num_hidden_layers=2)
+    ids, _ = batch_prompt(2, length=60, pad=0)
+    cache = kvtier.KVCache(model, method="freekv", budget=32, dense_layers=0, **SMALL)
+    method = cache.method
+    recalled_before = 0
+    for _ in run_steps(model, cache, ids, 12):
+        for layer in range(2):
+            st = method.layers[layer]
+            resident = st.slots.table.slot_page
+            for row in resident.flatten(0, 1).tolist():
+                pages = [p for p in row if p >= 0]
+                assert len(pages) == len(set(pages)), "a page sits in two slots"
+            # every selected page is resident, and each slot holds its page's exact data
+            for s in range(2):
+                for h in range(model.config.num_key_value_heads):
+                    assert set(st.selected[s, h].tolist()) <= set(resident[s, h].tolist())
+                    for j, page in enumerate(resident[s, h].tolist()):
+                        if page < 0:
+                            continue
+                        k_host, v_host = from_pages(method.pool.pages[layer][page:page + 1, s:s + 1, h:h + 1])
+                        assert torch.equal(st.slots.slot_k[s, h, j * 4:(j + 1) * 4], k_host[0, 0])
+                        assert torch.equal(st.slots.slot_v[s, h, j * 4:(j + 1) * 4], v_host[0, 0])
+        recalled = method.recalled_pages
+        assert recalled >= recalled_before
+        recalled_before = recalled
+    # resident pages are reused: far fewer copies than slots x heads x layers x steps
+    assert method.recalled_pages < 12 * 2 * 2 * 2 * method.num_slots
+
+
+def test_host_pool_holds_the_whole_cache(tiny):
+    model = tiny("qwen3", num_hidden_layers=2)
+    ids, _ = batch_prompt(1, length=50)
+    full = kvtier.KVCache(model, method="full")
+    list(run_steps(model, full, ids, 9))
+    model2 = tiny("qwen3", num_hidden_layers=2)
+    cache = kvtier.KVCache(model2, method="freekv", budget=32, dense_layers=0, **SMALL)
+    list(run_steps(model2, cache, ids, 9))
+    method = cache.method
+    for layer in range(2):
+        pages = method.pool.num_pages[layer]
+        k, v = from_pages(method.pool.layer_block(layer))
+        n = pages * 4
+        # identical prefill; decode diverges only through the approximate attention, so compare the prompt
+        torch.testing.assert_close(k[:, :, :48], full.method.keys[layer][:, :, :48])
+        torch.testing.assert_close(v[:, :, :48], full.method.values[layer][:, :, :48])
+        assert n == (50 + 9) // 4 * 4
+    assert cache.stats()["host_kv_bytes"] == sum(method.pool.num_pages) * method.pool.page_bytes
+
+
+@pytest.mark.parametrize("tau,expect", [(1.0, "all"), (-1.0, "none")])
+def test_correction_triggers_by_threshold(tiny, tau, expect):
+    model = tiny("llama", num_hidden_layers=2)
+    ids, _ = batch_prompt(1, length=60)
+    cache = kvtier.KVCache(model, method="freekv", budget=32, dense_layers=0, tau=tau, **SMALL)
+    list(run_steps(model, cache, ids, 6))
+    stats = cache.stats()
+    method = cache.method
+    checks = sum(method.checks)
+    assert checks == 5 * 2 * model.config.num_key_value_heads  # every step after the first, every layer, head
+    if expect == "all":
+        # cosine similarity of distinct queries is below 1: every head is corrected
+        assert stats["corrections"] == checks and stats["correction_rate"] == 1.0
+    else:
+        assert stats["corrections"] == 0 and stats["correction_rate"] == 0.0
+    assert len(stats["correction_rate_per_layer"]) == model.config.num_hidden_layers
+
+
+def test_non_speculative_selects_synchronously_every_step(tiny):
+    model = tiny("llama", num_hidden_layers=2)
+    ids, _ = batch_prompt(1, length=60)
+    cache = kvtier.KVCache(model, method="freekv", budget=32, dense_layers=0, speculative=False, **SMALL)
+    list(run_steps(model, cache, ids, 5))
+    stats = cache.stats()
+    assert stats["corrections"] == 0
+    assert stats["selections"] == 5 * 2
+
+
+def test_dense_layers_keep_everything_on_device(tiny):
+    model = tiny("llama", num_hidden_layers=3)
+    ids, _ = batch_prompt(1, length=60)
+    cache = kvtier.KVCache(model, method="freekv", budget=32, dense_layers=1, **SMALL)
+    list(run_steps(model, cache, ids, 3))
+    method = cache.method
+    assert method.layers[0] is None and method.dense.lengths[0] == 63
+    assert method.pool.num_pages[0] == 0 and method.pool.num_pages[1] > 0
+
+
+@pytest.mark.parametrize("bad", [dict(budget=16, **SMALL), dict(page_size=4, sink=6, window=8),
+                                 dict(tau=2.0), dict(dense_layers=99), dict(speculative="yes"),
+                                 dict(budget=-1), dict(page_size=0)])
+def test_bad_options_are_clear_errors(tiny, bad):
+    with pytest.raises(ValueError, match="freekv"):
+        kvtier.KVCache(tiny("llama"), method="freekv", **bad)
+
+
+def test_traffic_and_memory_at_4k_budget_512(tiny):
+    """h2d per decode step >= 10x below offload; device KV >= 4x below full (tiny shape, 4k context)."""
+    model = tiny("llama", num_hidden_layers=4, max_position_embeddings=8192)
+    ids = torch.randint(3, 256, (1, 4096), generator=torch.Generator().manual_seed(0))
+    per_step = {}
+    device = {}
+    for method in ("full", "offload", "freekv"):
+        opts = dict(budget=512) if method == "freekv" else {}
+        cache = kvtier.KVCache(model, method=method, **opts)
+        cache.reserve(4096 + 9)
+        steps = list(run_steps(model, cache, ids, 1))
+        before = cache.stats()["h2d_bytes"]
+        steps = list(run_steps_continue(model, cache, steps[-1], 8))
+        per_step[method] = (cache.stats()["h2d_bytes"] - before) / 8
+        device[method] = cache.stats()["device_kv_bytes"]
+    assert per_step["freekv"] * 10 <= per_step["offload"], per_step
+    assert device["freekv"] * 4 <= device["full"], device
+
+
+def run_steps_continue(model, cache, nxt, steps):
+    with torch.no_grad():
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=cache)
+            nxt = out.logits[:, -1:].argmax(-1)
+            yield nxt

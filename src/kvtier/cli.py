@@ -61,7 +61,39 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--kv-width", type=int, default=4096, help="num_kv_heads * head_dim of the recompute GEMM")
     prof.add_argument("--out", type=Path, default=None, help="also write the profile as JSON here")
     prof.add_argument("--force", action="store_true", help="measure again even when a cached profile exists")
+    ev = sub.add_parser("eval", help="fidelity against full: needle grid, decode perplexity, budget sweep")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    methods_help = "comma-separated, options after colons: full,freekv:budget=512"
+    needle = ev_sub.add_parser("needle", help="passphrase at lengths x depths; success and agreement with full")
+    needle.add_argument("--methods", required=True, help=methods_help)
+    needle.add_argument("--lengths", default="1k,2k", type=_list)
+    needle.add_argument("--depths", default="0,0.25,0.5,0.75,1", type=lambda t: [float(x) for x in _list(t)])
+    needle.add_argument("--seed", type=int, default=0)
+    needle.add_argument("--max-new-tokens", type=int, default=24)
+    ppl = ev_sub.add_parser("ppl", help="decode-mode perplexity after a long context, delta vs full")
+    ppl.add_argument("--methods", required=True, help=methods_help)
+    ppl.add_argument("--texts", default="prose,code", type=_list, help="prose, code, or file paths")
+    ppl.add_argument("--text-file", action="append", default=[], help="a text file to score (repeatable)")
+    ppl.add_argument("--context", default="2k")
+    ppl.add_argument("--targets", type=int, default=256)
+    sweep = ev_sub.add_parser("sweep", help="one method over a list of budgets: needle success and ppl delta")
+    sweep.add_argument("--method", default="freekv")
+    sweep.add_argument("--option", default="budget", help="the option to sweep (budget, bits, ...)")
+    sweep.add_argument("--values", required=True, type=lambda t: [int(x) for x in _list(t)])
+    sweep.add_argument("--lengths", default="2k", type=_list)
+    sweep.add_argument("--depths", default="0.1,0.5,0.9", type=lambda t: [float(x) for x in _list(t)])
+    sweep.add_argument("--context", default="2k")
+    sweep.add_argument("--targets", type=int, default=256)
+    for p in (needle, ppl, sweep):
+        p.add_argument("--model", default=None)
+        p.add_argument("--device", default=None)
+        p.add_argument("--dtype", default=None)
+        p.add_argument("--out", default="runs/eval")
     return parser
+
+
+def _list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def cmd_info(args) -> int:
@@ -141,9 +173,40 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import kvtier
+    from kvtier import eval as kv_eval
+
+    model, tokenizer = kvtier.load(args.model, device=args.device, dtype=args.dtype)
+    if args.eval_command == "needle":
+        result = kv_eval.needle_grid(model, tokenizer, args.methods, lengths=args.lengths, depths=args.depths,
+                                     seed=args.seed, max_new_tokens=args.max_new_tokens, out_dir=args.out)
+        print(f"{'method':<28} {'needle found':>12} {'same as full':>12}")
+        for label, row in result["summary"].items():
+            print(f"{label:<28} {row['success_rate']:>12.0%} {row['agreement_with_full']:>12.0%}")
+    elif args.eval_command == "ppl":
+        result = kv_eval.perplexity(model, tokenizer, args.methods, texts=args.texts + args.text_file,
+                                    context=args.context, targets=args.targets, out_dir=args.out)
+        print(f"{'method':<28} {'text':<10} {'ppl':>9} {'delta vs full':>14}")
+        for row in result["rows"]:
+            print(f"{row['method']:<28} {row['text'][:10]:<10} {row['ppl']:>9.3f} {row['ppl_delta_vs_full']:>+14.4f}")
+    else:
+        result = kv_eval.budget_sweep(model, tokenizer, args.method, budgets=args.values, option=args.option,
+                                      lengths=args.lengths, depths=args.depths, context=args.context,
+                                      targets=args.targets, out_dir=args.out)
+        print(f"full: needle {result['full']['needle_success']:.0%}")
+        print(f"{args.option:>8} {'needle':>7} {'=full':>6} {'max ppl delta':>14}")
+        for point in result["points"]:
+            print(f"{point[args.option]:>8} {point['needle_success']:>7.0%} "
+                  f"{point['needle_agreement_with_full']:>6.0%} {point['ppl_delta_max']:>+14.4f}")
+    print(f"JSON: {result['json']}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"info": cmd_info, "generate": cmd_generate, "demo": cmd_demo, "profile": cmd_profile}
+    handlers = {"info": cmd_info, "generate": cmd_generate, "demo": cmd_demo, "profile": cmd_profile,
+                "eval": cmd_eval}
     try:
         return handlers[args.command](args)
     except (ValueError, NotImplementedError, FileNotFoundError) as err:

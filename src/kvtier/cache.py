@@ -140,6 +140,13 @@ class KVCache(Cache):
             raise RuntimeError(f"the model's attention implementation was changed to "
                                f"{self._config._attn_implementation!r}; KVCache needs {ATTN_NAME!r} "
                                f"(model.set_attn_implementation('{ATTN_NAME}'))")
+        if self._pending is not None:
+            # The last update's attention never reached kvtier: the model calling us runs another attention
+            # function, so it would attend over the new tokens only. Refuse rather than answer wrongly.
+            stale, self._pending, _handoff.cache = self._pending, None, None
+            raise ValueError(f"KVCache.update for layer {layer_idx} came before kvtier attention ran for layer "
+                             f"{stale}: this cache is used by a model that does not run kvtier attention "
+                             "(a different model than the one it was made for?); make one KVCache per model")
         if layer_idx == 0:
             self._check_length(key_states.shape[2])
         self.method.append(layer_idx, key_states, value_states)

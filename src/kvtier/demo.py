@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import KVCache
 from .generate import generate
 from .methods import METHOD_REGISTRY
 from .models import environment_summary, load
@@ -62,6 +63,9 @@ def run(model_name: str | None = None, methods=None, context_tokens: int = 3000,
         raise ValueError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHOD_REGISTRY)}")
     if "full" not in methods:
         methods = ["full"] + methods  # every figure is set against full
+    unused = sorted(k for k in options if not any(k in METHOD_REGISTRY[m].defaults for m in methods))
+    if unused:
+        raise ValueError(f"option(s) {unused} are not options of any of the methods {methods}")
     model, tokenizer = load(model_name, device=device, dtype=dtype)
     value = "violet-anchor-4127"
     ids = needle_prompt(tokenizer, context_tokens, 0.5, value).to(next(model.parameters()).device)
@@ -69,8 +73,6 @@ def run(model_name: str | None = None, methods=None, context_tokens: int = 3000,
     reference = None
     for method in methods:
         method_options = {k: v for k, v in options.items() if k in METHOD_REGISTRY[method].defaults}
-        from .cache import KVCache
-
         cache = KVCache(model, method=method, **method_options)
         start = time.perf_counter()
         out_ids = generate(model, ids, cache=cache, max_new_tokens=max_new_tokens, progress=progress)
@@ -125,7 +127,7 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{r['method']:<9} {_mib(r['device_kv_bytes']):>13} {_mib(r['host_kv_bytes']):>11} "
             f"{_mib(r['h2d_bytes']):>9} {_mib(r['d2h_bytes']):>9} {r['seconds']:7.1f}  "
-            f"{'yes' if r['same_tokens_as_full'] else 'no':>5}  {r['answer'][:60]!r}"
+            f"{'yes' if r['same_tokens_as_full'] else 'no':>5}  {r['answer'][:72]!r}"
         )
     lines.append("")
     lines.append(f"({result['time_note']}; device KV = peak bytes of KV state on the device; "

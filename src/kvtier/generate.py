@@ -70,6 +70,16 @@ def _positions(attention_mask, start: int, stop: int, device) -> torch.Tensor:
     return pos[:, start:stop]
 
 
+def _decode_step(model, cache, token, mask, position):
+    """Feed one token per sequence; returns the next logits [b, vocab] and the extended mask and positions."""
+    if mask is not None:
+        mask = torch.cat((mask, mask.new_ones((mask.shape[0], 1))), dim=1)
+    position = position + 1
+    out = model(input_ids=token[:, None], attention_mask=mask, past_key_values=cache, position_ids=position,
+                use_cache=True)
+    return out.logits[:, -1].float(), mask, position
+
+
 @torch.inference_mode()
 def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, attention_mask=None,
              cache: KVCache | None = None, progress: bool = False, eos_token_id=None, pad_token_id=None,
@@ -114,12 +124,7 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
             done |= torch.isin(nxt, eos)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        if mask is not None:
-            mask = torch.cat((mask, mask.new_ones((mask.shape[0], 1))), dim=1)
-        position = position + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, past_key_values=cache, position_ids=position,
-                    use_cache=True)
-        logits = out.logits[:, -1].float()
+        logits, mask, position = _decode_step(model, cache, nxt, mask, position)
     return torch.cat(tokens, dim=1)
 
 
@@ -151,12 +156,7 @@ def score(model, context_ids, target_ids, method: str = "full", attention_mask=N
         nlls.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
         if i == n_targets - 1:
             break
-        if mask is not None:
-            mask = torch.cat((mask, mask.new_ones((mask.shape[0], 1))), dim=1)
-        position = position + 1
-        out = model(input_ids=target[:, None], attention_mask=mask, past_key_values=cache, position_ids=position,
-                    use_cache=True)
-        logits = out.logits[:, -1].float()
+        logits, mask, position = _decode_step(model, cache, target, mask, position)
     return torch.stack(nlls, dim=1)
 
 

@@ -81,13 +81,11 @@ class ModelSpec:
 
 def _check_full_attention(config, family: str) -> None:
     """Sliding-window layers keep a different set of tokens per layer; kvtier's methods assume full attention."""
-    layer_types = getattr(config, "layer_types", None) or []
+    # Qwen2/Qwen3 mark sliding layers in layer_types; Mistral slides every layer when sliding_window is set.
     window = getattr(config, "sliding_window", None)
-    sliding = "sliding_attention" in layer_types
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
     if family == "mistral" and window is not None and window < config.max_position_embeddings:
         sliding = True
-    if family in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
-        sliding = "sliding_attention" in layer_types
     if sliding:
         raise NotImplementedError(
             f"this {family} model uses sliding-window attention (sliding_window={window}); kvtier supports "

@@ -208,14 +208,14 @@ class FreeKV(Method):
         st.pending = []
         if hi > lo:
             if st.previous_q is None or not self.speculative:
-                self.link_wait_all(self._select_and_recall(layer, st, q_now, lo, hi))
+                self._wait_all(self._select_and_recall(layer, st, q_now, lo, hi))
             else:
                 drift = query_similarity(q_now, st.previous_q, self.spec.num_kv_heads) < self.tau
                 self.checks[layer] += drift.numel()
                 corrected = int(drift.sum())
                 self.corrections[layer] += corrected
                 if corrected:
-                    self.link_wait_all(self._select_and_recall(layer, st, q_now, lo, hi, heads=drift))
+                    self._wait_all(self._select_and_recall(layer, st, q_now, lo, hi, heads=drift))
         k, v, mask = self._resident(st, n, valid)
         out = attend(q, k, v, scaling, mask)
         st.previous_q = q_now
@@ -225,7 +225,7 @@ class FreeKV(Method):
             st.pending = self._select_and_recall(layer, st, q_now, lo, next_hi)
         return out
 
-    def link_wait_all(self, events) -> None:
+    def _wait_all(self, events) -> None:
         for event in events:
             self.link.wait(event)
 

@@ -199,6 +199,20 @@ class KVCache(Cache):
         finally:
             self.method.in_prefill = False
 
+    @contextlib.contextmanager
+    def feeding(self, mode: str):
+        """Forwards in this block keep their tokens as `mode` says: "store", "lookahead" (keep none) or
+        "speculative" (keep all but the last). The last two are for methods with a speculative decode step."""
+        if mode not in ("store", "lookahead", "speculative"):
+            raise ValueError(f"unknown feed mode {mode!r}; use store, lookahead or speculative")
+        if mode != "store" and not self.method.supports_speculation:
+            raise NotImplementedError(f"method {self.method.name!r} has no speculative decode step")
+        self.method.feed_mode = mode
+        try:
+            yield self
+        finally:
+            self.method.feed_mode = "store"
+
     def reserve(self, tokens: int) -> None:
         """Size buffers once for a sequence that will reach `tokens` tokens."""
         self.method.reserve(tokens)

@@ -111,6 +111,9 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
         pad = int(eos[0]) if eos.numel() else 0
 
     logits = prefill(model, cache, input_ids, attention_mask, progress=progress)
+    if cache.method.supports_speculation and cache.method.options.get("speculative"):
+        return _generate_speculative(model, cache, input_ids, attention_mask, logits, max_new_tokens, eos, pad,
+                                     progress)
     tokens = [input_ids]
     mask = attention_mask
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -125,6 +128,41 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         logits, mask, position = _decode_step(model, cache, nxt, mask, position)
+    return torch.cat(tokens, dim=1)
+
+
+def _generate_speculative(model, cache, input_ids, attention_mask, logits, max_new_tokens, eos, pad, progress):
+    """Greedy decoding with a speculative next token (SpeCache's two-token step).
+
+    A lookahead pass feeds x_1 alone (nothing stored) to start the fetch for it and to guess x^_2; then each
+    step feeds [x_t, x^_{t+1}], keeps only x_t, and its two logit rows give x_{t+1} and the next guess.
+    """
+    b = input_ids.shape[0]
+    device = input_ids.device
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    position = _positions(attention_mask, input_ids.shape[1] - 1, input_ids.shape[1], device) + 1
+    ones = mask.new_ones((b, 1))
+    real = logits.argmax(-1)
+    with cache.feeding("lookahead"):
+        out = model(input_ids=real[:, None], attention_mask=torch.cat((mask, ones), 1), past_key_values=cache,
+                    position_ids=position, use_cache=True)
+    guess = out.logits[:, -1].argmax(-1)
+    tokens = [input_ids]
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    for step in tqdm(range(max_new_tokens), desc=f"decode ({cache.method.name}, speculative)", unit="tok",
+                     disable=not progress, leave=False):
+        real = torch.where(done, torch.full_like(real, pad), real)
+        tokens.append(real[:, None])
+        if eos.numel():
+            done |= torch.isin(real, eos)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        with cache.feeding("speculative"):
+            out = model(input_ids=torch.stack((real, guess), 1), attention_mask=torch.cat((mask, ones, ones), 1),
+                        past_key_values=cache, position_ids=torch.cat((position, position + 1), 1), use_cache=True)
+        mask = torch.cat((mask, ones), 1)
+        position = position + 1
+        real, guess = out.logits[:, -2].float().argmax(-1), out.logits[:, -1].float().argmax(-1)
     return torch.cat(tokens, dim=1)
 
 

@@ -51,6 +51,16 @@ class Method:
         self.decode_steps = 0
         # True while a prompt is fed in chunks: later chunks extend the prompt, they are not decode steps.
         self.in_prefill = False
+        # How the fed tokens are kept: "store" (all), "lookahead" (none: a pre-decode pass) or "speculative"
+        # (all but the last, which is a guessed next token). Only methods with supports_speculation set
+        # accept the last two; kvtier.generate sets them through KVCache.feeding().
+        self.feed_mode = "store"
+
+    supports_speculation: ClassVar[bool] = False
+
+    def stored_count(self, fed: int) -> int:
+        """How many of `fed` tokens this forward keeps in the cache."""
+        return {"store": fed, "lookahead": 0, "speculative": fed - 1}[self.feed_mode]
 
     # -- what a method implements -------------------------------------------------------------------
     def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -84,7 +94,7 @@ class Method:
         if layer == 0 and self.lengths[0] > 0 and not self.in_prefill:
             self.decode_steps += 1
         self._append(layer, k, v)
-        self.lengths[layer] += t
+        self.lengths[layer] += self.stored_count(t)
 
     def attend(self, layer: int, q: torch.Tensor, valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
         return self._attend(layer, q, valid, scaling)

@@ -226,3 +226,17 @@ def run_steps_continue(model, cache, nxt, steps):
             out = model(input_ids=nxt, past_key_values=cache)
             nxt = out.logits[:, -1:].argmax(-1)
             yield nxt
+
+
+@pytest.mark.parametrize("length", [64, 66])
+def test_chunked_prefill_reads_the_whole_cache(tiny_pair, monkeypatch, length):
+    """A prompt longer than one prefill chunk: later chunks attend over everything (also when the first chunk
+    ended on a page boundary, so no token is left outside the host pool)."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["kvtier.generate"], "PREFILL_CHUNK", 32)
+    ref, model = tiny_pair("llama")
+    ids, _ = batch_prompt(1, length=length)
+    expected = kvtier.generate(ref, ids, method="full", max_new_tokens=8, eos_token_id=-1)
+    out = kvtier.generate(model, ids, method="freekv", budget=256, max_new_tokens=8, eos_token_id=-1, **SMALL)
+    assert torch.equal(out, expected)

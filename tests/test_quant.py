@@ -130,6 +130,7 @@ def test_constant_groups_are_exact(bits, dtype):
     assert not xh.isnan().any() and not q.scale.isnan().any()
     assert torch.equal(xh[:, :, :64], x[:, :, :64])
     assert torch.equal(xh[0, 1], x[0, 1]) and torch.equal(xh[1, 2], x[1, 2])
+    assert codes_of(q)[:, :, :64].eq(0).all()  # scale 0 is guarded: no 0/0 cast to a code
     assert not torch.equal(xh, x)  # the random groups are not exact, so the equalities above are earned
 
 
@@ -309,6 +310,9 @@ def test_lowbit_bytes_add_up():
     assert (nq, nr) == (192, 108)
     assert lowbit + res == cache.nbytes() == sum(t.numel() * t.element_size() for t in cache.tensors())
     assert res == 2 * b * h * nr * d * 2
+    # what is counted is what is held: no tensor is a view pinning a larger block
+    for t in cache.tensors():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
     assert lowbit == 2 * b * h * nq * d * 1.5 / 8  # 1.5 bits/element for keys and values alike
     # the dequantized cache is real memory but not part of the low-bit footprint
     cache.dequantized()

@@ -41,9 +41,11 @@ def _make_cache(model, cache, method, options) -> KVCache:
 
 
 @torch.inference_mode()
-def prefill(model, cache: KVCache, input_ids, attention_mask=None, chunk: int = PREFILL_CHUNK,
+def prefill(model, cache: KVCache, input_ids, attention_mask=None, chunk: int | None = None,
             progress: bool = False) -> torch.Tensor:
-    """Run the prompt through the model into `cache`; returns the last position's logits [b, vocab]."""
+    """Run the prompt through the model into `cache` in chunks of `chunk` tokens (default PREFILL_CHUNK);
+    returns the last position's logits [b, vocab]."""
+    chunk = chunk or PREFILL_CHUNK
     n = input_ids.shape[1]
     logits = None
     bar = tqdm(total=n, desc=f"prefill ({cache.method.name})", unit="tok", disable=not progress or n <= chunk,

@@ -217,7 +217,8 @@ class LowBitKV:
                 self.value_group = math.gcd(self.group_size, d)
             elif d % self.value_group:
                 raise ValueError(f"value_group {self.value_group} does not divide head_dim {d}")
-            self.res_k, self.res_v = k[:, :, :0], v[:, :, :0]
+            self.res_k = k.new_empty((*k.shape[:2], 0, d))  # not a view: it would pin the caller's tensor
+            self.res_v = v.new_empty((*v.shape[:2], 0, d))
         elif (k.shape[:2], k.shape[3], k.dtype) != (self.res_k.shape[:2], self.res_k.shape[3], self.res_k.dtype):
             raise ValueError(f"appended KV {tuple(k.shape)} {k.dtype} does not match the layer's "
                              f"{tuple(self.res_k.shape)} {self.res_k.dtype} (b, h, d and dtype must agree)")

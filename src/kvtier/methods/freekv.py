@@ -143,7 +143,7 @@ class FreeKV(Method):
 
     def _tokens(self, st: _Layer, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions [start, end), all of them still in the sink or the recent window."""
-        ks, vs = [], []
+        ks, vs = [st.sink_k[:, :, :0]], [st.sink_v[:, :, :0]]
         if start < self.sink:
             stop = min(end, self.sink)
             ks.append(st.sink_k[:, :, start:stop])

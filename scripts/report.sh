@@ -8,5 +8,5 @@ OUT=${1:-docs/results/embedded-2k}
 M="freekv:budget=512,freekv:budget=512:page_size=8,freekv:budget=1024,specache:bits=2,specache:bits=1"
 kvtier eval needle --methods "full,$M" --lengths 2k --depths 0.1,0.3,0.5,0.7,0.9 --seed 1 --out "$OUT"
 kvtier eval ppl --methods "full,$M" --texts prose,code --context 2k --targets 256 --out "$OUT"
-kvtier eval sweep --method freekv --values 256,512,1024,2048 --lengths 2k --depths 0.1,0.5,0.9 --context 2k \
+kvtier eval sweep --method freekv --values 320,512,1024,2048 --lengths 2k --depths 0.1,0.5,0.9 --context 2k \
   --targets 256 --out "$OUT"

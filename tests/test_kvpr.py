@@ -151,7 +151,8 @@ def test_embedded_model_kvpr_matches_full(embedded):
 
     ids = tokenizer(haystack_text()[:6000], return_tensors="pt")["input_ids"][:, :600]
     full = kvtier.generate(model, ids, method="full", max_new_tokens=16, eos_token_id=-1)
-    for split in ["auto", 300]:
+    s = ids.shape[1]
+    for split in ["auto", 0, s // 4, s // 2, s]:
         cache = kvtier.KVCache(model, method="kvpr", split=split, profile=PROFILE)
         out = kvtier.generate(model, ids, cache=cache, max_new_tokens=16, eos_token_id=-1)
         assert torch.equal(out, full), f"kvpr split={split} differs from full on the embedded model"

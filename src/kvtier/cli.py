@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the quickstart job: a long needle prompt through every method")
     demo.add_argument("--model", default=None)
-    demo.add_argument("--methods", type=_methods, default=None, help="comma-separated (default: all)")
+    demo.add_argument("--methods", type=_methods, default=None,
+                      help="comma-separated, options after colons (default: full,offload,kvpr,"
+                           "freekv:budget=1024,specache)")
     demo.add_argument("--context", type=int, default=3000, help="prompt length in tokens")
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument("--device", default=None)

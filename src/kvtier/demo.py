@@ -16,7 +16,6 @@ import torch
 
 from .cache import KVCache
 from .generate import generate
-from .methods import METHOD_REGISTRY
 from .models import environment_summary, load
 
 NEEDLE = "The secret passphrase of the kvtier demo is {value}."
@@ -55,25 +54,23 @@ def needle_prompt(tokenizer, context_tokens: int, depth: float, value: str) -> t
     return ids
 
 
+# FreeKV at about a third of the demo's context, where it saves device memory; the others at their defaults.
+DEFAULT_METHODS = "full,offload,kvpr,freekv:budget=1024,specache"
+
+
 def run(model_name: str | None = None, methods=None, context_tokens: int = 3000, max_new_tokens: int = 24,
-        device=None, dtype=None, out: str | None = "runs/demo.json", progress: bool = True, **options) -> dict:
-    methods = list(methods or METHOD_REGISTRY)
-    unknown = [m for m in methods if m not in METHOD_REGISTRY]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHOD_REGISTRY)}")
-    if "full" not in methods:
-        methods = ["full"] + methods  # every figure is set against full
-    unused = sorted(k for k in options if not any(k in METHOD_REGISTRY[m].defaults for m in methods))
-    if unused:
-        raise ValueError(f"option(s) {unused} are not options of any of the methods {methods}")
+        device=None, dtype=None, out: str | None = "runs/demo.json", progress: bool = True) -> dict:
+    """methods: "full,freekv:budget=1024,..." or a list of such names (see kvtier.eval.parse_methods)."""
+    from .eval.common import parse_methods, with_full
+
+    specs = with_full(parse_methods(methods or DEFAULT_METHODS))  # every figure is set against full
     model, tokenizer = load(model_name, device=device, dtype=dtype)
     value = "violet-anchor-4127"
     ids = needle_prompt(tokenizer, context_tokens, 0.5, value).to(next(model.parameters()).device)
     rows = []
     reference = None
-    for method in methods:
-        method_options = {k: v for k, v in options.items() if k in METHOD_REGISTRY[method].defaults}
-        cache = KVCache(model, method=method, **method_options)
+    for spec in specs:
+        cache = KVCache(model, method=spec.method, **spec.options)
         start = time.perf_counter()
         out_ids = generate(model, ids, cache=cache, max_new_tokens=max_new_tokens, progress=progress)
         if model.device.type == "cuda":
@@ -84,13 +81,13 @@ def run(model_name: str | None = None, methods=None, context_tokens: int = 3000,
             reference = new
         stats = cache.stats()
         rows.append({
-            "method": method,
+            "method": spec.label,
             "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
             "found_needle": value in tokenizer.decode(new, skip_special_tokens=True),
             "same_tokens_as_full": bool(torch.equal(new, reference)),
             "seconds": seconds,
-            "options": method_options,
-            **stats,
+            "options": spec.options,
+            **{k: v for k, v in stats.items() if k != "method"},
         })
     result = {
         "job": "demo",
@@ -120,12 +117,12 @@ def format_table(result: dict) -> str:
         f"prompt: {result['prompt_tokens']} tokens, needle '{result['needle']}' at half depth; "
         f"{result['max_new_tokens']} new tokens, greedy",
         "",
-        f"{'method':<9} {'device KV MiB':>13} {'host KV MiB':>11} {'h2d MiB':>9} {'d2h MiB':>9} "
+        f"{'method':<20} {'device KV MiB':>13} {'host KV MiB':>11} {'h2d MiB':>9} {'d2h MiB':>9} "
         f"{'time s':>7}  {'=full':>5}  answer",
     ]
     for r in result["rows"]:
         lines.append(
-            f"{r['method']:<9} {_mib(r['device_kv_bytes']):>13} {_mib(r['host_kv_bytes']):>11} "
+            f"{r['method']:<20} {_mib(r['device_kv_bytes']):>13} {_mib(r['host_kv_bytes']):>11} "
             f"{_mib(r['h2d_bytes']):>9} {_mib(r['d2h_bytes']):>9} {r['seconds']:7.1f}  "
             f"{'yes' if r['same_tokens_as_full'] else 'no':>5}  {r['answer'][:72]!r}"
         )

@@ -86,10 +86,10 @@ class KVPR(Offload):
             # The optimal split is a fixed fraction of s (closed form), so one decision holds as s grows.
             self.last_plan = self.plan_for(t, b)
             self.keep_acts = self.last_plan.split > 0 if self.split == "auto" else self.split > 0
+        if not self.keep_acts:
+            return  # l = 0 for the whole run: no activations, no RoPE tables
         if layer == 0:
             self._store_rope(cos.expand(b, -1, -1), sin.expand(b, -1, -1))
-        if not self.keep_acts:
-            return
         n = self.num_acts[layer]
         buf = self.acts[layer]
         if buf is None or buf.shape[0] < n + t:

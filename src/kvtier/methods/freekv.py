@@ -28,12 +28,16 @@ from .full import Full
 class _Layer:
     """Device state of one retrieval layer."""
 
-    def __init__(self, k: torch.Tensor, sink: int):
+    def __init__(self, k: torch.Tensor, sink: int, recent_capacity: int):
         b, h, _, d = k.shape
         self.sink_k = k.new_zeros((b, h, sink, d))
         self.sink_v = k.new_zeros((b, h, sink, d))
-        self.recent_k = k.new_zeros((b, h, 0, d))
-        self.recent_v = k.new_zeros((b, h, 0, d))
+        # The recent window lives in a buffer sized once (window + 2 pages), so a decode step writes one token
+        # instead of reallocating the window; it shifts only when a whole page leaves it.
+        self.recent_capacity = recent_capacity
+        self.recent_buf_k = k.new_zeros((b, h, recent_capacity, d))
+        self.recent_buf_v = k.new_zeros((b, h, recent_capacity, d))
+        self.recent_len = 0
         self.recent_start = sink  # position of recent_k[:, :, 0]
         self.digest_max = k.new_zeros((b, h, 0, d))
         self.digest_min = k.new_zeros((b, h, 0, d))
@@ -41,6 +45,34 @@ class _Layer:
         self.selected: torch.Tensor | None = None  # [b, h_kv, k] pages wanted by the last selection
         self.previous_q: torch.Tensor | None = None
         self.pending: list = []  # events of a recall still in flight
+
+    @property
+    def recent_k(self) -> torch.Tensor:
+        return self.recent_buf_k[:, :, :self.recent_len]
+
+    @property
+    def recent_v(self) -> torch.Tensor:
+        return self.recent_buf_v[:, :, :self.recent_len]
+
+    def push_recent(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        n, t = self.recent_len, k.shape[2]
+        if n + t > self.recent_buf_k.shape[2]:  # a prompt larger than the window: grow until it is trimmed
+            grown_k = k.new_empty((*k.shape[:2], n + t, k.shape[3]))
+            grown_v = torch.empty_like(grown_k)
+            grown_k[:, :, :n], grown_v[:, :, :n] = self.recent_k, self.recent_v
+            self.recent_buf_k, self.recent_buf_v = grown_k, grown_v
+        self.recent_buf_k[:, :, n:n + t] = k
+        self.recent_buf_v[:, :, n:n + t] = v
+        self.recent_len = n + t
+
+    def drop_recent(self, drop: int) -> None:
+        keep_k, keep_v = self.recent_k[:, :, drop:].clone(), self.recent_v[:, :, drop:].clone()
+        if self.recent_buf_k.shape[2] > self.recent_capacity:  # back to the window's size after a prompt
+            self.recent_buf_k = keep_k.new_zeros((*keep_k.shape[:2], self.recent_capacity, keep_k.shape[3]))
+            self.recent_buf_v = torch.zeros_like(self.recent_buf_k)
+        self.recent_len = keep_k.shape[2]
+        self.recent_buf_k[:, :, :self.recent_len] = keep_k
+        self.recent_buf_v[:, :, :self.recent_len] = keep_v
 
 
 @register
@@ -112,7 +144,7 @@ class FreeKV(Method):
                                  self.link)
         st = self.layers[layer]
         if st is None:
-            st = self.layers[layer] = _Layer(k, self.sink)
+            st = self.layers[layer] = _Layer(k, self.sink, self.window + 2 * self.page_size)
         self.fresh[layer] = (k, v)
         n, t, p = self.lengths[layer], k.shape[2], self.page_size
         into_sink = max(0, min(self.sink - n, t))
@@ -120,8 +152,7 @@ class FreeKV(Method):
             st.sink_k[:, :, n:n + into_sink] = k[:, :, :into_sink]
             st.sink_v[:, :, n:n + into_sink] = v[:, :, :into_sink]
         if into_sink < t:
-            st.recent_k = torch.cat((st.recent_k, k[:, :, into_sink:]), dim=2)
-            st.recent_v = torch.cat((st.recent_v, v[:, :, into_sink:]), dim=2)
+            st.push_recent(k[:, :, into_sink:], v[:, :, into_sink:])
         total = n + t
         # Pages that filled: to the host pool, and their digests on the device.
         first, last = self.pool.num_pages[layer], total // p
@@ -134,11 +165,9 @@ class FreeKV(Method):
         # Slide the window: whole pages older than `window` tokens leave it (they are in the host pool).
         start = max(self.sink, (total - self.window) // p * p)
         if start > st.recent_start:
-            drop = start - st.recent_start
-            st.recent_k = st.recent_k[:, :, drop:].clone()
-            st.recent_v = st.recent_v[:, :, drop:].clone()
+            st.drop_recent(start - st.recent_start)
             st.recent_start = start
-        self.ledger.hold(f"layer{layer}", st.sink_k, st.sink_v, st.recent_k, st.recent_v, st.digest_max,
+        self.ledger.hold(f"layer{layer}", st.sink_k, st.sink_v, st.recent_buf_k, st.recent_buf_v, st.digest_max,
                          st.digest_min)
 
     def _tokens(self, st: _Layer, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:

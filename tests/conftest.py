@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 
 import pytest
 import torch
 
-from kvtier.models import SUPPORTED_FAMILIES, tiny_random_model
+# Without a GPU the kernel tests run triton's interpreter, which must be chosen before triton is first imported
+# (importing transformers already does, through torch._dynamo): hence here, ahead of every kvtier import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kvtier.models import SUPPORTED_FAMILIES, tiny_random_model  # noqa: E402
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 assert set(FAMILIES) == set(SUPPORTED_FAMILIES), "the suite covers every supported family"

@@ -4,12 +4,15 @@ Query heads are grouped by the KV head they share ([b, H, t, d] -> [b, H_kv, g*t
 KV head serves its whole group. Softmax runs in float32. Masked entries get the most negative finite
 float rather than -inf, so a fully masked row (a left-padding query) stays finite instead of turning the
 padded positions' values into NaN for every later layer.
-This module is the PyTorch reference; CUDA kernels, where added, are tested against it.
+This module is the PyTorch reference; `attend`'s decode case runs `kernels.decode_attention` where kernels are
+enabled (on CUDA), which the tests compare with it.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import kernels
 
 # Score elements per chunk of queries in prefill: bounds the transient [b, H, t_chunk, n] buffer.
 _PREFILL_CHUNK_ELEMENTS = 1 << 26
@@ -21,6 +24,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
 
     Returns [b, t, H, d], the layout transformers' attention modules expect back.
     """
+    if kernels.enabled(q) and kernels.decode_fits(q, k):
+        return kernels.decode_attention(q, k, v, scaling, mask)
     b, num_heads, t, d = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 
 def page_digest(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Element-wise max and min of each page's keys: keys [b, h, pages*P, d] -> two [b, h, pages, d]."""
@@ -19,6 +21,8 @@ def page_digest(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch
 
 def page_scores(q: torch.Tensor, digest_max: torch.Tensor, digest_min: torch.Tensor) -> torch.Tensor:
     """Upper bound of q.k over each page, per query head: sum_d max(q_d max_d, q_d min_d) -> [b, H_kv, g, pages]."""
+    if kernels.enabled(q):
+        return kernels.page_scores(q, digest_max, digest_min)
     b, num_heads, d = q.shape
     num_kv = digest_max.shape[1]
     qg = q.view(b, num_kv, num_heads // num_kv, 1, d)
@@ -37,7 +41,10 @@ def select_pages(q: torch.Tensor, digest_max: torch.Tensor, digest_min: torch.Te
 
     Returns (page ids [b, H_kv, k'] with k' = min(k, pages), probabilities [b, H_kv, pages]).
     """
-    probs = group_page_probs(page_scores(q, digest_max, digest_min), scaling)
+    if kernels.enabled(q):  # fused: the per-head scores never leave the kernel
+        probs = kernels.page_probs(q, digest_max, digest_min, scaling)
+    else:
+        probs = group_page_probs(page_scores(q, digest_max, digest_min), scaling)
     top = probs.topk(min(k, probs.shape[-1]), dim=-1).indices
     return top + first_page, probs
 

@@ -1,0 +1,133 @@
+"""Decode attention: a few query tokens per sequence over [sink + recalled pages + window], the decode case of
+`attention.attend`.
+
+One program per (sequence, KV head[, split of the keys]) holds the whole query group as rows of one tile, so
+each key and value is read once for the group and repeated KV heads are never materialized. Online softmax
+in float32; masked keys score float32 min exactly as in `attend` (a fully masked row averages every value,
+as the reference does, instead of producing NaN). With several splits (flash-decoding: enough programs to
+fill the GPU when b * h_kv is small) each split writes its running max, normalizer and unnormalized output,
+and the launcher merges them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..attention import attend as decode_attention_reference  # noqa: F401  (the function this one equals)
+from . import DECODE_MAX_ROWS
+from ._common import FLOAT32_MIN, block, dot_precision, load_query_rows, rows
+
+BLOCK_N = 64
+MIN_SPLIT = 256  # keys per split below which splitting costs more than it buys
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_ptr, l_ptr, num_kv, group, t, n, d, split_len,
+                   scaling, sq_b, sq_h, sq_t, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sm_t,
+                   so_b, so_s, so_t, so_h, sl_b, sl_s, sl_t, sl_h,
+                   PARTIAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0) // num_kv
+    h = tl.program_id(0) % num_kv
+    split = tl.program_id(1)
+    q = load_query_rows(q_ptr, b, h, group, t, d, sq_b, sq_h, sq_t, BLOCK_M, BLOCK_D)
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_D)
+    row_ok = r < group * t
+    k_base = k_ptr + b.to(tl.int64) * sk_b + h * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + h * sv_h
+    mask_base = mask_ptr + b.to(tl.int64) * sm_b + h * sm_h + (r % t)[:, None] * sm_t
+
+    # starting the max at float32 min (not -inf) keeps exp(m - m_new) finite when every score is masked
+    m = tl.full([BLOCK_M], FLOAT32_MIN, tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    start = split * split_len
+    stop = tl.minimum(start + split_len, n)
+    for n0 in range(start, stop, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < stop
+        kv_ok = col_ok[:, None] & (c[None, :] < d)
+        k = tl.load(k_base + cols[:, None] * sk_n + c[None, :], mask=kv_ok, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
+        if HAS_MASK:
+            keep = tl.load(mask_base + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+            s = tl.where(keep != 0, s, FLOAT32_MIN)
+        s = tl.where(col_ok[None, :], s, float("-inf"))  # past the split: no weight at all
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * sv_n + c[None, :], mask=kv_ok, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        m = m_new
+
+    # rows go back to (query token, query head): out is [b, splits, t, H, d], m and l [b, splits, t, H]
+    head = h * group + r // t
+    row = b.to(tl.int64) * sl_b + split * sl_s + (r % t) * sl_t + head * sl_h
+    out = out_ptr + b.to(tl.int64) * so_b + split * so_s + (r % t)[:, None] * so_t + head[:, None] * so_h + c[None, :]
+    out_ok = row_ok[:, None] & (c[None, :] < d)
+    if PARTIAL:
+        tl.store(out, acc, mask=out_ok)
+        tl.store(m_ptr + row, m, mask=row_ok)
+        tl.store(l_ptr + row, l, mask=row_ok)
+    else:
+        tl.store(out, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+def _splits(n: int, programs: int, device: torch.device) -> int:
+    """How many pieces to cut the keys into: enough programs for two waves of the GPU, none below MIN_SPLIT."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(n, MIN_SPLIT), triton.cdiv(2 * sms, programs)))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                     mask: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+    """`attend` for few query tokens: q [b, H, t, d]; k, v [b, H_kv, n, d]; mask bool [b or 1, t, n] or
+    [b or 1, H_kv, t, n] (True attends) or None. Returns [b, t, H, d] in q's dtype.
+
+    splits: pieces of the key range computed in parallel and merged (default: by GPU occupancy; 1 on CPU).
+    """
+    q, k, v = rows(q, k, v)
+    b, num_heads, t, d = q.shape
+    num_kv, n = k.shape[1], k.shape[2]
+    group = num_heads // num_kv
+    if n == 0 or group * t > DECODE_MAX_ROWS:
+        raise ValueError(f"decode_attention needs keys and at most {DECODE_MAX_ROWS} query rows per KV head, got "
+                         f"n={n}, {group} heads x {t} tokens")
+    splits = splits or _splits(n, b * num_kv, q.device)
+    split_len = triton.cdiv(triton.cdiv(n, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(n, split_len)  # no empty split: each one sees at least one key
+    if mask is None:
+        mask_arg, mask_strides = q, (0, 0, 0)  # never read
+    else:
+        if mask.dim() == 3:
+            mask = mask.unsqueeze(1)
+        mask = mask.expand(b, num_kv, t, n)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mask_arg, mask_strides = mask.view(torch.uint8), mask.stride()[:3]
+    partial = splits > 1
+    if partial:
+        out = torch.empty((b, splits, t, num_heads, d), dtype=torch.float32, device=q.device)
+        m = torch.empty((b, splits, t, num_heads), dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+    else:
+        out = torch.empty((b, 1, t, num_heads, d), dtype=q.dtype, device=q.device)
+        m = l = out  # never written
+    _decode_kernel[(b * num_kv, splits)](
+        q, k, v, mask_arg, out, m, l, num_kv, group, t, n, d, split_len, float(scaling),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *mask_strides, *out.stride()[:4],
+        *(m.stride() if partial else (0, 0, 0, 0)),
+        PARTIAL=partial, HAS_MASK=mask is not None, BLOCK_M=block(group * t), BLOCK_N=BLOCK_N,
+        BLOCK_D=block(d), PRECISION=dot_precision(q.dtype))
+    if not partial:
+        return out[:, 0]
+    # merge the splits: rescale each to the overall max, then normalize once
+    w = torch.exp(m - m.amax(dim=1, keepdim=True))
+    return ((out * w.unsqueeze(-1)).sum(1) / (l * w).sum(1).unsqueeze(-1)).to(q.dtype)

@@ -14,7 +14,7 @@ import threading
 import weakref
 
 import torch
-from transformers import Cache
+from transformers import Cache, DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
@@ -223,3 +223,39 @@ class KVCache(Cache):
 
     def __repr__(self):
         return f"KVCache(method={self.method.name!r}, tokens={self.method.lengths[0]})"
+
+
+class HFBaselineCache(DynamicCache):
+    """transformers' own `DynamicCache`, the peer the benchmark sets kvtier against, with byte counters.
+
+    `offloading=True` is `DynamicCache(offloading=True)`: before each layer runs, its past keys and values are
+    copied in from host memory (prefetched on a side stream), and after it the whole layer is copied out.
+    `h2d_bytes` / `d2h_bytes` add up the sizes of those copies (counted from the tensors, not observed on the
+    link). Offloading needs CUDA; on CPU the cache stays in main memory and the counters say what offloading
+    would copy. Building one switches the model back to `attn_implementation` (a KVCache had set it to kvtier's).
+    """
+
+    def __init__(self, model, offloading: bool = False, attn_implementation: str = "sdpa"):
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        super().__init__(config=model.config, offloading=offloading and on_cuda)
+        self.counts_offload = offloading
+        self.h2d_bytes = self.d2h_bytes = 0
+        if model.config._attn_implementation == ATTN_NAME:
+            model.set_attn_implementation(attn_implementation)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.counts_offload and layer_idx < len(self.layers) and self.layers[layer_idx].is_initialized:
+            self.h2d_bytes += self.layer_bytes(layer_idx)
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.counts_offload:
+            self.d2h_bytes += keys.nbytes + values.nbytes
+        return keys, values
+
+    def layer_bytes(self, layer_idx: int) -> int:
+        """Bytes of one layer's keys and values (0 before the layer's first update)."""
+        layer = self.layers[layer_idx]
+        return layer.keys.nbytes + layer.values.nbytes if layer.is_initialized else 0
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held, wherever they are."""
+        return sum(self.layer_bytes(i) for i in range(len(self.layers)))

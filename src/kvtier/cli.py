@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -63,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--kv-width", type=int, default=4096, help="num_kv_heads * head_dim of the recompute GEMM")
     prof.add_argument("--out", type=Path, default=None, help="also write the profile as JSON here")
     prof.add_argument("--force", action="store_true", help="measure again even when a cached profile exists")
+    bench = sub.add_parser("bench", help="decode speed and memory of every method beside Hugging Face's caches, "
+                           "on a random-weight model of a real shape")
+    bench.add_argument("--model-config", required=True, help="real shapes: llama-3.1-8b, llama-2-7b, qwen2.5-7b "
+                       "(need --random-weights); CPU harness checks: tiny-llama, tiny-mha")
+    bench.add_argument("--random-weights", action="store_true",
+                       help="build the shape with random weights (nothing is ever downloaded)")
+    bench.add_argument("--contexts", default="1k", type=_list, help="prompt lengths: 8k,32k")
+    bench.add_argument("--batch", default="1", type=lambda t: [int(x) for x in _list(t)], help="batch sizes: 1,4")
+    bench.add_argument("--methods", default=None, help="comma-separated kvtier specs and hf-dynamic, hf-offload "
+                       "(default: full,offload,kvpr,freekv,specache,hf-dynamic,hf-offload)")
+    bench.add_argument("--decode-steps", type=int, default=16, help="timed decode steps")
+    bench.add_argument("--warmup", type=int, default=4, help="untimed decode steps before them")
+    bench.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk in tokens (default 2048)")
+    bench.add_argument("--profile", default=None, help="hardware profile JSON (from kvtier profile --out); "
+                       "default: the cached or freshly measured one")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    bench.add_argument("--out", default="runs/bench", help="folder for the JSON and PNG")
     ev = sub.add_parser("eval", help="fidelity against full: needle grid, decode perplexity, budget sweep")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     methods_help = "comma-separated, options after colons: full,freekv:budget=512"
@@ -205,10 +225,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from kvtier import bench
+
+    result = bench.run(args.model_config, contexts=args.contexts, batches=args.batch,
+                       methods=args.methods or bench.DEFAULT_METHODS, decode_steps=args.decode_steps,
+                       warmup=args.warmup, dtype=args.dtype, device=args.device, out=args.out,
+                       random_weights=args.random_weights, seed=args.seed, prefill_chunk=args.prefill_chunk,
+                       profile=args.profile, command=shlex.join(["kvtier", *args.argv]))
+    print(bench.format_table(result))
+    print(f"JSON: {result['json']}")
+    if result["plot"]:
+        print(f"PNG: {result['plot']}")
+    return 1 if any(row["status"] == "error" for row in result["rows"]) else 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     handlers = {"info": cmd_info, "generate": cmd_generate, "demo": cmd_demo, "profile": cmd_profile,
-                "eval": cmd_eval}
+                "eval": cmd_eval, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except (ValueError, NotImplementedError, FileNotFoundError) as err:

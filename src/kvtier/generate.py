@@ -6,6 +6,8 @@ token per forward through the method, so what they measure is what generation se
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from tqdm.auto import tqdm
 
@@ -43,14 +45,15 @@ def _make_cache(model, cache, method, options) -> KVCache:
 @torch.inference_mode()
 def prefill(model, cache: KVCache, input_ids, attention_mask=None, chunk: int | None = None,
             progress: bool = False) -> torch.Tensor:
-    """Run the prompt through the model into `cache` in chunks of `chunk` tokens (default PREFILL_CHUNK);
-    returns the last position's logits [b, vocab]."""
+    """Run the prompt through the model into `cache` (a KVCache, or any transformers Cache) in chunks of `chunk`
+    tokens (default PREFILL_CHUNK); returns the last position's logits [b, vocab]."""
     chunk = chunk or PREFILL_CHUNK
     n = input_ids.shape[1]
     logits = None
-    bar = tqdm(total=n, desc=f"prefill ({cache.method.name})", unit="tok", disable=not progress or n <= chunk,
-               leave=False)
-    with cache.prefilling():
+    kvtier_cache = isinstance(cache, KVCache)  # any other transformers Cache (the benchmark's baselines) works too
+    name = cache.method.name if kvtier_cache else type(cache).__name__
+    bar = tqdm(total=n, desc=f"prefill ({name})", unit="tok", disable=not progress or n <= chunk, leave=False)
+    with cache.prefilling() if kvtier_cache else contextlib.nullcontext():
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             mask = None if attention_mask is None else attention_mask[:, :stop]
@@ -70,6 +73,12 @@ def _positions(attention_mask, start: int, stop: int, device) -> torch.Tensor:
     pos = attention_mask.long().cumsum(-1) - 1
     pos = pos.masked_fill(attention_mask == 0, 1)
     return pos[:, start:stop]
+
+
+def speculates(cache) -> bool:
+    """Whether kvtier.generate decodes through `cache` with the two-token speculative step (SpeCache's)."""
+    return isinstance(cache, KVCache) and cache.method.supports_speculation and \
+        bool(cache.method.options.get("speculative"))
 
 
 def _decode_step(model, cache, token, mask, position):
@@ -113,7 +122,7 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
         pad = int(eos[0]) if eos.numel() else 0
 
     logits = prefill(model, cache, input_ids, attention_mask, progress=progress)
-    if cache.method.supports_speculation and cache.method.options.get("speculative"):
+    if speculates(cache):
         return _generate_speculative(model, cache, input_ids, attention_mask, logits, max_new_tokens, eos, pad,
                                      progress)
     tokens = [input_ids]
@@ -143,12 +152,8 @@ def _generate_speculative(model, cache, input_ids, attention_mask, logits, max_n
     device = input_ids.device
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     position = _positions(attention_mask, input_ids.shape[1] - 1, input_ids.shape[1], device) + 1
-    ones = mask.new_ones((b, 1))
     real = logits.argmax(-1)
-    with cache.feeding("lookahead"):
-        out = model(input_ids=real[:, None], attention_mask=torch.cat((mask, ones), 1), past_key_values=cache,
-                    position_ids=position, use_cache=True)
-    guess = out.logits[:, -1].argmax(-1)
+    guess = _lookahead(model, cache, real, mask, position)
     tokens = [input_ids]
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for step in tqdm(range(max_new_tokens), desc=f"decode ({cache.method.name}, speculative)", unit="tok",
@@ -159,13 +164,27 @@ def _generate_speculative(model, cache, input_ids, attention_mask, logits, max_n
             done |= torch.isin(real, eos)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        with cache.feeding("speculative"):
-            out = model(input_ids=torch.stack((real, guess), 1), attention_mask=torch.cat((mask, ones, ones), 1),
-                        past_key_values=cache, position_ids=torch.cat((position, position + 1), 1), use_cache=True)
-        mask = torch.cat((mask, ones), 1)
-        position = position + 1
-        real, guess = out.logits[:, -2].float().argmax(-1), out.logits[:, -1].float().argmax(-1)
+        real, guess, mask, position = _speculative_step(model, cache, real, guess, mask, position)
     return torch.cat(tokens, dim=1)
+
+
+def _lookahead(model, cache, real, mask, position):
+    """Feed x_1 alone at `position`, storing nothing: starts the fetch for it; returns the guess x^_2 [b]."""
+    ones = mask.new_ones((mask.shape[0], 1))
+    with cache.feeding("lookahead"):
+        out = model(input_ids=real[:, None], attention_mask=torch.cat((mask, ones), 1), past_key_values=cache,
+                    position_ids=position, use_cache=True)
+    return out.logits[:, -1].argmax(-1)
+
+
+def _speculative_step(model, cache, real, guess, mask, position):
+    """Feed [x_t, x^_{t+1}] and keep x_t; returns x_{t+1}, the next guess, and the extended mask and positions."""
+    ones = mask.new_ones((mask.shape[0], 1))
+    with cache.feeding("speculative"):
+        out = model(input_ids=torch.stack((real, guess), 1), attention_mask=torch.cat((mask, ones, ones), 1),
+                    past_key_values=cache, position_ids=torch.cat((position, position + 1), 1), use_cache=True)
+    return (out.logits[:, -2].float().argmax(-1), out.logits[:, -1].float().argmax(-1), torch.cat((mask, ones), 1),
+            position + 1)
 
 
 @torch.inference_mode()

@@ -176,14 +176,30 @@ def _measure_copy(device: torch.device, nbytes: int, repeats: int) -> float:
             src = torch.empty(nbytes, dtype=torch.uint8)
         src.fill_(1)
         dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        with torch.cuda.device(device):
-            seconds = _median_seconds(lambda: _time_cuda(lambda: dst.copy_(src, non_blocking=True), device),
-                                      repeats)
     else:
         src = torch.ones(nbytes, dtype=torch.uint8)
         dst = torch.empty_like(src)
-        seconds = _median_seconds(lambda: _time_cpu(lambda: dst.copy_(src)), repeats)
-    return nbytes / max(seconds, 1e-9)
+    return nbytes / max(_copy_seconds(dst, src, device, repeats), 1e-9)
+
+
+def _copy_seconds(dst: torch.Tensor, src: torch.Tensor, device: torch.device, repeats: int) -> float:
+    """Median seconds of dst.copy_(src) after a warm-up: CUDA events on CUDA, perf_counter on CPU."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return _median_seconds(lambda: _time_cuda(lambda: dst.copy_(src, non_blocking=True), device), repeats)
+    return _median_seconds(lambda: _time_cpu(lambda: dst.copy_(src)), repeats)
+
+
+def measure_memory_bandwidth(device=None, copy_mib: int = 1024, repeats: int = 5) -> float:
+    """Device memory (HBM) bandwidth in bytes/s: a device-to-device copy of `copy_mib` MiB, counting the bytes
+    read and the bytes written, median of `repeats` after a warm-up. On CPU it is a main-memory copy of at
+    most 64 MiB. Not cached: it takes a fraction of a second."""
+    device = _resolve_device(device)
+    if device.type == "cpu":
+        copy_mib = min(copy_mib, _CPU_COPY_MIB)
+    src = torch.ones(copy_mib << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / max(_copy_seconds(dst, src, device, repeats), 1e-9)
 
 
 def _cpu_gemm_tokens(hidden: int, kv_width: int, dtype: torch.dtype, cap: int) -> int:

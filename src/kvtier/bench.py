@@ -1,0 +1,456 @@
+"""Decode speed and memory of every method, with Hugging Face's own caches beside them in the same run.
+
+Models are random-weight instances of real shapes (`llama-3.1-8b`, `llama-2-7b`, `qwen2.5-7b`), built from a
+config on the target device: nothing is downloaded, and speed does not depend on weight values. Small shapes
+(`tiny-llama`, `tiny-mha`) run the same harness on CPU; CPU times are harness checks, never speed results.
+
+Per (context, batch, method): prefill seconds; decode ms/token (median over timed steps after warm-up, CUDA
+events on CUDA); peak device memory (CUDA); device and host KV bytes; host->device bytes per decode step and
+the link bandwidth that achieved; and two limits: the roofline step time (weights + the KV that attention
+reads, at measured device-memory bandwidth) and the pure-transfer time (the step's host->device bytes at the
+measured pinned bandwidth). A row that runs out of device memory says "does not fit" and the run goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import statistics
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .cache import HFBaselineCache, KVCache
+from .eval.common import MethodSpec, parse_length, parse_methods, plotting, write_json
+from .generate import _decode_step, _lookahead, _positions, _speculative_step, prefill, speculates
+from .methods import METHOD_REGISTRY
+from .models import environment_summary, resolve_dtype, tiny_config
+from .profile import device_name, load_profile, measure_memory_bandwidth
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# name -> (family, config fields). Real shapes keep their sizes; every one gets MAX_POSITIONS positions.
+REAL_SHAPES = {
+    "llama-3.1-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                                   rope_parameters=LLAMA3_ROPE, rms_norm_eps=1e-5)),
+    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=32, head_dim=128, vocab_size=32000,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, head_dim=128, vocab_size=152064,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                                 rms_norm_eps=1e-6, use_sliding_window=False, tie_word_embeddings=False)),
+}
+TINY_SHAPES = {  # CPU harness checks (tiny_config's family defaults, a little larger)
+    "tiny-llama": ("llama", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                                 num_key_value_heads=2, head_dim=32, vocab_size=1024)),
+    "tiny-mha": ("llama", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                               num_key_value_heads=8, head_dim=32, vocab_size=1024)),
+}
+SHAPES = {**REAL_SHAPES, **TINY_SHAPES}
+HF_BASELINES = {"hf-dynamic": False, "hf-offload": True}  # name -> DynamicCache(offloading=...)
+DEFAULT_METHODS = "full,offload,kvpr,freekv,specache,hf-dynamic,hf-offload"
+MAX_POSITIONS = 131072 + 4096  # a 128k prompt plus room for its decode steps
+CPU_LABEL = "CPU — harness check, not a speed result"
+NOTES = {
+    "decode_ms_per_token": "median time of one decode step (one new token for every sequence of the batch) over "
+                           "the timed steps, warm-up excluded; CUDA events on CUDA, perf_counter on CPU",
+    "h2d_bytes_per_token": "host->device bytes per decode step, from the counters over the timed steps; for "
+                           "hf-offload counted from the sizes of the layers DynamicCache(offloading=True) copies "
+                           "in (an estimate of its traffic, not observed on the link)",
+    "link_bytes_per_s": "h2d bytes of the timed steps / their total time",
+    "roofline_ms": "(weights read per step + KV read per step) / measured device-memory bandwidth; KV read is "
+                   "the whole cache for exact methods and the device KV state for approximate ones",
+    "transfer_ms": "h2d bytes per step / measured pinned host->device bandwidth",
+    "device_kv_bytes": "peak KV-related device bytes from cache.stats(); hf-dynamic: its whole cache; "
+                       "hf-offload: two layers (the one running and the one prefetched), an estimate",
+    "peak_device_bytes": "torch.cuda.max_memory_allocated over prefill and decode, weights included; None on CPU "
+                         "(not measured there)",
+}
+
+
+# -- shapes and models ---------------------------------------------------------------------------------------
+def model_config(name: str):
+    """The transformers config of a named shape (built locally)."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown model config {name!r}; valid: {', '.join(SHAPES)}")
+    family, fields = SHAPES[name]
+    if name in TINY_SHAPES:
+        return tiny_config(family, max_position_embeddings=32768, **fields)
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(family, max_position_embeddings=MAX_POSITIONS, **fields)
+
+
+def parameter_count(name: str) -> int:
+    """Parameters of a named shape, from a model built on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(name))
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(name: str, device, dtype, seed: int = 0):
+    """A random-weight model of a named shape, created directly on `device` in `dtype`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(name), dtype=dtype)
+    return model.eval()
+
+
+def _weight_bytes_per_step(model) -> int:
+    """Bytes of weights a decode step reads: all of them but the input embedding (one row per token),
+    unless that is tied to the output projection."""
+    total = sum(p.nbytes for p in model.parameters())
+    emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return total if emb.data_ptr() == out.data_ptr() else total - emb.nbytes
+
+
+def _kv_bytes(config, tokens: int, batch: int, dtype) -> int:
+    """Bytes of every key and value of `tokens` tokens of `batch` sequences, all layers."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * tokens * batch * config.num_hidden_layers * config.num_key_value_heads * head_dim * elem
+
+
+def parse_bench_methods(text_or_list) -> list[MethodSpec]:
+    """kvtier method specs ("freekv:budget=2048") and the Hugging Face baselines (hf-dynamic, hf-offload)."""
+    items = text_or_list.split(",") if isinstance(text_or_list, str) else list(text_or_list)
+    specs = []
+    for item in (str(i).strip() for i in items):
+        name = item.split(":")[0].strip()
+        if name in HF_BASELINES:
+            if ":" in item:
+                raise ValueError(f"{name} takes no options, got {item!r}")
+            specs.append(MethodSpec(name))
+        elif name in METHOD_REGISTRY:
+            specs.extend(parse_methods([item]))
+        elif name:
+            raise ValueError(f"unknown method {name!r}; valid methods: {', '.join([*METHOD_REGISTRY, *HF_BASELINES])}")
+    if not specs:
+        raise ValueError("no methods given")
+    return specs
+
+
+# -- one measurement -----------------------------------------------------------------------------------------
+class _StepClock:
+    """Marks between decode steps: CUDA events on CUDA (the GPU timeline), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def step_ms(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        empty_host = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+        if empty_host is not None:  # pinned host pools of the previous method
+            empty_host()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _stepper(model, cache, logits, prompt_len: int, batch: int, device):
+    """step() runs one decode step as kvtier.generate does (SpeCache's two-token step where it applies)."""
+    position = _positions(None, prompt_len - 1, prompt_len, device)
+    if speculates(cache):
+        mask = torch.ones((batch, prompt_len), dtype=torch.long, device=device)
+        real = logits.argmax(-1)
+        state = [real, _lookahead(model, cache, real, mask, position + 1), mask, position + 1]
+
+        def step():
+            state[:] = _speculative_step(model, cache, *state)
+    else:
+        state = [logits, None, position]
+
+        def step():
+            logits, mask, pos = state
+            state[:] = _decode_step(model, cache, logits.argmax(-1), mask, pos)
+
+    return step
+
+
+def _make_cache(model, spec: MethodSpec, hardware):
+    if spec.method in HF_BASELINES:
+        return HFBaselineCache(model, offloading=HF_BASELINES[spec.method])
+    options = dict(spec.options)
+    if spec.method == "kvpr":
+        options.setdefault("profile", hardware)  # plan with the profile this run reports
+    return KVCache(model, method=spec.method, **options)
+
+
+def _traffic(cache) -> tuple[int, int]:
+    if isinstance(cache, KVCache):
+        stats = cache.stats()
+        return stats["h2d_bytes"], stats["d2h_bytes"]
+    return cache.h2d_bytes, cache.d2h_bytes
+
+
+def _kv_placement(cache) -> tuple[int, int, dict]:
+    """(device KV bytes, host KV bytes, stats) of a cache after its run."""
+    if isinstance(cache, KVCache):
+        stats = cache.stats()
+        return stats["device_kv_bytes"], stats["host_kv_bytes"], stats
+    total = cache.kv_bytes()
+    if not cache.counts_offload:
+        return total, 0, {}
+    return 2 * max(cache.layer_bytes(i) for i in range(len(cache.layers))), total, {}
+
+
+@torch.inference_mode()
+def _measure(model, spec: MethodSpec, ids, steps: int, warmup: int, hardware, chunk, progress) -> dict:
+    device = ids.device
+    batch, n = ids.shape
+    cache = _make_cache(model, spec, hardware)
+    if isinstance(cache, KVCache):
+        cache.reserve(n + warmup + steps + 1)
+    _sync(device)
+    start = time.perf_counter()
+    logits = prefill(model, cache, ids, chunk=chunk, progress=progress)
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError("non-finite logits after prefill")
+    step = _stepper(model, cache, logits, n, batch, device)
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    h2d0, d2h0 = _traffic(cache)
+    clock = _StepClock(device)
+    clock.mark()
+    for _ in tqdm(range(steps), desc=f"decode ({spec.label})", unit="tok", disable=not progress, leave=False):
+        step()
+        clock.mark()
+    step_ms = clock.step_ms()
+    h2d1, d2h1 = _traffic(cache)
+    device_kv, host_kv, stats = _kv_placement(cache)
+    h2d_total = h2d1 - h2d0
+    return {
+        "status": "ok", "prefill_s": prefill_s, "decode_ms_per_token": statistics.median(step_ms),
+        "step_ms": step_ms, "device_kv_bytes": device_kv, "host_kv_bytes": host_kv,
+        "h2d_bytes_per_token": h2d_total / steps, "d2h_bytes_per_token": (d2h1 - d2h0) / steps,
+        "link_bytes_per_s": h2d_total / (sum(step_ms) / 1e3),
+        "exact": METHOD_REGISTRY[spec.method].exact if spec.method in METHOD_REGISTRY else True,
+        "stats": stats,
+    }
+
+
+def _does_not_fit(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+def run(model_config_name: str = "tiny-llama", contexts=("1k",), batches=(1,), methods=DEFAULT_METHODS,
+        decode_steps: int = 16, warmup: int = 4, dtype=None, device=None, out=None, random_weights: bool = False,
+        seed: int = 0, prefill_chunk: int | None = None, profile=None, command: str | None = None,
+        progress: bool = True) -> dict:
+    """Every method x context x batch on one random-weight model; returns JSON-ready results and, when `out`
+    is given, writes bench-<model>-<device>-<date>.json and a PNG there.
+
+    Named real shapes need `random_weights=True` (weights are never downloaded). `profile` is passed to
+    `kvtier.profile.load_profile` (None: the cached or freshly measured one for this device).
+    """
+    if model_config_name in REAL_SHAPES and not random_weights:
+        raise ValueError(f"{model_config_name} is a real model shape; the benchmark never downloads weights: "
+                         "pass --random-weights (random_weights=True) to build it with random weights")
+    config = model_config(model_config_name)
+    specs = parse_bench_methods(methods)
+    contexts = [parse_length(c) for c in contexts]
+    batches = [int(b) for b in batches]
+    if decode_steps < 1 or warmup < 0 or not batches or min(batches) < 1:
+        raise ValueError("decode_steps >= 1, warmup >= 0 and batch sizes >= 1 are needed")
+    longest = max(contexts) + warmup + decode_steps + 2
+    if longest > config.max_position_embeddings:
+        raise ValueError(f"context {max(contexts)} + {warmup + decode_steps} steps exceeds the shape's "
+                         f"{config.max_position_embeddings} positions")
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(dtype, device)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hardware = load_profile(profile, device=device, dtype=dtype, hidden_size=config.hidden_size,
+                            kv_width=config.num_key_value_heads * head_dim)
+    memory_bw = measure_memory_bandwidth(device)
+    model = build_model(model_config_name, device, dtype, seed)
+    weight_bytes = _weight_bytes_per_step(model)
+    rows = []
+    cells = [(n, b, s) for n in contexts for b in batches for s in specs]
+    for n, b, spec in tqdm(cells, desc=f"bench {model_config_name}", disable=not progress):
+        ids = torch.randint(0, config.vocab_size, (b, n), generator=torch.Generator().manual_seed(seed + n + b))
+        row = {"method": spec.label, "context": n, "batch": b}
+        _release(device)
+        try:
+            row.update(_measure(model, spec, ids.to(device), decode_steps, warmup, hardware, prefill_chunk,
+                                progress))
+            if device.type == "cuda":
+                row["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+        except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
+            fit = _does_not_fit(err)
+            row.update(status="does not fit" if fit else "error", error=f"{type(err).__name__}: {err}"[:2000])
+            if not fit:
+                row["traceback"] = traceback.format_exc(limit=8)
+        rows.append(row)
+    _release(device)
+    for row in rows:
+        _limits(row, config, dtype, weight_bytes, memory_bw, hardware.h2d_bytes_per_s, warmup + decode_steps // 2)
+    _compare(rows)
+    env = environment_summary()
+    result = {
+        "bench": "decode", "model_config": model_config_name, "random_weights": True,
+        "parameters": sum(p.numel() for p in model.parameters()), "weight_bytes_per_step": weight_bytes,
+        "config": {k: getattr(config, k, None) for k in ("model_type", "hidden_size", "intermediate_size",
+                                                         "num_hidden_layers", "num_attention_heads",
+                                                         "num_key_value_heads", "head_dim", "vocab_size",
+                                                         "max_position_embeddings")},
+        "device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
+        "label": CPU_LABEL if device.type == "cpu" else None,
+        "torch": env["torch"], "transformers": env["transformers"], "kvtier": env["kvtier"],
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else " ".join(["kvtier", *sys.argv[1:]]),
+        "contexts": contexts, "batches": batches, "methods": [s.label for s in specs],
+        "decode_steps": decode_steps, "warmup": warmup, "seed": seed,
+        "profile": hardware.to_dict(), "device_memory_bytes_per_s": memory_bw, "notes": NOTES, "rows": rows,
+    }
+    del model
+    _release(device)
+    if out is not None:
+        slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        grid = "-".join(_short(n) for n in contexts) + "-b" + "-".join(str(b) for b in batches)
+        stem = f"bench-{model_config_name}-{grid}-{slug}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        result["json"] = str(Path(out) / f"{stem}.json")
+        result["plot"] = _plot(result, Path(out) / f"{stem}.png")
+        write_json(result, out, f"{stem}.json")
+    return result
+
+
+def _short(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+
+
+def _limits(row, config, dtype, weight_bytes, memory_bw, link_bw, extra_tokens):
+    """The two limits beside each figure: roofline step time and pure-transfer time (the cache at the middle
+    of the timed steps: the prompt + `extra_tokens`)."""
+    if row["status"] != "ok":
+        return
+    all_kv = _kv_bytes(config, row["context"] + extra_tokens, row["batch"], dtype)
+    kv_read = all_kv if row["exact"] else min(all_kv, row["device_kv_bytes"])
+    row["kv_read_bytes_per_token"] = kv_read
+    row["roofline_ms"] = (weight_bytes + kv_read) / memory_bw * 1e3
+    row["transfer_ms"] = row["h2d_bytes_per_token"] / link_bw * 1e3
+
+
+def _compare(rows):
+    """Decode time and device KV of every row relative to `full` at the same context and batch."""
+    for row in rows:
+        ref = next((r for r in rows if r["method"] == "full" and r["context"] == row["context"]
+                    and r["batch"] == row["batch"] and r["status"] == "ok"), None)
+        ok = row["status"] == "ok" and ref is not None
+        row["ms_vs_full"] = row["decode_ms_per_token"] / ref["decode_ms_per_token"] if ok else None
+        row["device_kv_vs_full"] = row["device_kv_bytes"] / max(ref["device_kv_bytes"], 1) if ok else None
+
+
+# -- output --------------------------------------------------------------------------------------------------
+def format_table(result: dict) -> str:
+    mib = 1 << 20
+    cpu = result["device_type"] == "cpu"
+    w = max(8, *(len(r["method"]) + 2 for r in result["rows"]))
+    head = (f"{'method':<{w}}{'ctx':>7}{'b':>4}  {'ms/tok':>9}{'ms x full':>10}{'prefill s':>10}"
+            f"{'peak MiB':>10}{'dev KV MiB':>11}{'KV x full':>10}{'h2d MiB/tok':>12}{'link GB/s':>10}"
+            f"{'roofline ms':>12}{'transfer ms':>12}")
+    lines = [f"{result['model_config']} ({result['parameters'] / 1e9:.3g}B params, {result['dtype']}) on "
+             f"{result['device']}" + (f"  [{CPU_LABEL}]" if cpu else ""), head]
+
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    for r in result["rows"]:
+        start = f"{r['method']:<{w}}{r['context']:>7}{r['batch']:>4}  "
+        if r["status"] != "ok":
+            lines.append(start + f"{r['status']}: {r['error'][:90]}")
+            continue
+        peak = "n/m" if cpu else num(r.get("peak_device_bytes", 0) / mib, ".0f")
+        lines.append(start + f"{r['decode_ms_per_token']:>9.3f}{num(r['ms_vs_full'], '.2f'):>10}"
+                     f"{r['prefill_s']:>10.2f}{peak:>10}{r['device_kv_bytes'] / mib:>11.1f}"
+                     f"{num(r['device_kv_vs_full'], '.3f'):>10}{r['h2d_bytes_per_token'] / mib:>12.2f}"
+                     f"{r['link_bytes_per_s'] / 1e9:>10.2f}{r['roofline_ms']:>12.3f}{r['transfer_ms']:>12.3f}")
+    if cpu:
+        lines.append("peak device memory is not measured on CPU (n/m); dev KV is the caches' own count.")
+    return "\n".join(lines)
+
+
+def _plot(result: dict, path: Path) -> str | None:
+    """Decode ms/token per method, one group per (context, batch), with each bar's two limits marked."""
+    plt = plotting()
+    if plt is None:
+        return None
+    groups = [(n, b) for n in result["contexts"] for b in result["batches"]]
+    methods = result["methods"]
+    rows = {(r["method"], r["context"], r["batch"]): r for r in result["rows"]}
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.4 * len(groups) * len(methods)) + 3.5, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    named = set()
+
+    def once(name):  # a legend entry the first time only
+        if name in named:
+            return None
+        named.add(name)
+        return name
+
+    for i, label in enumerate(methods):
+        for g, (n, b) in enumerate(groups):
+            row = rows[(label, n, b)]
+            x = g + (i - (len(methods) - 1) / 2) * width
+            if row["status"] != "ok":
+                ax.annotate(f"{label}: {row['status']}", (x, 0.02), xycoords=("data", "axes fraction"), rotation=90,
+                            ha="center", va="bottom", fontsize=7, color="crimson")
+                continue
+            ax.bar(x, row["decode_ms_per_token"], width, color=colors[i % len(colors)], label=once(label))
+            ax.plot([x], [row["roofline_ms"]], marker="_", markersize=10, color="black",
+                    linestyle="none", label=once("roofline (weights + KV read at HBM bandwidth)"))
+            if row["transfer_ms"] > 0:
+                ax.plot([x], [row["transfer_ms"]], marker="x", markersize=5, color="dimgray", linestyle="none",
+                        label=once("pure transfer (h2d bytes at pinned bandwidth)"))
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(groups)), [f"{_short(n)} x{b}" for n, b in groups])
+    ax.set_xlabel("context x batch")
+    ax.set_ylabel("decode ms/token (median)")
+    title = f"{result['model_config']} {result['dtype']} on {result['device']}"
+    if result["device_type"] == "cpu":
+        title += f"\n{CPU_LABEL}"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,127 @@
+"""The benchmark harness on CPU with tiny shapes: every row complete, counters consistent, files written.
+
+CPU times are harness checks, not speed results; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvtier import bench
+from kvtier.cli import main
+
+PROFILE = {"h2d_bytes_per_s": 8e9, "matmul_flops_per_s": 1e11}  # fixed: no measuring in the tests
+SMALL_FREEKV = "freekv:budget=128:page_size=16:sink=32:window=32"
+CONTEXT, STEPS, WARMUP = 384, 3, 1
+FIELDS = ("prefill_s", "decode_ms_per_token", "step_ms", "device_kv_bytes", "host_kv_bytes", "h2d_bytes_per_token",
+          "d2h_bytes_per_token", "link_bytes_per_s", "roofline_ms", "transfer_ms", "kv_read_bytes_per_token",
+          "ms_vs_full", "device_kv_vs_full")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    methods = f"full,offload,kvpr,{SMALL_FREEKV},specache,hf-dynamic,hf-offload"
+    return bench.run("tiny-llama", contexts=[CONTEXT], batches=[1], methods=methods, decode_steps=STEPS,
+                     warmup=WARMUP, out=tmp_path_factory.mktemp("bench"), profile=PROFILE, progress=False)
+
+
+def _row(result, method):
+    return next(r for r in result["rows"] if r["method"] == method)
+
+
+def test_every_method_and_baseline_gives_a_complete_row(result):
+    labels = [r["method"] for r in result["rows"]]
+    assert labels == ["full", "offload", "kvpr", bench.parse_bench_methods(SMALL_FREEKV)[0].label, "specache",
+                      "hf-dynamic", "hf-offload"]
+    for row in result["rows"]:
+        assert row["status"] == "ok", row.get("traceback")
+        for field in FIELDS:
+            assert row[field] is not None, (row["method"], field)
+        assert len(row["step_ms"]) == STEPS and row["decode_ms_per_token"] > 0 and row["roofline_ms"] > 0
+        assert "peak_device_bytes" not in row  # not measured on CPU
+    assert result["label"] == bench.CPU_LABEL and result["device_type"] == "cpu"
+    assert result["device_memory_bytes_per_s"] > 0 and result["profile"]["h2d_bytes_per_s"] == PROFILE["h2d_bytes_per_s"]
+
+
+def test_traffic_counters(result):
+    rows = {r["method"]: r for r in result["rows"]}
+    freekv = bench.parse_bench_methods(SMALL_FREEKV)[0].label
+    assert rows["full"]["h2d_bytes_per_token"] == 0 and rows["hf-dynamic"]["h2d_bytes_per_token"] == 0
+    assert rows["full"]["transfer_ms"] == 0
+    assert rows["offload"]["h2d_bytes_per_token"] > 0 and rows["hf-offload"]["h2d_bytes_per_token"] > 0
+    assert rows[freekv]["h2d_bytes_per_token"] < rows["offload"]["h2d_bytes_per_token"]
+    # DynamicCache(offloading=True) copies every layer's past KV in once per step: exactly the cache's size
+    config = bench.model_config("tiny-llama")
+    past = [CONTEXT + WARMUP + j for j in range(STEPS)]
+    expected = sum(bench._kv_bytes(config, n, 1, torch.float32) for n in past) / STEPS
+    assert rows["hf-offload"]["h2d_bytes_per_token"] == expected
+    assert rows["offload"]["h2d_bytes_per_token"] == pytest.approx(expected, rel=0.02)
+    # device KV: full holds it all, the selective methods less; roofline reads less for them too
+    assert rows[freekv]["device_kv_vs_full"] < 1 and rows["specache"]["device_kv_vs_full"] < 0.5
+    assert rows["specache"]["roofline_ms"] < rows["full"]["roofline_ms"]
+
+
+def test_json_and_png_written(result):
+    data = json.loads(open(result["json"]).read())
+    assert data["model_config"] == "tiny-llama" and len(data["rows"]) == 7
+    for key in ("device", "torch", "transformers", "date", "command", "profile", "notes"):
+        assert data[key], key
+    assert result["plot"].endswith(".png") and open(result["plot"], "rb").read(4) == b"\x89PNG"
+
+
+def test_a_row_that_does_not_fit_is_reported_and_the_run_goes_on(monkeypatch, tmp_path, capsys):
+    real = bench._measure
+
+    def measure(model, spec, *args, **kwargs):
+        if spec.method == "full":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return real(model, spec, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_measure", measure)
+    out = bench.run("tiny-mha", contexts=[64], methods="full,offload", decode_steps=2, warmup=0, out=tmp_path,
+                    profile=PROFILE, progress=False)
+    full, offload = out["rows"]
+    assert full["status"] == "does not fit" and "64.00 GiB" in full["error"]
+    assert offload["status"] == "ok" and offload["ms_vs_full"] is None
+    assert "does not fit" in bench.format_table(out)
+
+
+def test_cli_runs_end_to_end(tmp_path, capsys):
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(PROFILE))
+    argv = ["bench", "--model-config", "tiny-mha", "--contexts", "100", "--batch", "1,2",
+            "--methods", "full,kvpr,hf-offload", "--decode-steps", "2", "--warmup", "1", "--profile", str(profile),
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "CPU — harness check" in printed and "hf-offload" in printed and "PNG:" in printed
+    data = json.loads(next((tmp_path / "out").glob("bench-tiny-mha-100-b1-2-cpu-*.json")).read_text())
+    assert data["command"] == "kvtier " + " ".join(argv)
+    assert [(r["method"], r["batch"]) for r in data["rows"]] == [
+        ("full", 1), ("kvpr", 1), ("hf-offload", 1), ("full", 2), ("kvpr", 2), ("hf-offload", 2)]
+    assert all(r["status"] == "ok" for r in data["rows"])
+
+
+def test_unknown_names_and_real_shapes_without_random_weights(capsys):
+    with pytest.raises(ValueError, match="llama-3.1-8b.*tiny-llama"):
+        bench.model_config("gpt-9")
+    with pytest.raises(ValueError, match="valid methods: full.*freekv.*hf-dynamic, hf-offload"):
+        bench.parse_bench_methods("full,nope")
+    with pytest.raises(ValueError, match="takes no options"):
+        bench.parse_bench_methods("hf-offload:budget=4")
+    with pytest.raises(ValueError, match="--random-weights"):
+        bench.run("llama-3.1-8b", contexts=["8k"])
+    assert main(["bench", "--model-config", "qwen2.5-7b", "--contexts", "8k"]) == 2
+    assert "--random-weights" in capsys.readouterr().err
+    assert main(["bench", "--model-config", "gpt-9", "--random-weights"]) == 2
+    assert "valid: llama-3.1-8b" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,params", [("llama-3.1-8b", 8.03e9), ("llama-2-7b", 6.74e9), ("qwen2.5-7b", 7.62e9)])
+def test_real_shapes_have_their_parameter_counts(name, params):
+    assert bench.parameter_count(name) == pytest.approx(params, rel=0.005)
+    config = bench.model_config(name)
+    assert config.max_position_embeddings >= 131072

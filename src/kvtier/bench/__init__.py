@@ -25,39 +25,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .cache import HFBaselineCache, KVCache
-from .eval.common import MethodSpec, parse_length, parse_methods, plotting, write_json
-from .generate import _decode_step, _lookahead, _positions, _speculative_step, prefill, speculates
-from .methods import METHOD_REGISTRY
-from .models import environment_summary, resolve_dtype, tiny_config
-from .profile import device_name, load_profile, measure_memory_bandwidth
+from ..cache import HFBaselineCache, KVCache
+from ..eval.common import MethodSpec, parse_length, parse_methods, write_json
+from ..generate import _decode_step, _lookahead, _positions, _speculative_step, prefill, speculates
+from ..methods import METHOD_REGISTRY
+from ..models import environment_summary, resolve_dtype
+from ..profile import device_name, load_profile, measure_memory_bandwidth
+from .report import CPU_LABEL, format_table, plot, short_length
+from .shapes import REAL_SHAPES, SHAPES, TINY_SHAPES, build_model, kv_bytes, model_config, parameter_count, \
+    weight_bytes_per_step
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-# name -> (family, config fields). Real shapes keep their sizes; every one gets MAX_POSITIONS positions.
-REAL_SHAPES = {
-    "llama-3.1-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                                   rope_parameters=LLAMA3_ROPE, rms_norm_eps=1e-5)),
-    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                 num_attention_heads=32, num_key_value_heads=32, head_dim=128, vocab_size=32000,
-                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5)),
-    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                 num_attention_heads=28, num_key_value_heads=4, head_dim=128, vocab_size=152064,
-                                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-                                 rms_norm_eps=1e-6, use_sliding_window=False, tie_word_embeddings=False)),
-}
-TINY_SHAPES = {  # CPU harness checks (tiny_config's family defaults, a little larger)
-    "tiny-llama": ("llama", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-                                 num_key_value_heads=2, head_dim=32, vocab_size=1024)),
-    "tiny-mha": ("llama", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-                               num_key_value_heads=8, head_dim=32, vocab_size=1024)),
-}
-SHAPES = {**REAL_SHAPES, **TINY_SHAPES}
 HF_BASELINES = {"hf-dynamic": False, "hf-offload": True}  # name -> DynamicCache(offloading=...)
 DEFAULT_METHODS = "full,offload,kvpr,freekv,specache,hf-dynamic,hf-offload"
-MAX_POSITIONS = 131072 + 4096  # a 128k prompt plus room for its decode steps
-CPU_LABEL = "CPU — harness check, not a speed result"
 NOTES = {
     "decode_ms_per_token": "median time of one decode step (one new token for every sequence of the batch) over "
                            "the timed steps, warm-up excluded; CUDA events on CUDA, perf_counter on CPU",
@@ -73,53 +52,6 @@ NOTES = {
     "peak_device_bytes": "torch.cuda.max_memory_allocated over prefill and decode, weights included; None on CPU "
                          "(not measured there)",
 }
-
-
-# -- shapes and models ---------------------------------------------------------------------------------------
-def model_config(name: str):
-    """The transformers config of a named shape (built locally)."""
-    if name not in SHAPES:
-        raise ValueError(f"unknown model config {name!r}; valid: {', '.join(SHAPES)}")
-    family, fields = SHAPES[name]
-    if name in TINY_SHAPES:
-        return tiny_config(family, max_position_embeddings=32768, **fields)
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(family, max_position_embeddings=MAX_POSITIONS, **fields)
-
-
-def parameter_count(name: str) -> int:
-    """Parameters of a named shape, from a model built on the meta device (no memory, no weights)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config(name))
-    return sum(p.numel() for p in model.parameters())
-
-
-def build_model(name: str, device, dtype, seed: int = 0):
-    """A random-weight model of a named shape, created directly on `device` in `dtype`, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(model_config(name), dtype=dtype)
-    return model.eval()
-
-
-def _weight_bytes_per_step(model) -> int:
-    """Bytes of weights a decode step reads: all of them but the input embedding (one row per token),
-    unless that is tied to the output projection."""
-    total = sum(p.nbytes for p in model.parameters())
-    emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    return total if emb.data_ptr() == out.data_ptr() else total - emb.nbytes
-
-
-def _kv_bytes(config, tokens: int, batch: int, dtype) -> int:
-    """Bytes of every key and value of `tokens` tokens of `batch` sequences, all layers."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * tokens * batch * config.num_hidden_layers * config.num_key_value_heads * head_dim * elem
 
 
 def parse_bench_methods(text_or_list) -> list[MethodSpec]:
@@ -301,7 +233,7 @@ def run(model_config_name: str = "tiny-llama", contexts=("1k",), batches=(1,), m
                             kv_width=config.num_key_value_heads * head_dim)
     memory_bw = measure_memory_bandwidth(device)
     model = build_model(model_config_name, device, dtype, seed)
-    weight_bytes = _weight_bytes_per_step(model)
+    weight_bytes = weight_bytes_per_step(model)
     rows = []
     cells = [(n, b, s) for n in contexts for b in batches for s in specs]
     for n, b, spec in tqdm(cells, desc=f"bench {model_config_name}", disable=not progress):
@@ -345,16 +277,12 @@ def run(model_config_name: str = "tiny-llama", contexts=("1k",), batches=(1,), m
     if out is not None:
         slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
         Path(out).mkdir(parents=True, exist_ok=True)
-        grid = "-".join(_short(n) for n in contexts) + "-b" + "-".join(str(b) for b in batches)
+        grid = "-".join(short_length(n) for n in contexts) + "-b" + "-".join(str(b) for b in batches)
         stem = f"bench-{model_config_name}-{grid}-{slug}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         result["json"] = str(Path(out) / f"{stem}.json")
-        result["plot"] = _plot(result, Path(out) / f"{stem}.png")
+        result["plot"] = plot(result, Path(out) / f"{stem}.png")
         write_json(result, out, f"{stem}.json")
     return result
-
-
-def _short(tokens: int) -> str:
-    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
 
 
 def _limits(row, config, dtype, weight_bytes, memory_bw, link_bw, extra_tokens):
@@ -362,7 +290,7 @@ def _limits(row, config, dtype, weight_bytes, memory_bw, link_bw, extra_tokens):
     of the timed steps: the prompt + `extra_tokens`)."""
     if row["status"] != "ok":
         return
-    all_kv = _kv_bytes(config, row["context"] + extra_tokens, row["batch"], dtype)
+    all_kv = kv_bytes(config, row["context"] + extra_tokens, row["batch"], dtype)
     kv_read = all_kv if row["exact"] else min(all_kv, row["device_kv_bytes"])
     row["kv_read_bytes_per_token"] = kv_read
     row["roofline_ms"] = (weight_bytes + kv_read) / memory_bw * 1e3
@@ -379,78 +307,5 @@ def _compare(rows):
         row["device_kv_vs_full"] = row["device_kv_bytes"] / max(ref["device_kv_bytes"], 1) if ok else None
 
 
-# -- output --------------------------------------------------------------------------------------------------
-def format_table(result: dict) -> str:
-    mib = 1 << 20
-    cpu = result["device_type"] == "cpu"
-    w = max(8, *(len(r["method"]) + 2 for r in result["rows"]))
-    head = (f"{'method':<{w}}{'ctx':>7}{'b':>4}  {'ms/tok':>9}{'ms x full':>10}{'prefill s':>10}"
-            f"{'peak MiB':>10}{'dev KV MiB':>11}{'KV x full':>10}{'h2d MiB/tok':>12}{'link GB/s':>10}"
-            f"{'roofline ms':>12}{'transfer ms':>12}")
-    lines = [f"{result['model_config']} ({result['parameters'] / 1e9:.3g}B params, {result['dtype']}) on "
-             f"{result['device']}" + (f"  [{CPU_LABEL}]" if cpu else ""), head]
-
-    def num(value, fmt):
-        return "-" if value is None else format(value, fmt)
-
-    for r in result["rows"]:
-        start = f"{r['method']:<{w}}{r['context']:>7}{r['batch']:>4}  "
-        if r["status"] != "ok":
-            lines.append(start + f"{r['status']}: {r['error'][:90]}")
-            continue
-        peak = "n/m" if cpu else num(r.get("peak_device_bytes", 0) / mib, ".0f")
-        lines.append(start + f"{r['decode_ms_per_token']:>9.3f}{num(r['ms_vs_full'], '.2f'):>10}"
-                     f"{r['prefill_s']:>10.2f}{peak:>10}{r['device_kv_bytes'] / mib:>11.1f}"
-                     f"{num(r['device_kv_vs_full'], '.3f'):>10}{r['h2d_bytes_per_token'] / mib:>12.2f}"
-                     f"{r['link_bytes_per_s'] / 1e9:>10.2f}{r['roofline_ms']:>12.3f}{r['transfer_ms']:>12.3f}")
-    if cpu:
-        lines.append("peak device memory is not measured on CPU (n/m); dev KV is the caches' own count.")
-    return "\n".join(lines)
-
-
-def _plot(result: dict, path: Path) -> str | None:
-    """Decode ms/token per method, one group per (context, batch), with each bar's two limits marked."""
-    plt = plotting()
-    if plt is None:
-        return None
-    groups = [(n, b) for n in result["contexts"] for b in result["batches"]]
-    methods = result["methods"]
-    rows = {(r["method"], r["context"], r["batch"]): r for r in result["rows"]}
-    width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.4 * len(groups) * len(methods)) + 3.5, 4.2))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    named = set()
-
-    def once(name):  # a legend entry the first time only
-        if name in named:
-            return None
-        named.add(name)
-        return name
-
-    for i, label in enumerate(methods):
-        for g, (n, b) in enumerate(groups):
-            row = rows[(label, n, b)]
-            x = g + (i - (len(methods) - 1) / 2) * width
-            if row["status"] != "ok":
-                ax.annotate(f"{label}: {row['status']}", (x, 0.02), xycoords=("data", "axes fraction"), rotation=90,
-                            ha="center", va="bottom", fontsize=7, color="crimson")
-                continue
-            ax.bar(x, row["decode_ms_per_token"], width, color=colors[i % len(colors)], label=once(label))
-            ax.plot([x], [row["roofline_ms"]], marker="_", markersize=10, color="black",
-                    linestyle="none", label=once("roofline (weights + KV read at HBM bandwidth)"))
-            if row["transfer_ms"] > 0:
-                ax.plot([x], [row["transfer_ms"]], marker="x", markersize=5, color="dimgray", linestyle="none",
-                        label=once("pure transfer (h2d bytes at pinned bandwidth)"))
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(groups)), [f"{_short(n)} x{b}" for n, b in groups])
-    ax.set_xlabel("context x batch")
-    ax.set_ylabel("decode ms/token (median)")
-    title = f"{result['model_config']} {result['dtype']} on {result['device']}"
-    if result["device_type"] == "cpu":
-        title += f"\n{CPU_LABEL}"
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+__all__ = ["CPU_LABEL", "DEFAULT_METHODS", "HF_BASELINES", "REAL_SHAPES", "SHAPES", "TINY_SHAPES", "build_model",
+           "format_table", "model_config", "parameter_count", "parse_bench_methods", "run"]

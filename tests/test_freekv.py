@@ -192,6 +192,20 @@ def test_dense_layers_keep_everything_on_device(tiny):
     assert method.pool.num_pages[0] == 0 and method.pool.num_pages[1] > 0
 
 
+@pytest.mark.parametrize("options, sink, window", [
+    (dict(), 128, 128),  # the spec's values at its default budget of 2048
+    (dict(budget=512), 32, 32),  # a sixteenth of the budget each
+    (dict(budget=1024, page_size=16), 64, 64),
+    (dict(budget=100, page_size=32), 32, 32),  # at least one page
+    (dict(budget=8192), 128, 128),  # at most the spec's 128
+    (dict(budget=512, sink=64), 64, 32),  # explicit values win
+])
+def test_sink_and_window_scale_with_the_budget(tiny, options, sink, window):
+    method = kvtier.KVCache(tiny("llama"), method="freekv", **options).method
+    assert (method.sink, method.window) == (sink, window)
+    assert method.num_slots == (method.options["budget"] - sink - window) // method.page_size
+
+
 @pytest.mark.parametrize("bad", [dict(budget=16, **SMALL), dict(page_size=4, sink=6, window=8),
                                  dict(tau=2.0), dict(dense_layers=99), dict(speculative="yes"),
                                  dict(budget=-1), dict(page_size=0)])

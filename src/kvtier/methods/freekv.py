@@ -83,17 +83,31 @@ class FreeKV(Method):
     Options: budget (device tokens per layer: sink + recalled pages + window), page_size, sink, window,
     tau (correction threshold on query cosine similarity), dense_layers (leading layers kept whole on the
     device), speculative (False: select with the current query and recall synchronously every step).
+
+    sink and window default to a sixteenth of the budget each (whole pages, at least one, at most the spec's
+    128 for long inputs), which is the spec's ratio at its default budget of 2048. A fixed 128 + 128 would
+    leave only half of a 512 budget for retrieved pages: on the embedded model (prose, 2k context) that costs
+    +0.68 perplexity against +0.10 with 64 + 64 and -0.02 with 32 + 32. Give them explicitly to override.
     """
 
     name = "freekv"
     exact = False
-    defaults = {"budget": 2048, "page_size": 32, "sink": 128, "window": 128, "tau": 0.8, "dense_layers": 1,
+    defaults = {"budget": 2048, "page_size": 32, "sink": None, "window": None, "tau": 0.8, "dense_layers": 1,
                 "speculative": True}
+    edge_tokens = 128  # the spec's sink and window for long inputs
 
     def __init__(self, spec, **options):
         super().__init__(spec, **options)
         o = self.options
-        for key in ("budget", "page_size", "sink", "window", "dense_layers"):
+        for key in ("budget", "page_size"):
+            if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < 0:
+                raise ValueError(f"freekv option {key} must be a non-negative int, got {o[key]!r}")
+        if o["page_size"] >= 1:
+            edge = max(o["page_size"], min(self.edge_tokens, o["budget"] // 16 // o["page_size"] * o["page_size"]))
+            for key in ("sink", "window"):
+                if o[key] is None:
+                    o[key] = edge
+        for key in ("sink", "window", "dense_layers"):
             if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < 0:
                 raise ValueError(f"freekv option {key} must be a non-negative int, got {o[key]!r}")
         self.page_size = p = o["page_size"]

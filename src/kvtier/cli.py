@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     bench.add_argument("--out", default="runs/bench", help="folder for the JSON and PNG")
-    ev = sub.add_parser("eval", help="fidelity against full: needle grid, decode perplexity, budget sweep")
+    ev = sub.add_parser("eval", help="fidelity against full: needle grid, RULER-style tasks, decode perplexity, "
+                        "next-token fidelity, budget sweep, report")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     methods_help = "comma-separated, options after colons: full,freekv:budget=512"
     needle = ev_sub.add_parser("needle", help="passphrase at lengths x depths; success and agreement with full")
@@ -92,6 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     needle.add_argument("--depths", default="0,0.25,0.5,0.75,1", type=lambda t: [float(x) for x in _list(t)])
     needle.add_argument("--seed", type=int, default=0)
     needle.add_argument("--max-new-tokens", type=int, default=24)
+    needle.add_argument("--kinds", default="single", type=_list, help="single, multikey or both: single,multikey")
+    needle.add_argument("--keys", type=int, default=4, help="passphrases per multikey prompt (one is asked)")
+    ruler = ev_sub.add_parser("ruler", help="RULER-style variable tracking (vt) and common-word extraction (cwe)")
+    ruler.add_argument("--methods", required=True, help=methods_help)
+    ruler.add_argument("--tasks", default="vt,cwe", type=_list)
+    ruler.add_argument("--lengths", default="1k", type=_list)
+    ruler.add_argument("--samples", type=int, default=2, help="prompts per task and length")
+    ruler.add_argument("--seed", type=int, default=0)
+    ruler.add_argument("--max-new-tokens", type=int, default=32)
+    ruler.add_argument("--task-option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
+                       help="vt_hops=2, vt_chains=1, cwe_common=3, cwe_share=0.3; repeatable")
+    fid = ev_sub.add_parser("fidelity", help="top-1 agreement and KL(full || method) along full's greedy generations")
+    fid.add_argument("--methods", required=True, help=methods_help)
+    fid.add_argument("--texts", default="prose,code", type=_list, help="prose, code, or file paths")
+    fid.add_argument("--lengths", default="1k", type=_list)
+    fid.add_argument("--prompts", type=int, default=1, help="windows per text and length")
+    fid.add_argument("--new-tokens", type=int, default=64)
+    fid.add_argument("--seed", type=int, default=0)
     ppl = ev_sub.add_parser("ppl", help="decode-mode perplexity after a long context, delta vs full")
     ppl.add_argument("--methods", required=True, help=methods_help)
     ppl.add_argument("--texts", default="prose,code", type=_list, help="prose, code, or file paths")
@@ -106,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--depths", default="0.1,0.5,0.9", type=lambda t: [float(x) for x in _list(t)])
     sweep.add_argument("--context", default="2k")
     sweep.add_argument("--targets", type=int, default=256)
-    for p in (needle, ppl, sweep):
+    report = ev_sub.add_parser("report", help="README.md (tables) and summary.png from the JSONs in a folder")
+    report.add_argument("--dir", required=True, help="the folder the eval commands wrote to")
+    report.add_argument("--title", default="kvtier: approximate methods against full")
+    report.add_argument("--note", default=None, help="a paragraph for the README, under the command")
+    report.add_argument("--command", dest="report_command", default=None,
+                        help="the command that produced the folder, for the README")
+    for p in (needle, ruler, fid, ppl, sweep):
         p.add_argument("--model", default=None)
         p.add_argument("--device", default=None)
         p.add_argument("--dtype", default=None)
@@ -199,13 +224,33 @@ def cmd_eval(args) -> int:
     import kvtier
     from kvtier import eval as kv_eval
 
+    if args.eval_command == "report":
+        result = kv_eval.report(args.dir, title=args.title, command=args.report_command, note=args.note)
+        print(f"wrote {result['readme']}" + (f" and {result['plot']}" if result["plot"] else ""))
+        return 0
     model, tokenizer = kvtier.load(args.model, device=args.device, dtype=args.dtype)
     if args.eval_command == "needle":
         result = kv_eval.needle_grid(model, tokenizer, args.methods, lengths=args.lengths, depths=args.depths,
-                                     seed=args.seed, max_new_tokens=args.max_new_tokens, out_dir=args.out)
-        print(f"{'method':<28} {'needle found':>12} {'same as full':>12}")
+                                     seed=args.seed, max_new_tokens=args.max_new_tokens, kinds=args.kinds,
+                                     keys=args.keys, out_dir=args.out)
+        print(f"{'method':<28} {'kind':<9} {'needle found':>12} {'same as full':>12}")
         for label, row in result["summary"].items():
-            print(f"{label:<28} {row['success_rate']:>12.0%} {row['agreement_with_full']:>12.0%}")
+            for kind, k in row["kinds"].items():
+                print(f"{label:<28} {kind:<9} {k['success_rate']:>12.0%} {k['agreement_with_full']:>12.0%}")
+    elif args.eval_command == "ruler":
+        result = kv_eval.ruler(model, tokenizer, args.methods, tasks=args.tasks, lengths=args.lengths,
+                               samples=args.samples, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                               out_dir=args.out, **dict(args.task_option))
+        print(f"{'method':<28} {'task':<5} {'score':>6} {'same as full':>12}")
+        for label, row in result["summary"].items():
+            for task, t in row.items():
+                print(f"{label:<28} {task:<5} {t['score']:>6.0%} {t['agreement_with_full']:>12.0%}")
+    elif args.eval_command == "fidelity":
+        result = kv_eval.fidelity(model, tokenizer, args.methods, texts=args.texts, lengths=args.lengths,
+                                  prompts=args.prompts, new_tokens=args.new_tokens, seed=args.seed, out_dir=args.out)
+        print(f"{'method':<28} {'top-1 = full':>12} {'mean KL':>10} {'max KL':>10}")
+        for label, row in result["summary"].items():
+            print(f"{label:<28} {row['top1_agreement']:>12.0%} {row['kl_mean']:>10.3g} {row['kl_max']:>10.3g}")
     elif args.eval_command == "ppl":
         result = kv_eval.perplexity(model, tokenizer, args.methods, texts=args.texts + args.text_file,
                                     context=args.context, targets=args.targets, out_dir=args.out)

@@ -31,27 +31,9 @@ def haystack_text() -> str:
 
 def needle_prompt(tokenizer, context_tokens: int, depth: float, value: str) -> torch.Tensor:
     """Chat-formatted prompt of about `context_tokens` tokens with the needle at `depth` (0..1) of the text."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
-    text_ids = tokenizer(haystack_text(), add_special_tokens=False)["input_ids"]
-    overhead = len(tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=True,
-                                                 add_generation_prompt=True))
-    budget = context_tokens - overhead - 32
-    if budget < 64:
-        raise ValueError(f"context_tokens={context_tokens} is too short for the demo prompt")
-    if budget > len(text_ids):
-        raise ValueError(f"context_tokens={context_tokens} exceeds the {len(text_ids)} tokens of haystack text")
-    body = text_ids[:budget]
-    cut = int(len(body) * depth)
-    # cut at a line break so the needle reads as its own sentence
-    text = tokenizer.decode(body[:cut]).rsplit("\n", 1)[0]
-    rest = tokenizer.decode(body[cut:])
-    content = f"{text}\n{NEEDLE.format(value=value)}\n{rest}\n\n{QUESTION}"
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
-                                        add_generation_prompt=True, return_tensors="pt")
-    if not isinstance(ids, torch.Tensor):
-        ids = ids["input_ids"]
-    return ids
+    from .eval.common import haystack_prompt
+
+    return haystack_prompt(tokenizer, context_tokens, [(depth, NEEDLE.format(value=value))], QUESTION)
 
 
 # FreeKV at about a third of the demo's context, where it saves device memory; the others at their defaults.

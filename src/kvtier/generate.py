@@ -187,13 +187,8 @@ def _speculative_step(model, cache, real, guess, mask, position):
             position + 1)
 
 
-@torch.inference_mode()
-def score(model, context_ids, target_ids, method: str = "full", attention_mask=None,
-          cache: KVCache | None = None, progress: bool = False, **options) -> torch.Tensor:
-    """Teacher-forced negative log-likelihoods of `target_ids` after `context_ids`, decoded one token at a time.
-
-    Returns float32 [batch, targets]: entry i is -log p(target_i | context, target_<i) as the method sees it.
-    """
+def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cache, progress, options):
+    """Yields, for each target in turn, the logits [b, vocab] that predict it; feeds the target after."""
     context_ids = _as_batch(context_ids, "context_ids").to(_model_device(model))
     target_ids = _as_batch(target_ids, "target_ids").to(context_ids.device)
     if target_ids.shape[0] != context_ids.shape[0]:
@@ -207,16 +202,32 @@ def score(model, context_ids, target_ids, method: str = "full", attention_mask=N
     mask = None if attention_mask is None else _as_batch(attention_mask, "attention_mask").to(context_ids.device)
     logits = prefill(model, cache, context_ids, mask, progress=progress)
     position = _positions(mask, context_ids.shape[1] - 1, context_ids.shape[1], context_ids.device)
-    nlls = []
     n_targets = target_ids.shape[1]
     for i in tqdm(range(n_targets), desc=f"score ({cache.method.name})", unit="tok", disable=not progress,
                   leave=False):
-        target = target_ids[:, i]
-        nlls.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
-        if i == n_targets - 1:
-            break
-        logits, mask, position = _decode_step(model, cache, target, mask, position)
-    return torch.stack(nlls, dim=1)
+        yield logits, target_ids[:, i]
+        if i < n_targets - 1:
+            logits, mask, position = _decode_step(model, cache, target_ids[:, i], mask, position)
 
 
-__all__ = ["generate", "score", "prefill"]
+@torch.inference_mode()
+def score(model, context_ids, target_ids, method: str = "full", attention_mask=None,
+          cache: KVCache | None = None, progress: bool = False, **options) -> torch.Tensor:
+    """Teacher-forced negative log-likelihoods of `target_ids` after `context_ids`, decoded one token at a time.
+
+    Returns float32 [batch, targets]: entry i is -log p(target_i | context, target_<i) as the method sees it.
+    """
+    steps = _teacher_forced(model, context_ids, target_ids, method, attention_mask, cache, progress, options)
+    return torch.stack([torch.nn.functional.cross_entropy(logits, target, reduction="none")
+                        for logits, target in steps], dim=1)
+
+
+@torch.inference_mode()
+def forced_logits(model, context_ids, target_ids, method: str = "full", attention_mask=None,
+                  cache: KVCache | None = None, progress: bool = False, **options) -> torch.Tensor:
+    """The float32 logits [batch, targets, vocab] that predict each target, teacher-forced as `score` is."""
+    steps = _teacher_forced(model, context_ids, target_ids, method, attention_mask, cache, progress, options)
+    return torch.stack([logits for logits, _ in steps], dim=1)
+
+
+__all__ = ["generate", "score", "forced_logits", "prefill"]

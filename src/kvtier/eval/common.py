@@ -7,7 +7,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..methods import METHOD_REGISTRY
+from ..models import environment_summary
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,29 @@ def parse_methods(text_or_list) -> list[MethodSpec]:
     return specs
 
 
+def safe_name(label: str) -> str:
+    """A method label as a file name: "freekv:budget=512" -> "freekv_budget512"."""
+    return label.replace(":", "_").replace(",", "_").replace("=", "")
+
+
 def with_full(specs: list[MethodSpec]) -> list[MethodSpec]:
-    """Every figure is set against full: put it first if it is missing."""
-    return specs if any(s.method == "full" and not s.options for s in specs) else [MethodSpec("full"), *specs]
+    """Every figure is set against full: put it first (adding it if it is missing)."""
+    return [MethodSpec("full"), *(s for s in specs if s != MethodSpec("full"))]
+
+
+def resolve_options(spec: MethodSpec, context_tokens: int) -> dict:
+    """A budget given as a fraction ("freekv:budget=0.25") becomes that share of this prompt's context."""
+    options = dict(spec.options)
+    budget = options.get("budget")
+    if isinstance(budget, float) and 0 < budget <= 1:
+        options["budget"] = int(budget * context_tokens)
+    return options
+
+
+def make_cache(model, spec: MethodSpec, context_tokens: int):
+    from ..cache import KVCache
+
+    return KVCache(model, method=spec.method, **resolve_options(spec, context_tokens))
 
 
 def parse_length(text) -> int:
@@ -98,11 +121,53 @@ def text_by_name(name: str) -> str:
     return path.read_text()
 
 
+def chat_ids(tokenizer, content: str, answer_prefix: str = "") -> torch.Tensor:
+    """[1, n] ids of `content` as one user message (plain text if the model has no chat template), then the
+    start of the assistant's answer (`answer_prefix`), as RULER primes its answers."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        ids = tokenizer(content + "\n", return_tensors="pt")["input_ids"]
+    else:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
+                                            add_generation_prompt=True, return_tensors="pt")
+        if not isinstance(ids, torch.Tensor):
+            ids = ids["input_ids"]
+    if answer_prefix:
+        prefix = tokenizer(answer_prefix, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = torch.cat((ids, prefix), dim=1)
+    return ids
+
+
+def haystack_prompt(tokenizer, context_tokens: int, inserts, question: str, answer_prefix: str = "") -> torch.Tensor:
+    """About `context_tokens` tokens of prose with each (depth, sentence) of `inserts` on its own line at that
+    depth (0..1) of the text, then `question`; chat-formatted by `chat_ids`."""
+    inserts = sorted((float(d), s) for d, s in inserts)
+    if any(not 0.0 <= d <= 1.0 for d, _ in inserts):
+        raise ValueError(f"depths must be in [0, 1], got {[d for d, _ in inserts]}")
+    text_ids = tokenizer(prose_text(), add_special_tokens=False)["input_ids"]
+    overhead = chat_ids(tokenizer, question, answer_prefix).shape[1]
+    # 32 tokens of slack hold one needle sentence; whatever the inserts take beyond that comes off the text
+    inserted = sum(len(tokenizer(s, add_special_tokens=False)["input_ids"]) + 1 for _, s in inserts)
+    budget = context_tokens - overhead - 32 - max(0, inserted - 32)
+    if budget < 64:
+        raise ValueError(f"context_tokens={context_tokens} is too short for this prompt")
+    if budget > len(text_ids):
+        raise ValueError(f"context_tokens={context_tokens} exceeds the {len(text_ids)} tokens of haystack text")
+    body = text_ids[:budget]
+    parts, start = [], 0
+    for depth, sentence in inserts:
+        cut = int(len(body) * depth)
+        # cut at a line break so the insert reads as its own sentence
+        parts += [tokenizer.decode(body[start:cut]).rsplit("\n", 1)[0], sentence]
+        start = cut
+    parts.append(tokenizer.decode(body[start:]))
+    return chat_ids(tokenizer, "\n".join(parts) + f"\n\n{question}", answer_prefix)
+
+
 def write_json(result: dict, out_dir, name: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    path.write_text(json.dumps(result, indent=2, default=str))
+    path.write_text(json.dumps({**result, "environment": environment_summary()}, indent=2, default=str))
     return path
 
 
@@ -117,3 +182,33 @@ def plotting():
         return plt
     except ImportError:
         return None
+
+
+def bars(ax, groups: dict, ylabel: str, title: str, labels=None) -> None:
+    """Grouped bars on `ax`: a group per key of `groups` ({group: {method label: value}}), a bar per method of
+    `labels` (default: every method in `groups`; a method keeps its color and slot across panels)."""
+    labels = labels or list(dict.fromkeys(label for values in groups.values() for label in values))
+    width = 0.8 / max(1, len(labels))
+    for i, label in enumerate(labels):
+        xs = [g + (i - (len(labels) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [values.get(label, float("nan")) for values in groups.values()], width, label=label,
+               color=f"C{i % 10}")
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.axhline(0, color="black", lw=0.5)
+
+
+def bar_chart(groups: dict, out_dir, name: str, ylabel: str, title: str) -> str | None:
+    """One panel of `bars`, legend beside it, saved as out_dir/name; None without matplotlib."""
+    plt = plotting()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(4 + 1.2 * len(groups), 3.4))
+    bars(ax, groups, ylabel, title)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    path = Path(out_dir) / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

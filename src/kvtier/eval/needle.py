@@ -1,89 +1,137 @@
-"""Needle in a haystack: a passphrase hidden at a depth of a long real text; does each method recall it?"""
+"""Needle in a haystack: passphrases hidden at a depth of a long real text; does each method recall the one asked?
+
+Two kinds, as RULER has them: "single" (one passphrase, the demo's prompt) and "multikey" (`keys` passphrases of
+different projects spread over the text, one asked: the others are distractors).
+"""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import KVCache
 from ..demo import needle_prompt
 from ..generate import generate
-from .common import parse_length, parse_methods, plotting, with_full, write_json
+from .common import (haystack_prompt, make_cache, parse_length, parse_methods, plotting, safe_name, with_full,
+                     write_json)
 
 WORDS = ("amber", "violet", "cobalt", "maple", "granite", "harbor", "lantern", "meadow", "orbit", "quartz",
          "raven", "saffron", "timber", "willow", "zephyr", "copper", "falcon", "juniper")
+PROJECTS = ("Atlas", "Beacon", "Cedar", "Dynamo", "Ember", "Fjord", "Glacier", "Horizon", "Ivory", "Jasper",
+            "Kestrel", "Lotus", "Monsoon", "Nimbus", "Onyx", "Pioneer")
+KINDS = ("single", "multikey")
+MULTIKEY_NEEDLE = "The secret passphrase of the {key} project is {value}."
+MULTIKEY_QUESTION = "What is the secret passphrase of the {key} project? Answer with the passphrase only."
 
 
 def passphrase(rng: random.Random) -> str:
     return f"{rng.choice(WORDS)}-{rng.choice(WORDS)}-{rng.randint(1000, 9999)}"
 
 
+def multikey_prompt(tokenizer, length: int, depth: float, rng: random.Random, keys: int = 4):
+    """`keys` passphrases of distinct projects; the asked one at `depth`, the others at random depths.
+    Returns (ids, asked value, distractor values)."""
+    names = rng.sample(PROJECTS, keys)
+    values = [passphrase(rng) for _ in names]
+    depths = [depth] + [rng.random() for _ in names[1:]]
+    inserts = [(d, MULTIKEY_NEEDLE.format(key=k, value=v)) for d, k, v in zip(depths, names, values)]
+    ids = haystack_prompt(tokenizer, length, inserts, MULTIKEY_QUESTION.format(key=names[0]))
+    return ids, values[0], values[1:]
+
+
+def _rate(rows: list[dict]) -> dict:
+    return {"success_rate": sum(r["success"] for r in rows) / len(rows),
+            "agreement_with_full": sum(r["same_as_full"] for r in rows) / len(rows), "prompts": len(rows)}
+
+
 @torch.inference_mode()
 def needle_grid(model, tokenizer, methods, lengths=("1k", "2k"), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-                seed: int = 0, max_new_tokens: int = 24, out_dir=None, progress: bool = True) -> dict:
-    """Every method on every (length, depth) prompt; success = the passphrase appears in the answer.
+                seed: int = 0, max_new_tokens: int = 24, kinds=("single",), keys: int = 4, out_dir=None,
+                progress: bool = True) -> dict:
+    """Every method on every (kind, length, depth) prompt; success = the asked passphrase appears in the answer.
 
-    Returns JSON-ready results: one row per prompt and method (answer, success, same tokens as full) and a
-    per-method summary (success rate, agreement with full). Writes needle.json and heatmaps if out_dir.
+    Returns JSON-ready results: one row per prompt and method (kind, answer, success, same tokens as full) and
+    a per-method summary (success rate, agreement with full; overall and per kind). A fractional budget
+    ("freekv:budget=0.25") is that share of each length. Writes needle.json and heatmaps if out_dir.
     """
     specs = with_full(parse_methods(methods))
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    if unknown := set(kinds) - set(KINDS):
+        raise ValueError(f"unknown needle kinds {sorted(unknown)}; valid: {', '.join(KINDS)}")
     lengths = [parse_length(x) for x in lengths]
     depths = [float(d) for d in depths]
-    rng = random.Random(seed)
     device = next(model.parameters()).device
     rows = []
-    cells = [(n, d) for n in lengths for d in depths]
-    for length, depth in tqdm(cells, desc="needle grid", disable=not progress):
-        value = passphrase(rng)
-        ids = needle_prompt(tokenizer, length, depth, value).to(device)
+    cells = [(kind, n, d) for kind in kinds for n in lengths for d in depths]
+    # one generator per kind, so a kind's prompts do not depend on which other kinds run
+    rngs = {kind: random.Random(seed if kind == "single" else f"{kind}:{seed}") for kind in kinds}
+    for kind, length, depth in tqdm(cells, desc="needle grid", disable=not progress):
+        if kind == "single":
+            value, distractors = passphrase(rngs[kind]), []
+            ids = needle_prompt(tokenizer, length, depth, value)
+        else:
+            ids, value, distractors = multikey_prompt(tokenizer, length, depth, rngs[kind], keys)
+        ids = ids.to(device)
         reference = None
         for spec in specs:
-            cache = KVCache(model, method=spec.method, **spec.options)
+            cache = make_cache(model, spec, length)
             out = generate(model, ids, cache=cache, max_new_tokens=max_new_tokens)
             new = out[0, ids.shape[1]:]
             if reference is None:
                 reference = new
             answer = tokenizer.decode(new, skip_special_tokens=True)
             stats = cache.stats()
-            rows.append({"method": spec.label, "length": length, "prompt_tokens": int(ids.shape[1]),
+            rows.append({"method": spec.label, "kind": kind, "length": length, "prompt_tokens": int(ids.shape[1]),
                          "depth": depth, "needle": value, "answer": answer.strip(), "success": value in answer,
+                         "answered_distractor": any(v in answer for v in distractors),
                          "same_as_full": bool(torch.equal(new, reference)),
                          "device_kv_bytes": stats["device_kv_bytes"], "h2d_bytes": stats["h2d_bytes"]})
     summary = {}
     for spec in specs:
         mine = [r for r in rows if r["method"] == spec.label]
-        summary[spec.label] = {"success_rate": sum(r["success"] for r in mine) / len(mine),
-                               "agreement_with_full": sum(r["same_as_full"] for r in mine) / len(mine),
-                               "prompts": len(mine)}
-    result = {"eval": "needle", "lengths": lengths, "depths": depths, "seed": seed, "summary": summary, "rows": rows}
+        summary[spec.label] = {**_rate(mine), "kinds": {k: _rate([r for r in mine if r["kind"] == k]) for k in kinds}}
+    result = {"eval": "needle", "kinds": kinds, "keys": keys, "lengths": lengths, "depths": depths, "seed": seed,
+              "summary": summary, "rows": rows}
     if out_dir is not None:
         result["json"] = str(write_json(result, out_dir, "needle.json"))
         result["plots"] = _heatmaps(result, out_dir)
     return result
 
 
+def _heatmap(ax, result: dict, label: str, kind: str) -> None:
+    lengths, depths = result["lengths"], result["depths"]
+    grid = [[next(r["success"] for r in result["rows"] if r["method"] == label and r["kind"] == kind
+                  and r["length"] == n and r["depth"] == d) for n in lengths] for d in depths]
+    ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("needle depth")
+    rate = result["summary"][label]["kinds"][kind]["success_rate"]
+    ax.set_title(f"{label}\n{kind}: {rate:.0%} found", fontsize=8)
+
+
 def _heatmaps(result: dict, out_dir) -> list[str]:
+    """needle.png: every method (columns) x kind (rows); needle_<method>.png: one method's kinds."""
     plt = plotting()
     if plt is None:
         return []
-    from pathlib import Path
+    kinds, labels = result["kinds"], list(result["summary"])
+    figures = {"needle.png": labels}
+    figures.update({f"needle_{safe_name(label)}.png": [label] for label in labels})
+    paths = []
+    for name, shown in figures.items():
+        fig, axes = plt.subplots(len(kinds), len(shown), figsize=(3.2 * len(shown), 3.2 * len(kinds)),
+                                 squeeze=False)
+        for row, kind in zip(axes, kinds):
+            for ax, label in zip(row, shown):
+                _heatmap(ax, result, label, kind)
+        fig.tight_layout()
+        path = Path(out_dir) / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
 
-    lengths, depths = result["lengths"], result["depths"]
-    labels = list(result["summary"])
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.2), squeeze=False)
-    for ax, label in zip(axes[0], labels):
-        grid = [[next(r["success"] for r in result["rows"] if r["method"] == label and r["length"] == n
-                      and r["depth"] == d) for n in lengths] for d in depths]
-        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
-        ax.set_xlabel("context tokens")
-        ax.set_ylabel("needle depth")
-        ax.set_title(f"{label}\n{result['summary'][label]['success_rate']:.0%} found", fontsize=9)
-    fig.tight_layout()
-    path = Path(out_dir) / "needle.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [str(path)]

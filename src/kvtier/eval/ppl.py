@@ -6,9 +6,8 @@ import math
 
 import torch
 
-from ..cache import KVCache
 from ..generate import score
-from .common import parse_length, parse_methods, text_by_name, with_full, write_json
+from .common import make_cache, parse_length, parse_methods, text_by_name, with_full, write_json
 
 
 @torch.inference_mode()
@@ -26,7 +25,7 @@ def perplexity(model, tokenizer, methods, texts=("prose", "code"), context="2k",
         ctx, tgt = ids[:, :context].to(device), ids[:, context:context + targets].to(device)
         full_nll = None
         for spec in specs:
-            cache = KVCache(model, method=spec.method, **spec.options)
+            cache = make_cache(model, spec, context)
             nll = score(model, ctx, tgt, cache=cache, progress=progress)[0]
             mean = float(nll.mean())
             if full_nll is None:

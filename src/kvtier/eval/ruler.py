@@ -1,0 +1,154 @@
+"""RULER-style synthetic tasks beyond needles, generated locally from a seed.
+
+- `vt`, variable tracking: chains "VAR QKRTA = 48213." "VAR MZPLE = VAR QKRTA." ... scattered at increasing
+  depths of real prose; the question asks every variable that holds the value; score = share of the chain's
+  names in the answer.
+- `cwe`, common-word extraction: a numbered list of words where `common` words appear many times and the rest
+  once; the question asks the `common` most frequent; score = share of them in the answer.
+
+Answers are greedy `kvtier.generate` outputs primed with RULER's answer prefix; every method answers the same
+prompts, scored alike and compared with full token for token.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import random
+import re
+import string
+
+import torch
+from tqdm.auto import tqdm
+
+from ..generate import generate
+from .common import (bar_chart, chat_ids, haystack_prompt, make_cache, parse_length, parse_methods, prose_text,
+                     with_full, write_json)
+
+TASKS = ("vt", "cwe")
+
+
+def recall(answer: str, expected) -> float:
+    """Share of the `expected` strings that occur in `answer` as whole words (case-insensitive)."""
+    found = [re.search(rf"\b{re.escape(e)}\b", answer, re.IGNORECASE) is not None for e in expected]
+    return sum(found) / len(found)
+
+
+def variable_tracking(tokenizer, length: int, rng: random.Random, hops: int = 2, chains: int = 1) -> dict:
+    """A prompt of about `length` tokens; chain 0 (value then `hops` assignments) is the one asked, the other
+    chains are distractors. Returns {"ids", "expected" (chain 0's names), "value"}."""
+    names: list[str] = []
+    while len(names) < chains * (hops + 1):
+        name = "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
+        if name not in names:
+            names.append(name)
+    values = rng.sample(range(10000, 100000), chains)
+    inserts = []
+    for c in range(chains):
+        chain = names[c * (hops + 1):(c + 1) * (hops + 1)]
+        lines = [f"VAR {chain[0]} = {values[c]}."] + [f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:])]
+        inserts += zip(sorted(rng.random() for _ in lines), lines)
+    question = (f"Memorize and track the chain of variable assignments hidden in the text above. "
+                f"Question: Find all variables that are assigned the value {values[0]} in the text above.")
+    prefix = (f"Answer: According to the chain of variable assignments in the text above, {hops + 1} variables "
+              f"are assigned the value {values[0]}, they are: VAR")
+    ids = haystack_prompt(tokenizer, length, inserts, question, answer_prefix=prefix)
+    return {"ids": ids, "expected": names[:hops + 1], "value": values[0]}
+
+
+@functools.lru_cache(maxsize=1)
+def vocabulary() -> tuple[str, ...]:
+    """Distinct lowercase words of 4-10 letters from Python's help topics, sorted (so a seed fixes a sample)."""
+    return tuple(sorted(set(re.findall(r"\b[a-z]{4,10}\b", prose_text()))))
+
+
+def common_words(tokenizer, length: int, rng: random.Random, common: int = 3, share: float = 0.3) -> dict:
+    """A numbered word list filling about `length` tokens: `common` words take `share` of the items (each as
+    often as the others), every other word appears once. Returns {"ids", "expected" (the common words)}."""
+    words = rng.sample(vocabulary(), len(vocabulary()))
+    top, rare = words[:common], words[common:]
+    order_seed = rng.random()
+    question = (f"Question: What are the {common} most common words in the list above? "
+                f"Name the {common} words that appear most often.")
+    prefix = f"Answer: The top {common} words that appear most often in the list are:"
+
+    def build(items: int) -> torch.Tensor:
+        repeats = max(2, round(items * share / common))
+        chosen = top * repeats + rare[:max(0, items - common * repeats)]
+        random.Random(order_seed).shuffle(chosen)
+        listing = "\n".join(f"{i + 1}. {w}" for i, w in enumerate(chosen))
+        return chat_ids(tokenizer, f"Below is a numbered list of words. Some of them appear more often than others."
+                                   f"\n{listing}\n\n{question}", prefix)
+
+    lo, hi = common * 2, length  # largest list that fits: every item takes at least one token
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if build(mid).shape[1] <= length else (lo, mid - 1)
+    if build(lo).shape[1] > length:
+        raise ValueError(f"length={length} is too short for the common-word task")
+    return {"ids": build(lo), "expected": top}
+
+
+GENERATORS = {"vt": variable_tracking, "cwe": common_words}
+
+
+def _defaults(generator) -> dict:
+    """A generator's task options (its keyword arguments after tokenizer, length, rng) and their defaults."""
+    params = list(inspect.signature(generator).parameters.values())[3:]
+    return {p.name: p.default for p in params}
+
+
+@torch.inference_mode()
+def ruler(model, tokenizer, methods, tasks=TASKS, lengths=("1k",), samples: int = 2, seed: int = 0,
+          max_new_tokens: int = 32, out_dir=None, progress: bool = True, **task_options) -> dict:
+    """Every method on `samples` prompts per (task, length); score = recall of the expected answers.
+
+    `task_options` go to the generators by name prefix: vt_hops=2, vt_chains=1, cwe_common=3, cwe_share=0.3.
+    Returns JSON-ready results: a row per prompt and method (answer, score, same tokens as full) and a summary
+    per method and task (mean score, agreement with full). Writes ruler.json and ruler.png if out_dir.
+    """
+    specs = with_full(parse_methods(methods))
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if unknown := set(tasks) - set(TASKS):
+        raise ValueError(f"unknown ruler tasks {sorted(unknown)}; valid: {', '.join(TASKS)}")
+    lengths = [parse_length(x) for x in lengths]
+    options = {t: _defaults(GENERATORS[t]) for t in tasks}
+    for key, value in task_options.items():
+        task, _, name = key.partition("_")
+        if name not in options.get(task, {}):
+            valid = [f"{t}_{k}" for t in tasks for k in options[t]]
+            raise ValueError(f"unknown task option {key!r}; valid: {', '.join(valid)}")
+        options[task][name] = value
+    device = next(model.parameters()).device
+    rows = []
+    cells = [(t, n, i) for t in tasks for n in lengths for i in range(samples)]
+    for task, length, sample in tqdm(cells, desc="ruler", disable=not progress):
+        rng = random.Random(f"{task}:{seed}:{length}:{sample}")
+        prompt = GENERATORS[task](tokenizer, length, rng, **options[task])
+        ids = prompt["ids"].to(device)
+        reference = None
+        for spec in specs:
+            out = generate(model, ids, cache=make_cache(model, spec, length), max_new_tokens=max_new_tokens)
+            new = out[0, ids.shape[1]:]
+            if reference is None:
+                reference = new
+            answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+            rows.append({"method": spec.label, "task": task, "length": length, "sample": sample,
+                         "prompt_tokens": int(ids.shape[1]), "expected": prompt["expected"], "answer": answer,
+                         "score": recall(answer, prompt["expected"]),
+                         "same_as_full": bool(torch.equal(new, reference))})
+    summary = {}
+    for spec in specs:
+        summary[spec.label] = {}
+        for task in tasks:
+            mine = [r for r in rows if r["method"] == spec.label and r["task"] == task]
+            summary[spec.label][task] = {"score": sum(r["score"] for r in mine) / len(mine),
+                                         "agreement_with_full": sum(r["same_as_full"] for r in mine) / len(mine),
+                                         "prompts": len(mine)}
+    result = {"eval": "ruler", "tasks": tasks, "lengths": lengths, "samples": samples, "seed": seed,
+              "task_options": options, "summary": summary, "rows": rows}
+    if out_dir is not None:
+        result["json"] = str(write_json(result, out_dir, "ruler.json"))
+        groups = {task: {label: summary[label][task]["score"] for label in summary} for task in tasks}
+        result["plot"] = bar_chart(groups, out_dir, "ruler.png", "score (recall)", "RULER-style tasks")
+    return result

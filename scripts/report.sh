@@ -12,13 +12,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 OUT=${1:-docs/results/embedded}
-# FreeKV at a quarter and at half of each prompt's length (sink and window 64, so a quarter of 1k still holds
-# pages); SpeCache at 2 and 1 bits
-APPROX="freekv:budget=0.25:sink=64:window=64,freekv:budget=0.5:sink=64:window=64,specache:bits=2,specache:bits=1"
+# FreeKV at a quarter and at half of each prompt's length (its defaults otherwise: sink and window a sixteenth of
+# the budget each, pages of 32); SpeCache at 2 and 1 bits
+APPROX="freekv:budget=0.25,freekv:budget=0.5,specache:bits=2,specache:bits=1"
 EXACT="offload,kvpr"
-LENGTHS=1k,2k,4k DEPTHS=0.25,0.75 CONTEXT=2k TARGETS=256 NEW=64 SWEEP=320,512,1024
+LENGTHS=1k,2k,4k DEPTHS=0.25,0.75 CONTEXT=2k TARGETS=256 NEW=64 SWEEP=256,512,1024
 if [ "${SMOKE:-0}" = 1 ]; then
-  LENGTHS=768 DEPTHS=0.5 CONTEXT=768 TARGETS=8 NEW=4 SWEEP=320
+  LENGTHS=768 DEPTHS=0.5 CONTEXT=768 TARGETS=8 NEW=4 SWEEP=256
 fi
 kvtier eval needle --methods "full,$APPROX" --kinds single,multikey --lengths "$LENGTHS" --depths "$DEPTHS" \
   --seed 0 --max-new-tokens 20 --out "$OUT"
@@ -33,5 +33,5 @@ kvtier eval report --dir "$OUT" --title "Every method against full on the embedd
   --command "bash scripts/report.sh" \
   --note "offload and kvpr (exact) appear in fidelity and perplexity only; their token identity with full is \
 tested (tests/test_exact.py, tests/test_embedded.py). FreeKV budgets given as fractions are that share of each \
-prompt's length (sink and window 64 tokens). Lengths $LENGTHS, depths $DEPTHS; fidelity, perplexity and the \
+prompt's length. Lengths $LENGTHS, depths $DEPTHS; fidelity, perplexity and the \
 budget sweep at $CONTEXT tokens."

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 
 import pytest
+import torch
 
-from kvtier.eval import MethodSpec, fidelity, needle_grid, parse_methods, perplexity, ruler
+from kvtier.cli import main
+from kvtier.eval import MethodSpec, fidelity, needle_grid, parse_methods, perplexity, report, ruler
 from kvtier.eval.common import parse_length, resolve_options, with_full
+from kvtier.eval.ppl import paired_delta, window_starts
 
 # A FreeKV cache that keeps only the first and last 32 tokens (one recalled page): it cannot hold what is buried in
 # the middle of a long prompt; full can.
@@ -93,3 +98,112 @@ def test_fidelity_is_exact_for_exact_methods_and_not_for_a_lossy_one(embedded):
     assert s["offload"]["top1_agreement"] == 1.0 and s["offload"]["kl_max"] < 1e-6
     assert s[BAD_LABEL]["kl_mean"] > 1e-2 and s[BAD_LABEL]["top1_agreement"] < 1.0
     assert s["full"]["steps"] == 16 and len(result["rows"][0]["kl_per_step"]) == 16
+
+
+class ByteTokenizer:
+    """One token per byte of ASCII text: ids < 256 fit the tiny models' vocabulary, and slicing the text slices
+    its ids."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = list(text.encode("ascii"))
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+
+def _text_file(path, n: int, seed: int = 0):
+    rng = random.Random(seed)
+    path.write_text("".join(rng.choice("abcdefghij klmnop\n") for _ in range(n)))
+    return str(path)
+
+
+# a FreeKV cache far smaller than the 48-token context: lossy on the tiny model
+TINY_LOSSY = "freekv:budget=16:page_size=4:sink=4:window=4:dense_layers=0"
+
+
+def test_paired_delta_matches_a_hand_computation():
+    full = torch.tensor([2.0, 1.0, 3.0, 0.5])
+    method = torch.tensor([2.5, 1.0, 3.5, 1.5])  # differences 0.5, 0, 0.5, 1
+    out = paired_delta(method, full)
+    mean = 0.5
+    std = math.sqrt(((0.5 - mean) ** 2 * 2 + (0 - mean) ** 2 + (1 - mean) ** 2) / 3)  # sample std, n - 1
+    se = std / math.sqrt(4)
+    base = (2.0 + 1.0 + 3.0 + 0.5) / 4
+    assert out["nll_delta_vs_full"] == pytest.approx(mean)
+    assert out["nll_delta_se"] == pytest.approx(se)
+    assert out["ppl_delta_ci95"] == pytest.approx([math.exp(base + mean - 1.96 * se) - math.exp(base),
+                                                   math.exp(base + mean + 1.96 * se) - math.exp(base)])
+    same = paired_delta(full, full)
+    assert same["nll_delta_vs_full"] == 0 and same["nll_delta_se"] == 0 and same["ppl_delta_ci95"] == [0, 0]
+    # a constant shift has no spread: the paired interval collapses onto the point estimate
+    shifted = paired_delta(full.double() + 0.1, full.double())
+    assert shifted["nll_delta_se"] == pytest.approx(0, abs=1e-12)
+    assert shifted["ppl_delta_ci95"][0] == pytest.approx(math.exp(base + 0.1) - math.exp(base))
+
+
+def test_window_starts_are_spread_disjoint_and_checked():
+    assert window_starts(100, 30, 1) == [0]
+    assert window_starts(100, 30, 3) == [0, 33, 66]
+    assert window_starts(90, 30, 3) == [0, 30, 60]
+    with pytest.raises(ValueError, match="fit 3 disjoint window"):
+        window_starts(100, 30, 4)
+
+
+def test_perplexity_pools_windows_at_their_offsets(tiny, tmp_path):
+    model = tiny("llama")
+    tok = ByteTokenizer()
+    path = _text_file(tmp_path / "a.txt", 200)
+    text = open(path).read()
+    second = tmp_path / "b.txt"
+    second.write_text(text[100:])  # where the second of two windows over 200 tokens starts
+    kwargs = dict(texts=[path], context=48, targets=16, progress=False)
+    two = perplexity(model, tok, f"full,offload,{TINY_LOSSY}", windows=2, **kwargs)
+    assert two["windows"] == 2 and two["targets"] == 16
+    rows = {r["method"]: r for r in two["rows"]}
+    assert all(r["scored_tokens"] == 32 and r["windows"] == 2 for r in rows.values())
+    one = {r["method"]: r for r in perplexity(model, tok, "full", windows=1, **kwargs)["rows"]}
+    later = {r["method"]: r
+             for r in perplexity(model, tok, "full", windows=1, **{**kwargs, "texts": [str(second)]})["rows"]}
+    assert one["full"]["nll"] != pytest.approx(later["full"]["nll"]), "the two windows score different tokens"
+    assert rows["full"]["nll"] == pytest.approx((one["full"]["nll"] + later["full"]["nll"]) / 2, rel=1e-5)
+    assert rows["full"]["ppl_delta_ci95"] == [0, 0] and rows["full"]["nll_delta_se"] == 0
+    assert rows["full"]["decode_steps"] == 2 * 15, "counters add up over windows"
+    lossy = rows[parse_methods(TINY_LOSSY)[0].label]
+    low, high = lossy["ppl_delta_ci95"]
+    assert lossy["nll_delta_se"] > 0 and low < lossy["ppl_delta_vs_full"] < high
+    assert lossy["nll_delta_vs_full"] == pytest.approx(lossy["nll"] - rows["full"]["nll"], abs=1e-5)
+
+
+def test_perplexity_refuses_a_text_too_short_for_the_windows(tiny, tmp_path):
+    path = _text_file(tmp_path / "a.txt", 150)
+    with pytest.raises(ValueError, match="150 tokens fit 2 disjoint window"):
+        perplexity(tiny("llama"), ByteTokenizer(), "full", texts=[path], context=48, targets=16, windows=3,
+                   progress=False)
+
+
+def test_cli_ppl_windows(tiny, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "ppl", "--methods", "full", "--windows", "0"])
+    assert exit_info.value.code == 2
+    assert "--windows: must be >= 1, got 0" in capsys.readouterr().err
+    import kvtier
+
+    monkeypatch.setattr(kvtier, "load", lambda *args, **kwargs: (tiny("llama"), ByteTokenizer()))
+    path = _text_file(tmp_path / "a.txt", 200)
+    assert main(["eval", "ppl", "--methods", "full,offload", "--texts", "", "--text-file", path, "--context", "48",
+                 "--targets", "16", "--windows", "2", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "95% CI" in out and "[+0.0000, +0.0000]" in out
+    saved = json.loads((tmp_path / "out" / "ppl.json").read_text())
+    assert saved["windows"] == 2 and saved["rows"][1]["scored_tokens"] == 32
+
+
+def test_report_shows_the_interval_when_rows_have_it(tmp_path):
+    rows = [{"method": "full", "text": "prose", "context": 1024, "ppl": 9.0, "ppl_delta_vs_full": 0.0,
+             "ppl_delta_ci95": [0.0, 0.0]},
+            {"method": "offload", "text": "prose", "context": 1024, "ppl": 9.5, "ppl_delta_vs_full": 0.5,
+             "ppl_delta_ci95": [0.31, 0.72]}]
+    (tmp_path / "ppl.json").write_text(json.dumps({"eval": "ppl", "context": 1024, "targets": 256, "windows": 4,
+                                                   "texts": ["prose"], "rows": rows}))
+    report(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert "| delta | 95% CI |" in readme and "in each of 4 windows per text" in readme
+    assert "| offload | prose | 1024 | 9.500 | 9.000 | +0.5000 | [+0.3100, +0.7200] |" in readme

@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--texts", default="prose,code", type=_list, help="prose, code, or file paths")
     ppl.add_argument("--text-file", action="append", default=[], help="a text file to score (repeatable)")
     ppl.add_argument("--context", default="2k")
-    ppl.add_argument("--targets", type=int, default=256)
+    ppl.add_argument("--targets", type=int, default=256, help="target tokens per window")
+    ppl.add_argument("--windows", type=_positive, default=1,
+                     help="disjoint context + targets windows per text, spread over it; their tokens are pooled")
     sweep = ev_sub.add_parser("sweep", help="one method over a list of budgets: needle success and ppl delta")
     sweep.add_argument("--method", default="freekv")
     sweep.add_argument("--option", default="budget", help="the option to sweep (budget, bits, ...)")
@@ -124,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--lengths", default="2k", type=_list)
     sweep.add_argument("--depths", default="0.1,0.5,0.9", type=lambda t: [float(x) for x in _list(t)])
     sweep.add_argument("--context", default="2k")
-    sweep.add_argument("--targets", type=int, default=256)
+    sweep.add_argument("--targets", type=int, default=256, help="ppl target tokens per window")
+    sweep.add_argument("--windows", type=_positive, default=1, help="ppl windows per text (see eval ppl)")
     report = ev_sub.add_parser("report", help="README.md (tables) and summary.png from the JSONs in a folder")
     report.add_argument("--dir", required=True, help="the folder the eval commands wrote to")
     report.add_argument("--title", default="kvtier: approximate methods against full")
@@ -141,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def cmd_info(args) -> int:
@@ -253,14 +263,17 @@ def cmd_eval(args) -> int:
             print(f"{label:<28} {row['top1_agreement']:>12.0%} {row['kl_mean']:>10.3g} {row['kl_max']:>10.3g}")
     elif args.eval_command == "ppl":
         result = kv_eval.perplexity(model, tokenizer, args.methods, texts=args.texts + args.text_file,
-                                    context=args.context, targets=args.targets, out_dir=args.out)
-        print(f"{'method':<28} {'text':<10} {'ppl':>9} {'delta vs full':>14}")
+                                    context=args.context, targets=args.targets, windows=args.windows,
+                                    out_dir=args.out)
+        print(f"{'method':<28} {'text':<10} {'ppl':>9} {'delta vs full':>14} {'95% CI':>20}")
         for row in result["rows"]:
-            print(f"{row['method']:<28} {row['text'][:10]:<10} {row['ppl']:>9.3f} {row['ppl_delta_vs_full']:>+14.4f}")
+            low, high = row["ppl_delta_ci95"]
+            print(f"{row['method']:<28} {row['text'][:10]:<10} {row['ppl']:>9.3f} {row['ppl_delta_vs_full']:>+14.4f} "
+                  f"{f'[{low:+.4f}, {high:+.4f}]':>20}")
     else:
         result = kv_eval.budget_sweep(model, tokenizer, args.method, budgets=args.values, option=args.option,
                                       lengths=args.lengths, depths=args.depths, context=args.context,
-                                      targets=args.targets, out_dir=args.out)
+                                      targets=args.targets, windows=args.windows, out_dir=args.out)
         print(f"full: needle {result['full']['needle_success']:.0%}")
         print(f"{args.option:>8} {'needle':>7} {'=full':>6} {'max ppl delta':>14}")
         for point in result["points"]:

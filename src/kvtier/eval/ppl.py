@@ -10,32 +10,73 @@ from ..generate import score
 from .common import make_cache, parse_length, parse_methods, text_by_name, with_full, write_json
 
 
+def paired_delta(method_nll: torch.Tensor, full_nll: torch.Tensor) -> dict:
+    """Method minus full on the same tokens: mean NLL difference, its standard error and a 95% interval on the
+    perplexity difference.
+
+    Pairing token by token cancels how hard each token is, which dominates the spread of either NLL alone; the
+    interval is taken on the NLL scale (where the mean is close to normal) and mapped through exp.
+    """
+    diff = (method_nll.double() - full_nll.double()).flatten()
+    n = diff.numel()
+    delta = float(diff.mean())
+    se = float(diff.std()) / math.sqrt(n) if n > 1 else math.nan  # one token gives no spread to estimate
+    base = float(full_nll.double().mean())
+    ci = [math.exp(base + delta + z * 1.96 * se) - math.exp(base) for z in (-1, 1)]
+    return {"nll_delta_vs_full": delta, "nll_delta_se": se, "ppl_delta_ci95": ci}
+
+
+def window_starts(length: int, window: int, windows: int) -> list[int]:
+    """Starts of `windows` disjoint windows of `window` tokens, one at the head of each equal share of the text."""
+    fit = length // window
+    if windows > fit:
+        raise ValueError(f"{length} tokens fit {fit} disjoint window(s) of context + targets = {window}; "
+                         f"asked for {windows}")
+    return [i * (length // windows) for i in range(windows)]
+
+
 @torch.inference_mode()
 def perplexity(model, tokenizer, methods, texts=("prose", "code"), context="2k", targets: int = 256,
-               out_dir=None, progress: bool = True) -> dict:
-    """NLL and perplexity of `targets` tokens after `context` tokens of each text, per method; delta vs full."""
+               out_dir=None, progress: bool = True, windows: int = 1) -> dict:
+    """NLL and perplexity of `targets` tokens after `context` tokens, in each of `windows` disjoint windows spread
+    over each text, per method; the windows' tokens are pooled, and each method is set against full on them.
+
+    Cache counters add up over windows, except device_kv_bytes: the largest of the windows' peaks.
+    """
+    if windows < 1:
+        raise ValueError(f"windows must be >= 1, got {windows}")
     specs = with_full(parse_methods(methods))
     context = parse_length(context)
     device = next(model.parameters()).device
     rows = []
     for name in texts:
         ids = tokenizer(text_by_name(name), return_tensors="pt", add_special_tokens=False)["input_ids"]
-        if ids.shape[1] < context + targets:
-            raise ValueError(f"text {name!r} has {ids.shape[1]} tokens; need context + targets = {context + targets}")
-        ctx, tgt = ids[:, :context].to(device), ids[:, context:context + targets].to(device)
+        try:
+            starts = window_starts(ids.shape[1], context + targets, windows)
+        except ValueError as err:
+            raise ValueError(f"text {name!r}: {err}") from None
         full_nll = None
         for spec in specs:
-            cache = make_cache(model, spec, context)
-            nll = score(model, ctx, tgt, cache=cache, progress=progress)[0]
-            mean = float(nll.mean())
+            nlls, stats = [], {"device_kv_bytes": 0, "h2d_bytes": 0, "decode_steps": 0}
+            for start in starts:
+                ctx = ids[:, start:start + context].to(device)
+                tgt = ids[:, start + context:start + context + targets].to(device)
+                cache = make_cache(model, spec, context)
+                nlls.append(score(model, ctx, tgt, cache=cache, progress=progress)[0].cpu())
+                window_stats = cache.stats()
+                stats["device_kv_bytes"] = max(stats["device_kv_bytes"], window_stats["device_kv_bytes"])
+                stats["h2d_bytes"] += window_stats["h2d_bytes"]
+                stats["decode_steps"] += window_stats["decode_steps"]
+            nll = torch.cat(nlls)
             if full_nll is None:
-                full_nll = mean
-            stats = cache.stats()
+                full_nll = nll
+            mean, full_mean = float(nll.mean()), float(full_nll.mean())
             rows.append({"method": spec.label, "text": name, "context": context, "targets": targets,
-                         "nll": mean, "ppl": math.exp(mean), "ppl_delta_vs_full": math.exp(mean) - math.exp(full_nll),
-                         "device_kv_bytes": stats["device_kv_bytes"], "h2d_bytes": stats["h2d_bytes"],
-                         "decode_steps": stats["decode_steps"]})
-    result = {"eval": "ppl", "context": context, "targets": targets, "texts": list(texts), "rows": rows}
+                         "windows": windows, "scored_tokens": nll.numel(), "nll": mean, "ppl": math.exp(mean),
+                         "ppl_delta_vs_full": math.exp(mean) - math.exp(full_mean),
+                         **paired_delta(nll, full_nll), **stats})
+    result = {"eval": "ppl", "context": context, "targets": targets, "windows": windows, "texts": list(texts),
+              "rows": rows}
     if out_dir is not None:
         result["json"] = str(write_json(result, out_dir, "ppl.json"))
     return result

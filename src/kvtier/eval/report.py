@@ -134,13 +134,19 @@ def _fidelity_section(data: dict) -> list[str]:
 
 
 def _ppl_section(data: dict) -> list[str]:
+    windows = data.get("windows", 1)
     lines = [f"## Decode perplexity (`{data['file']}`)", "",
-             f"`kvtier.score`: {data['targets']} target tokens after the context, one token at a time.", ""]
+             f"`kvtier.score`: {data['targets']} target tokens after the context, one token at a time"
+             + (f", in each of {windows} windows per text, pooled." if windows > 1 else "."), ""]
+    with_ci = all("ppl_delta_ci95" in r for r in data["rows"])  # JSONs from before the interval lack it
     rows = []
     for (text, context), by_method in _ppl_columns(data).items():
         rows += [[label, text, context, f"{r['ppl']:.3f}", f"{by_method['full']['ppl']:.3f}",
-                  f"{r['ppl_delta_vs_full']:+.4f}"] for label, r in by_method.items()]
-    return lines + _table(["method", "text", "context", "ppl", "full's ppl", "delta"], rows)
+                  f"{r['ppl_delta_vs_full']:+.4f}",
+                  *([f"[{r['ppl_delta_ci95'][0]:+.4f}, {r['ppl_delta_ci95'][1]:+.4f}]"] if with_ci else [])]
+                 for label, r in by_method.items()]
+    return lines + _table(["method", "text", "context", "ppl", "full's ppl", "delta",
+                           *(["95% CI"] if with_ci else [])], rows)
 
 
 def _sweep_section(data: dict) -> list[str]:

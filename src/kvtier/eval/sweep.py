@@ -11,12 +11,13 @@ from .ppl import perplexity
 
 def budget_sweep(model, tokenizer, method: str = "freekv", budgets=(256, 512, 1024, 2048), option: str = "budget",
                  lengths=("2k",), depths=(0.1, 0.5, 0.9), texts=("prose", "code"), context="2k", targets=256,
-                 base_options=None, out_dir=None, progress: bool = True) -> dict:
+                 base_options=None, out_dir=None, progress: bool = True, windows: int = 1) -> dict:
     """Needle success and perplexity delta vs full for `method` at each value of `option`."""
     base = dict(base_options or {})
     specs = [MethodSpec(method, {**base, option: b}) for b in budgets]
     needle = needle_grid(model, tokenizer, specs, lengths=lengths, depths=depths, progress=progress)
-    ppl = perplexity(model, tokenizer, specs, texts=texts, context=context, targets=targets, progress=progress)
+    ppl = perplexity(model, tokenizer, specs, texts=texts, context=context, targets=targets, windows=windows,
+                     progress=progress)
     points = []
     for spec, value in zip(specs, budgets):
         deltas = [r["ppl_delta_vs_full"] for r in ppl["rows"] if r["method"] == spec.label]

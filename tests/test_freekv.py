@@ -8,7 +8,9 @@ from conftest import FAMILIES, batch_prompt
 from transformers import DynamicCache
 
 import kvtier
-from kvtier.select import group_page_probs, page_digest, page_scores, query_similarity, select_pages
+from kvtier.quant import LowBitKeys, quantize_keys
+from kvtier.select import (group_page_probs, lowbit_page_probs, page_digest, page_scores, query_similarity,
+                           select_pages, top_pages)
 from kvtier.store import from_pages
 
 SMALL = dict(page_size=4, sink=8, window=8)
@@ -66,6 +68,63 @@ def test_select_pages_returns_each_kv_heads_top_pages_with_offset():
     assert few.shape == (1, 2, 2), "k is capped by the pages available"
 
 
+def _page_mass(q, keys, page_size, scaling):
+    """Reference: each query head's softmax over all tokens, summed per page, averaged over the group."""
+    b, num_heads, d = q.shape
+    kv = keys.shape[1]
+    logits = torch.einsum("bhgd,bhnd->bhgn", q.view(b, kv, num_heads // kv, d), keys) * scaling
+    return torch.softmax(logits, -1).unflatten(-1, (-1, page_size)).sum(-1).mean(2)
+
+
+def test_lowbit_page_probs_are_page_attention_mass_of_the_dequantized_keys():
+    torch.manual_seed(5)
+    q, keys = torch.randn(2, 6, 16), torch.randn(2, 2, 52, 16)  # 48 quantized (3 groups of 16) + 4 pending
+    store = LowBitKeys(bits=2, group_size=16)
+    for chunk in keys.split([20, 4, 28], dim=2):  # how keys arrive does not matter
+        store.append(chunk)
+    assert (store.quantized_tokens, store.tokens) == (48, 52)
+    dequantized = torch.cat((quantize_keys(keys[:, :, :48], 2, 16).dequantize(), keys[:, :, 48:]), dim=2)
+    probs = lowbit_page_probs(q, store.quantized(), store.pending, 4, first_page=2, last_page=13, scaling=0.25)
+    assert probs.shape == (2, 2, 11)
+    torch.testing.assert_close(probs, _page_mass(q, dequantized[:, :, 8:52], 4, 0.25))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="cover 52 tokens"):
+        lowbit_page_probs(q, store.quantized(), store.pending, 4, first_page=0, last_page=14, scaling=0.25)
+
+
+def test_lowbit_scoring_finds_the_page_a_query_points_at():
+    """A page whose keys all align with the query wins, although another page has one larger key element:
+    that one element makes the min/max bound of its page large too, attention mass does not follow it."""
+    torch.manual_seed(6)
+    d, page = 16, 4
+    keys = 0.1 * torch.randn(1, 1, 40, d)
+    q = torch.zeros(1, 1, d)
+    q[..., :8] = 1.0
+    keys[:, :, 20:24, :8] += 1.0  # page 5: every key aligned with q
+    keys[:, :, 33, 0] += 10.0  # page 8: one key with one large channel
+    store = LowBitKeys(bits=2, group_size=8)
+    store.append(keys)
+    probs = lowbit_page_probs(q, store.quantized(), store.pending, page, 0, 10, scaling=d ** -0.5)
+    assert top_pages(probs, 1).item() == 5
+    pages, _ = select_pages(q, *page_digest(keys, page), 1, d ** -0.5)
+    assert pages.item() == 8, "the digest bound prefers the outlier page: the case low-bit scoring fixes"
+
+
+def test_lowbit_keys_grow_and_count_what_they_hold():
+    store = LowBitKeys(bits=2, group_size=8)
+    keys = torch.randn(1, 2, 100, 16)
+    for i in range(100):  # token by token: buffers grow with a margin, codes equal one-shot quantization
+        store.append(keys[:, :, i:i + 1])
+    q = store.quantized()
+    whole = quantize_keys(keys[:, :, :96], 2, 8)
+    assert torch.equal(q.packed, whole.packed) and torch.equal(q.scale, whole.scale)
+    assert torch.equal(store.pending, keys[:, :, 96:])
+    assert store.nbytes() == sum(t.numel() * t.element_size() for t in store.tensors())
+    assert store.nbytes() < keys.numel() * keys.element_size() / 2  # 2 bits + 2 x 32 bits per 8 tokens, vs 32
+    with pytest.raises(ValueError, match="do not match"):
+        store.append(torch.randn(1, 3, 1, 16))
+
+
 def test_query_similarity_is_grouped_cosine():
     q = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]])
     prev = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [-1.0, -1.0], [1.0, 0.0]]])
@@ -76,14 +135,14 @@ def test_query_similarity_is_grouped_cosine():
 # -- the method ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("speculative", [True, False])
-def test_budget_covering_the_context_is_identical_to_full(tiny_pair, family, batch, speculative):
+@pytest.mark.parametrize("speculative, scorer", [(True, "digest"), (False, "digest"), (True, "lowbit")])
+def test_budget_covering_the_context_is_identical_to_full(tiny_pair, family, batch, speculative, scorer):
     ref_model, model = tiny_pair(family)
     ids, mask = batch_prompt(batch, length=45, pad=9)
     new = 40
     expected = ref_model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                   do_sample=False, past_key_values=DynamicCache(config=ref_model.config))
-    opts = dict(budget=128, speculative=speculative, **SMALL)
+    opts = dict(budget=128, speculative=speculative, scorer=scorer, **SMALL)
     cache = kvtier.KVCache(model, method="freekv", **opts)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          past_key_values=cache)
@@ -104,10 +163,11 @@ def run_steps(model, cache, ids, steps):
             yield nxt
 
 
-def test_recall_bookkeeping_no_page_lost_or_duplicated(tiny):
+@pytest.mark.parametrize("scorer", ["digest", "lowbit"])
+def test_recall_bookkeeping_no_page_lost_or_duplicated(tiny, scorer):
     model = tiny("llama", num_hidden_layers=2)
     ids, _ = batch_prompt(2, length=60, pad=0)
-    cache = kvtier.KVCache(model, method="freekv", budget=32, dense_layers=0, **SMALL)
+    cache = kvtier.KVCache(model, method="freekv", budget=32, dense_layers=0, scorer=scorer, score_group=8, **SMALL)
     method = cache.method
     recalled_before = 0
     for _ in run_steps(model, cache, ids, 12):
@@ -208,13 +268,15 @@ def test_sink_and_window_scale_with_the_budget(tiny, options, sink, window):
 
 @pytest.mark.parametrize("bad", [dict(budget=16, **SMALL), dict(page_size=4, sink=6, window=8),
                                  dict(tau=2.0), dict(dense_layers=99), dict(speculative="yes"),
-                                 dict(budget=-1), dict(page_size=0)])
+                                 dict(budget=-1), dict(page_size=0), dict(scorer="exact"), dict(score_bits=3),
+                                 dict(page_size=32, score_group=48), dict(score_group=0)])
 def test_bad_options_are_clear_errors(tiny, bad):
     with pytest.raises(ValueError, match="freekv"):
         kvtier.KVCache(tiny("llama"), method="freekv", **bad)
 
 
-def test_traffic_and_memory_at_4k_budget_512(tiny):
+@pytest.mark.parametrize("scorer", ["digest", "lowbit"])
+def test_traffic_and_memory_at_4k_budget_512(tiny, scorer):
     """h2d per decode step >= 10x below offload; device KV >= 4x below full (4k context, 16 layers of which the
     first stays dense: the ratio depends on the share of dense layers, 1/30 on the embedded model)."""
     model = tiny("llama", num_hidden_layers=16, max_position_embeddings=8192)
@@ -222,7 +284,7 @@ def test_traffic_and_memory_at_4k_budget_512(tiny):
     per_step = {}
     device = {}
     for method in ("full", "offload", "freekv"):
-        opts = dict(budget=512) if method == "freekv" else {}
+        opts = dict(budget=512, scorer=scorer, page_size=32 if scorer == "digest" else 8) if method == "freekv" else {}
         cache = kvtier.KVCache(model, method=method, **opts)
         cache.reserve(4096 + 9)
         steps = list(run_steps(model, cache, ids, 1))

@@ -217,6 +217,7 @@ def test_attend_dispatches_decode_only(monkeypatch):
 # -- a whole decode through a method -----------------------------------------------------------------------------
 @pytest.mark.parametrize("method, options", [
     ("freekv", dict(budget=32, page_size=4, sink=8, window=8)),
+    ("freekv", dict(budget=32, page_size=4, sink=8, window=8, scorer="lowbit", score_group=8)),
     ("specache", dict(bits=2, group_size=16, residual=16, topk=8)),
 ])
 def test_generate_through_the_kernels_gives_the_torch_tokens(tiny, monkeypatch, method, options):
@@ -227,8 +228,10 @@ def test_generate_through_the_kernels_gives_the_torch_tokens(tiny, monkeypatch, 
     calls = []
     spy(monkeypatch, decode, "decode_attention", calls)
     spy(monkeypatch, digest_score, "page_probs", calls)
+    spy(monkeypatch, dequant_score, "dequant_scores", calls)
     out = kvtier.generate(tiny("llama").to(DEVICE), ids, method=method, max_new_tokens=6, eos_token_id=-1, **options)
     assert torch.equal(out, expected)
     assert "decode_attention" in calls
     if method == "freekv":
-        assert "page_probs" in calls, "no page selection went through the kernel"
+        scorer = "dequant_scores" if options.get("scorer") == "lowbit" else "page_probs"
+        assert scorer in calls, "no page selection went through the kernel"

@@ -297,3 +297,80 @@ class LowBitKV:
 
     def cache_bytes(self) -> int:
         return sum(nbytes(t) for t in self.cache_tensors())
+
+
+class LowBitKeys:
+    """One layer's growing low-bit copy of keys alone, for scoring (FreeKV's `scorer="lowbit"`).
+
+    Keys arrive in blocks; every whole group of `group_size` tokens is quantized per channel (as
+    `quantize_keys`) into buffers that grow with a margin, and the remainder waits in full precision until
+    its group fills. `quantized()` is a QTensor view of the quantized prefix, so a scoring kernel reads one
+    tensor however many groups were added. Quantization never depends on how keys were split into appends.
+    """
+
+    def __init__(self, bits: int = 2, group_size: int = 64):
+        _check_bits(bits)
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        self.bits, self.group_size = bits, group_size
+        self.quantized_tokens = 0
+        self.pending: torch.Tensor | None = None  # [b, h, < group_size, d] full precision
+        self.packed: torch.Tensor | None = None  # [b, h, capacity, ceil(d*bits/8)]
+        self.scale: torch.Tensor | None = None  # [b, h, capacity / group_size, d]
+        self.zero: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.quantized_tokens + (0 if self.pending is None else self.pending.shape[2])
+
+    def append(self, k: torch.Tensor) -> None:
+        """Append keys [b, h, t, d]."""
+        if k.dim() != 4 or not k.is_floating_point():
+            raise ValueError(f"keys must be floating point [b, h, t, d], got {k.dtype} {tuple(k.shape)}")
+        if self.pending is None:
+            self.pending = k.new_empty((*k.shape[:2], 0, k.shape[3]))
+        elif (k.shape[:2], k.shape[3], k.dtype) != (self.pending.shape[:2], self.pending.shape[3], self.pending.dtype):
+            raise ValueError(f"appended keys {tuple(k.shape)} {k.dtype} do not match the layer's "
+                             f"{tuple(self.pending.shape)} {self.pending.dtype} (b, h, d and dtype must agree)")
+        keys = torch.cat((self.pending, k), dim=2)
+        flush = keys.shape[2] // self.group_size * self.group_size
+        if flush:
+            q = quantize_keys(keys[:, :, :flush], self.bits, self.group_size)
+            self._grow(self.quantized_tokens + flush, q)
+            n, g = self.quantized_tokens, self.quantized_tokens // self.group_size
+            self.packed[:, :, n:n + flush] = q.packed
+            self.scale[:, :, g:g + flush // self.group_size] = q.scale
+            self.zero[:, :, g:g + flush // self.group_size] = q.zero
+            self.quantized_tokens += flush
+        self.pending = keys[:, :, flush:].clone()  # not a view: it would keep the whole block alive
+
+    def _grow(self, tokens: int, like: QTensor) -> None:
+        capacity = 0 if self.packed is None else self.packed.shape[2]
+        if tokens <= capacity:
+            return
+        groups = -(-max(tokens, capacity + capacity // 4) // self.group_size)  # a 25% margin, as HostPool
+        b, h = like.packed.shape[:2]
+        packed = like.packed.new_zeros((b, h, groups * self.group_size, like.packed.shape[3]))
+        scale = like.scale.new_zeros((b, h, groups, like.scale.shape[3]))
+        zero = torch.zeros_like(scale)
+        if capacity:
+            n, g = self.quantized_tokens, self.quantized_tokens // self.group_size
+            packed[:, :, :n], scale[:, :, :g], zero[:, :, :g] = self.packed[:, :, :n], self.scale[:, :, :g], \
+                self.zero[:, :, :g]
+        self.packed, self.scale, self.zero = packed, scale, zero
+
+    def quantized(self) -> QTensor | None:
+        """The quantized prefix [b, h, quantized_tokens, d] as a QTensor of views (None before the first group)."""
+        if not self.quantized_tokens:
+            return None
+        n, g = self.quantized_tokens, self.quantized_tokens // self.group_size
+        b, h, _, d = self.pending.shape
+        return QTensor(self.packed[:, :, :n], self.scale[:, :, :g], self.zero[:, :, :g], self.bits, 2,
+                       self.group_size, (b, h, n, d), self.pending.dtype)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Everything held (buffers at their allocated capacity, and the full-precision remainder)."""
+        return tuple(t for t in (self.packed, self.scale, self.zero, self.pending) if t is not None)
+
+    def nbytes(self) -> int:
+        return sum(nbytes(t) for t in self.tensors())

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..attention import attend, causal_attention
-from ..select import page_digest, query_similarity, select_pages
+from ..quant import LowBitKeys
+from ..select import lowbit_page_probs, page_digest, query_similarity, select_pages, top_pages
 from ..store import DevicePool, HostPool, RecallStaging, from_pages, to_pages
 from .base import Method, register
 from .full import Full
@@ -28,7 +29,7 @@ from .full import Full
 class _Layer:
     """Device state of one retrieval layer."""
 
-    def __init__(self, k: torch.Tensor, sink: int, recent_capacity: int):
+    def __init__(self, k: torch.Tensor, sink: int, recent_capacity: int, lowbit: LowBitKeys | None):
         b, h, _, d = k.shape
         self.sink_k = k.new_zeros((b, h, sink, d))
         self.sink_v = k.new_zeros((b, h, sink, d))
@@ -41,10 +42,14 @@ class _Layer:
         self.recent_start = sink  # position of recent_k[:, :, 0]
         self.digest_max = k.new_zeros((b, h, 0, d))
         self.digest_min = k.new_zeros((b, h, 0, d))
+        self.lowbit = lowbit  # scorer="lowbit": low-bit keys of every written page instead of digests
         self.slots: DevicePool | None = None
         self.selected: torch.Tensor | None = None  # [b, h_kv, k] pages wanted by the last selection
         self.previous_q: torch.Tensor | None = None
         self.pending: list = []  # events of a recall still in flight
+
+    def scoring_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.lowbit.tensors() if self.lowbit is not None else (self.digest_max, self.digest_min)
 
     @property
     def recent_k(self) -> torch.Tensor:
@@ -93,7 +98,7 @@ class FreeKV(Method):
     name = "freekv"
     exact = False
     defaults = {"budget": 2048, "page_size": 32, "sink": None, "window": None, "tau": 0.8, "dense_layers": 1,
-                "speculative": True}
+                "speculative": True, "scorer": "digest", "score_bits": 2, "score_group": None}
     edge_tokens = 128  # the spec's sink and window for long inputs
 
     def __init__(self, spec, **options):
@@ -128,6 +133,17 @@ class FreeKV(Method):
         if not isinstance(o["speculative"], bool):
             raise ValueError(f"freekv speculative must be True or False, got {o['speculative']!r}")
         self.tau, self.speculative = float(o["tau"]), o["speculative"]
+        if o["scorer"] not in ("digest", "lowbit"):
+            raise ValueError(f"freekv scorer must be 'digest' (min/max key digests per page) or 'lowbit' "
+                             f"(low-bit keys of every token), got {o['scorer']!r}")
+        if o["score_bits"] not in (1, 2, 4):
+            raise ValueError(f"freekv score_bits must be 1, 2 or 4, got {o['score_bits']!r}")
+        if o["score_group"] is None:
+            o["score_group"] = max(64, p) // p * p
+        if not isinstance(o["score_group"], int) or isinstance(o["score_group"], bool) or o["score_group"] < 1 \
+                or o["score_group"] % p:
+            raise ValueError(f"freekv score_group (tokens per low-bit key group) must be a positive multiple of "
+                             f"page_size ({p}), got {o['score_group']!r}")
         self.dense = Full(spec)
         self.dense.ledger = self.ledger  # one ledger: the device peak covers dense and retrieval layers together
         self.pool: HostPool | None = None
@@ -158,7 +174,10 @@ class FreeKV(Method):
                                  self.link)
         st = self.layers[layer]
         if st is None:
-            st = self.layers[layer] = _Layer(k, self.sink, self.window + 2 * self.page_size)
+            lowbit = None
+            if self.options["scorer"] == "lowbit":
+                lowbit = LowBitKeys(self.options["score_bits"], self.options["score_group"])
+            st = self.layers[layer] = _Layer(k, self.sink, self.window + 2 * self.page_size, lowbit)
         self.fresh[layer] = (k, v)
         n, t, p = self.lengths[layer], k.shape[2], self.page_size
         into_sink = max(0, min(self.sink - n, t))
@@ -168,21 +187,24 @@ class FreeKV(Method):
         if into_sink < t:
             st.push_recent(k[:, :, into_sink:], v[:, :, into_sink:])
         total = n + t
-        # Pages that filled: to the host pool, and their digests on the device.
+        # Pages that filled: to the host pool, and what scores them to the device.
         first, last = self.pool.num_pages[layer], total // p
         if last > first:
             pk, pv = self._tokens(st, first * p, last * p)
             self.pool.write(layer, to_pages(pk, pv, p))
-            dmax, dmin = page_digest(pk, p)
-            st.digest_max = torch.cat((st.digest_max, dmax), dim=2)
-            st.digest_min = torch.cat((st.digest_min, dmin), dim=2)
+            if st.lowbit is not None:
+                st.lowbit.append(pk)
+            else:
+                dmax, dmin = page_digest(pk, p)
+                st.digest_max = torch.cat((st.digest_max, dmax), dim=2)
+                st.digest_min = torch.cat((st.digest_min, dmin), dim=2)
         # Slide the window: whole pages older than `window` tokens leave it (they are in the host pool).
         start = max(self.sink, (total - self.window) // p * p)
         if start > st.recent_start:
             st.drop_recent(start - st.recent_start)
             st.recent_start = start
-        self.ledger.hold(f"layer{layer}", st.sink_k, st.sink_v, st.recent_buf_k, st.recent_buf_v, st.digest_max,
-                         st.digest_min)
+        self.ledger.hold(f"layer{layer}", st.sink_k, st.sink_v, st.recent_buf_k, st.recent_buf_v,
+                         *st.scoring_tensors())
 
     def _tokens(self, st: _Layer, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions [start, end), all of them still in the sink or the recent window."""
@@ -207,7 +229,7 @@ class FreeKV(Method):
 
         heads: [b, h_kv] bool, the rows to reselect (None: all). Other rows keep their last selection.
         """
-        hi = min(hi, st.digest_max.shape[2])
+        hi = min(hi, self.pool.num_pages[layer])
         if hi <= lo:
             return []
         if st.slots is None:
@@ -216,8 +238,13 @@ class FreeKV(Method):
                 self.staging = RecallStaging(self.page_size, d, st.sink_k.dtype, st.sink_k.device)
             st.slots = DevicePool(b, h, d, self.page_size, self.num_slots, st.sink_k.dtype, st.sink_k.device,
                                   staging=self.staging)
-        pages, probs = select_pages(q, st.digest_max[:, :, lo:hi], st.digest_min[:, :, lo:hi], self.num_slots,
-                                    self.scaling, first_page=lo)
+        if st.lowbit is not None:
+            probs = lowbit_page_probs(q, st.lowbit.quantized(), st.lowbit.pending, self.page_size, lo, hi,
+                                      self.scaling)
+            pages = top_pages(probs, self.num_slots, first_page=lo)
+        else:
+            pages, probs = select_pages(q, st.digest_max[:, :, lo:hi], st.digest_min[:, :, lo:hi], self.num_slots,
+                                        self.scaling, first_page=lo)
         if heads is not None and st.selected is not None and st.selected.shape == pages.shape:
             pages = torch.where(heads.unsqueeze(-1), pages, st.selected)
         scores = probs.new_full((*probs.shape[:2], hi), float("-inf"))

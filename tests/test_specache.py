@@ -105,7 +105,24 @@ def test_plain_decode_fetches_by_the_current_query(tiny):
     assert stats["prefetch_hit_rate"] is None, "no speculation under plain decoding"
 
 
-@pytest.mark.parametrize("bad", [dict(bits=3), dict(topk=0), dict(group_size=5), dict(speculative="y")])
+def test_value_group_sets_the_value_quantization_alone(tiny):
+    model = tiny("llama", num_hidden_layers=2, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                 hidden_size=128)
+    ids, mask = batch_prompt(1, length=200)
+    lowbit = {}
+    for value_group in (None, 32, 16):
+        cache = kvtier.KVCache(model, method="specache", group_size=64, value_group=value_group)
+        run_plain(model, cache, ids, mask, 1)
+        layer = cache.method.lowbit[0]
+        qk, qv = layer.chunks[0]
+        assert qk.group_size == 64 and qv.group_size == (value_group or 64)
+        lowbit[value_group] = cache.stats()["device_lowbit_bytes"]
+    # one scale and one zero (float32) per value group of each token: 2 * 4 bytes more per halving
+    assert lowbit[None] < lowbit[32] < lowbit[16]
+
+
+@pytest.mark.parametrize("bad", [dict(bits=3), dict(topk=0), dict(group_size=5), dict(speculative="y"),
+                                 dict(value_group=48), dict(value_group=0)])
 def test_bad_options(tiny, bad):
     with pytest.raises(ValueError, match="specache"):
         kvtier.KVCache(tiny("llama"), method="specache", **bad)

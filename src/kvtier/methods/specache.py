@@ -29,14 +29,15 @@ from .base import Method, register
 class SpeCache(Method):
     """Low-bit device copy + top-k full-precision fetch + speculative-token prefetch. Approximate.
 
-    Options: bits (1 or 2), group_size (tokens per key group / channels per value group), residual (newest
+    Options: bits (1 or 2), group_size (tokens per key group, and channels per value group unless value_group
+    says otherwise), value_group (channels per value group; None: group_size, at most head_dim), residual (newest
     tokens kept in full precision), topk (full-precision pairs fetched per KV head and step), speculative
     (use the two-token step in kvtier.generate; False fetches by the current query everywhere).
     """
 
     name = "specache"
     exact = False
-    defaults = {"bits": 2, "group_size": 64, "residual": 64, "topk": 64, "speculative": True}
+    defaults = {"bits": 2, "group_size": 64, "residual": 64, "topk": 64, "speculative": True, "value_group": None}
 
     def __init__(self, spec, **options):
         super().__init__(spec, **options)
@@ -48,10 +49,17 @@ class SpeCache(Method):
                 raise ValueError(f"specache {key} must be a positive int, got {o[key]!r}")
         if not isinstance(o["speculative"], bool):
             raise ValueError(f"specache speculative must be True or False, got {o['speculative']!r}")
-        self.value_group = min(o["group_size"], spec.head_dim)
-        if spec.head_dim % self.value_group:
-            raise ValueError(f"specache group_size {o['group_size']} must divide head_dim {spec.head_dim} "
-                             "(values are grouped along channels)")
+        if o["value_group"] is None:
+            self.value_group = min(o["group_size"], spec.head_dim)
+            if spec.head_dim % self.value_group:
+                raise ValueError(f"specache group_size {o['group_size']} must divide head_dim {spec.head_dim} "
+                                 "(values are grouped along channels), or give value_group")
+        else:
+            self.value_group = o["value_group"]
+            if not isinstance(self.value_group, int) or isinstance(self.value_group, bool) or self.value_group < 1 \
+                    or spec.head_dim % self.value_group:
+                raise ValueError(f"specache value_group must be a positive divisor of head_dim {spec.head_dim}, "
+                                 f"got {self.value_group!r}")
         self.lowbit: list[LowBitKV] = []
         self.pool: HostPool | None = None
         self.fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

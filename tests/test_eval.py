@@ -13,6 +13,7 @@ from kvtier.cli import main
 from kvtier.eval import MethodSpec, fidelity, needle_grid, parse_methods, perplexity, report, ruler
 from kvtier.eval.common import parse_length, resolve_options, with_full
 from kvtier.eval.ppl import paired_delta, window_starts
+from kvtier.eval.report import load_results
 
 # A FreeKV cache that keeps only the first and last 32 tokens (one recalled page): it cannot hold what is buried in
 # the middle of a long prompt; full can.
@@ -205,5 +206,24 @@ def test_report_shows_the_interval_when_rows_have_it(tmp_path):
                                                    "texts": ["prose"], "rows": rows}))
     report(tmp_path)
     readme = (tmp_path / "README.md").read_text()
-    assert "| delta | 95% CI |" in readme and "in each of 4 windows per text" in readme
-    assert "| offload | prose | 1024 | 9.500 | 9.000 | +0.5000 | [+0.3100, +0.7200] |" in readme
+    assert "| delta | 95% CI |" in readme and "scored tokens = targets x windows" in readme
+    assert "| offload | prose | 1024 | 256 | 9.500 | 9.000 | +0.5000 | [+0.3100, +0.7200] |" in readme
+
+
+def test_report_merges_perplexity_runs_from_subfolders(tmp_path):
+    """One perplexity JSON per context (or per text run side by side) land in one table, each row with its own
+    context and scored tokens."""
+    for context, windows, delta in ((2048, 4, 0.05), (4096, 3, 0.08)):
+        rows = [{"method": m, "text": "code", "context": context, "targets": 256, "windows": windows,
+                 "scored_tokens": 256 * windows, "ppl": 5.0 + d, "ppl_delta_vs_full": d,
+                 "ppl_delta_ci95": [d / 2, 2 * d]} for m, d in (("full", 0.0), ("specache", delta))]
+        folder = tmp_path / f"ppl-{context}"
+        folder.mkdir()
+        (folder / "ppl.json").write_text(json.dumps({"eval": "ppl", "context": context, "targets": 256,
+                                                     "windows": windows, "texts": ["code"], "rows": rows}))
+    found = load_results(tmp_path)
+    assert len(found["ppl"]["rows"]) == 4 and "ppl-2048/ppl.json" in found["ppl"]["file"]
+    report(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert "| specache | code | 2048 | 1024 | 5.050 | 5.000 | +0.0500 |" in readme
+    assert "| specache | code | 4096 | 768 | 5.080 | 5.000 | +0.0800 |" in readme

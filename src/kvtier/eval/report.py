@@ -23,13 +23,21 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def load_results(out_dir) -> dict:
-    """{"needle": data, "ruler": data, "ppl": data, "fidelity": data, "sweeps": [data, ...]} from out_dir's JSONs."""
+    """{"needle": data, "ruler": data, "ppl": data, "fidelity": data, "sweeps": [data, ...]} from the JSONs in
+    out_dir and its subfolders. Several perplexity JSONs (one per context, or per text run side by side) merge
+    into one: their rows together, each row keeping its own context, targets and windows."""
     found = {"sweeps": []}
-    for path in sorted(Path(out_dir).glob("*.json")):
+    root = Path(out_dir)
+    for path in sorted(root.rglob("*.json")):
         data = json.loads(path.read_text())
-        data["file"] = path.name
+        data["file"] = str(path.relative_to(root))
         if data.get("eval") == "sweep":
             found["sweeps"].append(data)
+        elif data.get("eval") == "ppl" and "ppl" in found:
+            merged = found["ppl"]
+            merged["rows"] = merged["rows"] + data["rows"]
+            merged["file"] += f"`, `{data['file']}"
+            merged["texts"] = list(dict.fromkeys(merged["texts"] + data["texts"]))
         elif data.get("eval") in ("needle", "ruler", "ppl", "fidelity"):
             found[data["eval"]] = data
     return found
@@ -134,18 +142,18 @@ def _fidelity_section(data: dict) -> list[str]:
 
 
 def _ppl_section(data: dict) -> list[str]:
-    windows = data.get("windows", 1)
     lines = [f"## Decode perplexity (`{data['file']}`)", "",
-             f"`kvtier.score`: {data['targets']} target tokens after the context, one token at a time"
-             + (f", in each of {windows} windows per text, pooled." if windows > 1 else "."), ""]
+             "`kvtier.score`: target tokens after the context, one token at a time; with several windows per text "
+             "their targets are pooled (scored tokens = targets x windows).", ""]
     with_ci = all("ppl_delta_ci95" in r for r in data["rows"])  # JSONs from before the interval lack it
     rows = []
     for (text, context), by_method in _ppl_columns(data).items():
-        rows += [[label, text, context, f"{r['ppl']:.3f}", f"{by_method['full']['ppl']:.3f}",
-                  f"{r['ppl_delta_vs_full']:+.4f}",
+        scored = {label: r.get("scored_tokens", r.get("targets", data.get("targets"))) for label, r in by_method.items()}
+        rows += [[label, text, context, scored[label], f"{r['ppl']:.3f}",
+                  f"{by_method['full']['ppl']:.3f}", f"{r['ppl_delta_vs_full']:+.4f}",
                   *([f"[{r['ppl_delta_ci95'][0]:+.4f}, {r['ppl_delta_ci95'][1]:+.4f}]"] if with_ci else [])]
                  for label, r in by_method.items()]
-    return lines + _table(["method", "text", "context", "ppl", "full's ppl", "delta",
+    return lines + _table(["method", "text", "context", "scored tokens", "ppl", "full's ppl", "delta",
                            *(["95% CI"] if with_ci else [])], rows)
 
 

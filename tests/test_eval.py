@@ -52,6 +52,22 @@ def test_needle_harness_scores_good_and_bad_methods(embedded, tmp_path):
     saved = json.loads((tmp_path / "needle.json").read_text())
     assert len(saved["rows"]) == 2 and all(r["answer"] for r in saved["rows"])
     assert (tmp_path / "needle.png").stat().st_size > 0 and (tmp_path / "needle_full.png").is_file()
+    bad = next(r for r in saved["rows"] if r["method"] == BAD_LABEL)
+    assert 0.0 <= bad["correction_rate"] <= 1.0 and "correction_rate" not in saved["rows"][0]
+    assert result["summary"][BAD_LABEL]["correction_rate"] == bad["correction_rate"]
+    report(tmp_path)
+    assert "| prefetch hit rate | correction rate |" in (tmp_path / "README.md").read_text()
+
+
+def test_needle_summary_averages_speculation_rates_over_the_prompts_that_have_them():
+    from kvtier.eval.needle import _rate
+
+    rows = [{"success": True, "same_as_full": True, "prefetch_hit_rate": 0.5},
+            {"success": False, "same_as_full": True, "prefetch_hit_rate": 1.0},
+            {"success": False, "same_as_full": False}]
+    rate = _rate(rows)
+    assert rate["prefetch_hit_rate"] == 0.75 and "correction_rate" not in rate
+    assert rate["success_rate"] == pytest.approx(1 / 3) and rate["prompts"] == 3
 
 
 @pytest.mark.embedded

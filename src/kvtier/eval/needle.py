@@ -41,9 +41,19 @@ def multikey_prompt(tokenizer, length: int, depth: float, rng: random.Random, ke
     return ids, values[0], values[1:]
 
 
+# How well a method's guess of the next step held, from its stats: SpeCache's speculative top-k against the real
+# token's, FreeKV's share of (layer, KV head, step) checks whose query drifted and forced a synchronous recall.
+SPECULATION_RATES = ("prefetch_hit_rate", "correction_rate")
+
+
 def _rate(rows: list[dict]) -> dict:
-    return {"success_rate": sum(r["success"] for r in rows) / len(rows),
-            "agreement_with_full": sum(r["same_as_full"] for r in rows) / len(rows), "prompts": len(rows)}
+    out = {"success_rate": sum(r["success"] for r in rows) / len(rows),
+           "agreement_with_full": sum(r["same_as_full"] for r in rows) / len(rows), "prompts": len(rows)}
+    for name in SPECULATION_RATES:
+        values = [r[name] for r in rows if r.get(name) is not None]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out
 
 
 @torch.inference_mode()
@@ -87,7 +97,8 @@ def needle_grid(model, tokenizer, methods, lengths=("1k", "2k"), depths=(0.0, 0.
                          "depth": depth, "needle": value, "answer": answer.strip(), "success": value in answer,
                          "answered_distractor": any(v in answer for v in distractors),
                          "same_as_full": bool(torch.equal(new, reference)),
-                         "device_kv_bytes": stats["device_kv_bytes"], "h2d_bytes": stats["h2d_bytes"]})
+                         "device_kv_bytes": stats["device_kv_bytes"], "h2d_bytes": stats["h2d_bytes"],
+                         **{k: stats[k] for k in SPECULATION_RATES if stats.get(k) is not None}})
     summary = {}
     for spec in specs:
         mine = [r for r in rows if r["method"] == spec.label]

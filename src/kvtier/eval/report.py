@@ -114,6 +114,14 @@ def _needle_section(data: dict) -> list[str]:
                          _pct(s["kinds"][kind]["agreement_with_full"])])
         lines += [f"**{kind}**", ""]
         lines += _table(["method", *(f"{n} tokens" for n in data["lengths"]), "token-identical to full"], rows)
+    rates = [[label, _pct(s["prefetch_hit_rate"]) if "prefetch_hit_rate" in s else "",
+              _pct(s["correction_rate"]) if "correction_rate" in s else ""]
+             for label, s in data["summary"].items() if "prefetch_hit_rate" in s or "correction_rate" in s]
+    if rates:
+        lines += ["Speculation, mean over the prompts: SpeCache's prefetch hit rate (share of the speculative "
+                  "token's top-k that the real token also picked) and FreeKV's correction rate (share of layer, KV "
+                  "head and step checks whose query drifted below tau).", ""]
+        lines += _table(["method", "prefetch hit rate", "correction rate"], rates)
     return lines
 
 

@@ -94,10 +94,10 @@ class FreeKV(Method):
     scorer="lowbit" keeps a `score_bits`-bit copy of every key instead (per channel, groups of `score_group`
     tokens, default max(64, page_size)) and ranks pages by the attention mass of their tokens. The bound is
     loose when one channel of one key is large, and a page is only as fine as its size, so at a quarter of the
-    context the digest loses +0.33 to +0.39 perplexity on the embedded model where low-bit scoring of 8-token
-    pages loses +0.05 to +0.09 (2k context, 4 x 256 targets). Its price: 2-bit keys cost 2.5x the device bytes
-    of 32-token digests at bfloat16, so at the spec's 2048 budget on a 32k context the digest is the one that
-    keeps device KV 8x below `full`.
+    context the digest loses +0.33 (code) and +0.39 (prose) perplexity on the embedded model where low-bit
+    scoring of 8-token pages loses +0.05 and +0.09 (2k context, 4 x 256 targets; docs/results/fidelity-bars).
+    Its price: 2-bit keys cost 2.5x the device bytes of 32-token digests at bfloat16, so at the spec's 2048
+    budget on a 32k context the digest is the one that keeps device KV 8x below `full`.
 
     sink and window default to a sixteenth of the budget each (whole pages, at least one, at most the spec's
     128 for long inputs), which is the spec's ratio at its default budget of 2048. A fixed 128 + 128 would

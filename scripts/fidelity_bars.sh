@@ -18,16 +18,17 @@ DIGEST="freekv:budget=0.25"
 LOWBIT="freekv:budget=0.25:page_size=8:scorer=lowbit"
 OMP_NUM_THREADS=2 kvtier eval needle --methods "full,$DIGEST,$LOWBIT,specache,specache:bits=1" --kinds single --lengths 2k,4k \
   --depths 0.1,0.3,0.5,0.7,0.9 --seed 0 --max-new-tokens 20 --out "$OUT"
-both_texts() {  # $1 context, $2 windows, $3 methods: prose and code side by side; fail if either fails
+both_texts() {  # $1 folder name, $2 context, $3 windows, $4 methods: prose and code side by side
   local pids=()
   for text in prose code; do
-    kvtier eval ppl --methods "$3" --texts "$text" --context "$1" --windows "$2" --out "$OUT/ppl-$1-$text" &
+    kvtier eval ppl --methods "$4" --texts "$text" --context "$2" --windows "$3" --out "$OUT/ppl-$1-$text" &
     pids+=($!)
   done
-  for pid in "${pids[@]}"; do wait "$pid"; done
+  for pid in "${pids[@]}"; do wait "$pid"; done  # fail if either failed
 }
-both_texts 2k 4 "$DIGEST,$LOWBIT,freekv:budget=0.25:page_size=16:scorer=lowbit,specache,specache:group_size=32"
-both_texts 4k 3 "$LOWBIT,specache"
+both_texts 2k 2k 4 "$DIGEST,$LOWBIT,freekv:budget=0.25:page_size=16:scorer=lowbit,specache,specache:group_size=32"
+both_texts 4k 4k 3 "$LOWBIT,specache"
+both_texts 2k-1bit 2k 4 "specache:bits=1"
 kvtier eval report --dir "$OUT" --title "FreeKV and SpeCache against full: the fidelity bars (embedded model, CPU, float32)" \
   --command "bash scripts/fidelity_bars.sh" \
   --note "Bars (issues 3 and 4): at a budget of a quarter of the context or less, FreeKV's single-needle success \

@@ -105,6 +105,26 @@ def test_plain_decode_fetches_by_the_current_query(tiny):
     assert stats["prefetch_hit_rate"] is None, "no speculation under plain decoding"
 
 
+@pytest.mark.parametrize("correct", [0.0, 0.5, 1.0])
+def test_correction_fetches_the_real_top_k_when_the_guess_missed(tiny, correct):
+    model = tiny("llama", num_hidden_layers=2)
+    ids, mask = batch_prompt(2, length=50, pad=5)
+    cache = kvtier.KVCache(model, method="specache", correct=correct, **SMALL)
+    kvtier.generate(model, ids, attention_mask=mask, cache=cache, max_new_tokens=12, eos_token_id=-1)
+    stats = cache.stats()
+    steps = 11 * 2  # two-token steps x layers
+    per_fetch = 2 * model.config.num_key_value_heads * 4  # sequences x KV heads x topk
+    if correct == 0.0:
+        assert stats["corrections"] == 0 and stats["correction_rate"] is None
+    else:
+        assert stats["correction_rate"] == stats["corrections"] / steps
+        if correct == 1.0 and stats["prefetch_hit_rate"] < 1.0:
+            assert stats["corrections"] > 0, "a miss below a threshold of 1 must correct"
+    # speculative fetches (one per layer and step, plus the lookahead's) and one more per correction; the window
+    # refetches come on top
+    assert stats["fetched_tokens"] >= (steps + 2 + stats["corrections"]) * per_fetch
+
+
 def test_value_group_sets_the_value_quantization_alone(tiny):
     model = tiny("llama", num_hidden_layers=2, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
                  hidden_size=128)
@@ -122,7 +142,7 @@ def test_value_group_sets_the_value_quantization_alone(tiny):
 
 
 @pytest.mark.parametrize("bad", [dict(bits=3), dict(topk=0), dict(group_size=5), dict(speculative="y"),
-                                 dict(value_group=48), dict(value_group=0)])
+                                 dict(value_group=48), dict(value_group=0), dict(correct=1.5), dict(correct=True)])
 def test_bad_options(tiny, bad):
     with pytest.raises(ValueError, match="specache"):
         kvtier.KVCache(tiny("llama"), method="specache", **bad)

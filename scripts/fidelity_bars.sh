@@ -29,9 +29,19 @@ both_texts() {  # $1 folder name, $2 context, $3 windows, $4 methods: prose and 
 both_texts 2k 2k 4 "$DIGEST,$LOWBIT,freekv:budget=0.25:page_size=16:scorer=lowbit,specache,specache:group_size=32"
 both_texts 4k 4k 3 "$LOWBIT,specache"
 both_texts 2k-1bit 2k 4 "specache:bits=1"
+# Where SpeCache's needle misses come from: the same grid fetching by the current query, and with corrections.
+# Each in its own folder (outside $OUT's report, which takes one needle grid).
+SPEC=${OUT%/*}/specache-speculation
+pids=()
+for run in "current-query:specache:speculative=False" "correct-0.5:specache:correct=0.5" "correct-0.9:specache:correct=0.9"; do
+  kvtier eval needle --methods "${run#*:}" --kinds single --lengths 2k,4k --depths 0.1,0.3,0.5,0.7,0.9 --seed 0 \
+    --max-new-tokens 20 --out "$SPEC/${run%%:*}" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
 kvtier eval report --dir "$OUT" --title "FreeKV and SpeCache against full: the fidelity bars (embedded model, CPU, float32)" \
   --command "bash scripts/fidelity_bars.sh" \
-  --note "Bars (issues 3 and 4): at a budget of a quarter of the context or less, FreeKV's single-needle success \
+  --note "The bars this checks (issues 3 and 4): at a budget of a quarter of the context or less, FreeKV's single-needle success \
 equals full's on the grid and its perplexity is within 0.1 of full's on code and on prose; SpeCache at 2 bits \
 likewise. Perplexity and the needle both decode one token at a time through the method (SpeCache's perplexity \
 fetches by the current query; its needle answers use the speculative step)."

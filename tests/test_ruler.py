@@ -126,7 +126,7 @@ def test_report_writes_tables_with_full_beside_each_number(tmp_path):
     readme = (tmp_path / "README.md").read_text()
     assert "bash scripts/report.sh" in readme.split("## ")[0], "the command is written at the top"
     for line in ("| freekv:budget=0.25 | 0% (full 100%) | 0% |", "0% (full 67%), 0% identical",
-                 "| freekv:budget=0.25 | prose | 1024 | 9.700 | 9.000 | +0.7000 |"):
+                 "| freekv:budget=0.25 | prose | 1024 | 256 | 9.700 | 9.000 | +0.7000 |"):
         assert line in readme
     assert set(result["panels"]) == {"needle found", "RULER score", "top-1 agreement with full",
                                      "perplexity - full's"}

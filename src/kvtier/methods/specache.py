@@ -99,7 +99,7 @@ class SpeCache(Method):
             self.ledger.hold(f"lowbit{layer}", *self.lowbit[layer].tensors())
 
     # -- fetching ---------------------------------------------------------------------------------------
-    def _fetch(self, layer: int, positions: torch.Tensor) -> None:
+    def _fetch(self, layer: int, positions: torch.Tensor, held_as: str = "fetched") -> None:
         """Start copying the full-precision K, V at positions [b, h, k] host -> device (waited on at use)."""
         b, h, k = positions.shape
         d = self.spec.head_dim
@@ -112,7 +112,7 @@ class SpeCache(Method):
         dst = torch.empty(src.shape, dtype=src.dtype, device=self.device)
         event = self.link.h2d(dst, src, lane=layer)
         self.fetched_tokens += b * h * k
-        self.ledger.hold(f"fetched{layer}", dst)
+        self.ledger.hold(f"{held_as}{layer}", dst)
         self.prefetched[layer] = (positions, dst.view(b, h, k, 2, d), event, self.lowbit[layer].quantized_tokens)
 
     def _topk(self, q_rows: torch.Tensor, keys: torch.Tensor, prefix: int, scaling: float) -> torch.Tensor:
@@ -164,11 +164,7 @@ class SpeCache(Method):
                     # Tokens that left the full-precision window after the prefetch was chosen: the guess could
                     # not pick them, so read them at full precision once more (one group per group_size steps).
                     b, h = keys.shape[:2]
-                    fresh = torch.arange(nq_then, nq).expand(b, h, -1)
-                    self._fetch(layer, fresh)
-                    _, kv_new, event_new, _ = self.prefetched.pop(layer)
-                    self.link.wait(event_new)
-                    self._overwrite(keys, values, fresh, kv_new)
+                    self._fetch_into(layer, keys, values, torch.arange(nq_then, nq).expand(b, h, -1))
         out = attend(q, keys, values, scaling, _causal_rows(valid, t, keys.shape[2], past, q.device))
         if self.feed_mode == "speculative" and nq:
             # The speculative row (position past+1, which sees the real token) picks step t+1's top-k from the
@@ -183,10 +179,16 @@ class SpeCache(Method):
         self.checks += 1
         if bool((hit.float().mean(-1) < self.correct).any()):
             self.corrections += 1
-            self._fetch(layer, real_top)
-            _, kv, event, _ = self.prefetched.pop(layer)
-            self.link.wait(event)
-            self._overwrite(keys, values, real_top, kv)
+            self._fetch_into(layer, keys, values, real_top)
+
+    def _fetch_into(self, layer, keys, values, positions) -> None:
+        """Fetch positions synchronously and overwrite them in keys/values. Its buffer is counted on the device
+        beside the prefetched one (both are alive here) and released once written."""
+        self._fetch(layer, positions, held_as="extra")
+        _, kv, event, _ = self.prefetched.pop(layer)
+        self.link.wait(event)
+        self._overwrite(keys, values, positions, kv)
+        self.ledger.release(f"extra{layer}")
 
     @staticmethod
     def _overwrite(keys, values, positions, kv) -> None:

@@ -8,9 +8,10 @@ from conftest import FAMILIES, batch_prompt
 from transformers import DynamicCache
 
 import kvtier
-from kvtier.quant import LowBitKeys, quantize_keys
+from kvtier.quant import LowBitKeys, LowBitValues, quantize_keys, quantize_values
 from kvtier.select import (group_page_probs, lowbit_page_probs, page_digest, page_scores, query_similarity,
                            select_pages, top_pages)
+from kvtier.link import nbytes
 from kvtier.store import from_pages
 
 SMALL = dict(page_size=4, sink=8, window=8)
@@ -125,6 +126,22 @@ def test_lowbit_keys_grow_and_count_what_they_hold():
         store.append(torch.randn(1, 3, 1, 16))
 
 
+def test_lowbit_values_grow_per_token_and_match_quantize_values():
+    v = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(0))
+    store = LowBitValues(bits=2, group_size=8)
+    assert store.quantized() is None
+    for start, end in [(0, 4), (4, 5), (5, 5), (5, 40)]:  # growing past its capacity, and an empty block
+        store.append(v[:, :, start:end])
+    assert store.tokens == 40
+    torch.testing.assert_close(store.quantized().dequantize(), quantize_values(v, 2, 8).dequantize(), rtol=0,
+                               atol=0)
+    assert store.nbytes() >= store.quantized().nbytes
+    with pytest.raises(ValueError, match="do not match"):
+        store.append(v[:1])
+    with pytest.raises(ValueError, match="does not divide"):
+        LowBitValues(2, 6).append(v)
+
+
 def test_query_similarity_is_grouped_cosine():
     q = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]])
     prev = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [-1.0, -1.0], [1.0, 0.0]]])
@@ -135,14 +152,15 @@ def test_query_similarity_is_grouped_cosine():
 # -- the method ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("speculative, scorer", [(True, "digest"), (False, "digest"), (True, "lowbit")])
-def test_budget_covering_the_context_is_identical_to_full(tiny_pair, family, batch, speculative, scorer):
+@pytest.mark.parametrize("speculative, scorer, rest", [(True, "digest", "drop"), (False, "digest", "drop"),
+                                                       (True, "lowbit", "drop"), (True, "lowbit", "lowbit")])
+def test_budget_covering_the_context_is_identical_to_full(tiny_pair, family, batch, speculative, scorer, rest):
     ref_model, model = tiny_pair(family)
     ids, mask = batch_prompt(batch, length=45, pad=9)
     new = 40
     expected = ref_model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                   do_sample=False, past_key_values=DynamicCache(config=ref_model.config))
-    opts = dict(budget=128, speculative=speculative, scorer=scorer, **SMALL)
+    opts = dict(budget=128, speculative=speculative, scorer=scorer, rest=rest, **SMALL)
     cache = kvtier.KVCache(model, method="freekv", **opts)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          past_key_values=cache)
@@ -192,6 +210,44 @@ def test_recall_bookkeeping_no_page_lost_or_duplicated(tiny, scorer):
         recalled_before = recalled
     # resident pages are reused: far fewer copies than slots x heads x layers x steps
     assert method.recalled_pages < 12 * 2 * 2 * 2 * method.num_slots
+
+
+def test_rest_lowbit_reads_every_token_once(tiny):
+    """rest="lowbit": attention sees each past position exactly once per KV head, at full precision where it is
+    in the sink, the window or a recalled page, and from the low-bit copy everywhere else."""
+    model = tiny("llama", num_hidden_layers=2)
+    ids, _ = batch_prompt(2, length=60, pad=0)
+    cache = kvtier.KVCache(model, method="freekv", budget=32, dense_layers=0, scorer="lowbit", score_group=8,
+                           rest="lowbit", **SMALL)
+    method = cache.method
+    for _ in run_steps(model, cache, ids, 10):
+        n = method.lengths[1]
+        st = method.layers[1]
+        k, v, mask = method._resident(st, n, None)
+        pos = torch.cat([torch.arange(min(n, 8)).expand(2, 2, -1), st.slots.slot_positions(),
+                         torch.arange(st.recent_start, n).expand(2, 2, -1), torch.arange(8, st.recent_start)
+                         .expand(2, 2, -1)], dim=-1)
+        written_k, written_v = from_pages(method.pool.layer_block(1))
+        whole = written_k.shape[2] // 8 * 8  # key groups of 8 tokens; the rest waits at full precision
+        low_k = torch.cat((quantize_keys(written_k[:, :, :whole], 2, 8).dequantize(), written_k[:, :, whole:]), 2)
+        low_v = quantize_values(written_v, 2, 16).dequantize()  # per token, head_dim 16 in one group
+        slots = st.slots.slot_positions()
+        for s in range(2):
+            for h in range(2):
+                seen = pos[s, h][mask[s, h, 0]]
+                assert sorted(seen.tolist()) == list(range(n)), "a position is missing or counted twice"
+                rest = torch.arange(8, st.recent_start)
+                recalled = set(slots[s, h].tolist())
+                exact = torch.tensor([int(p) in recalled for p in rest])
+                got_k = k[s, h, -len(rest):]
+                got_v = v[s, h, -len(rest):]
+                torch.testing.assert_close(got_k[~exact], low_k[s, h, rest[~exact]])
+                torch.testing.assert_close(got_v[~exact], low_v[s, h, rest[~exact]])
+                assert not mask[s, h, 0, -len(rest):][exact].any()
+    # the low-bit values are counted on the device with the rest of the layer's state
+    held = sum(nbytes(t) for t in (st.sink_k, st.sink_v, st.recent_buf_k, st.recent_buf_v))
+    assert method.ledger.held["layer1"] == held + st.lowbit.nbytes() + st.lowbit_values.nbytes()
+    assert st.lowbit_values.nbytes() > 0
 
 
 def test_host_pool_holds_the_whole_cache(tiny):
@@ -269,7 +325,8 @@ def test_sink_and_window_scale_with_the_budget(tiny, options, sink, window):
 @pytest.mark.parametrize("bad", [dict(budget=16, **SMALL), dict(page_size=4, sink=6, window=8),
                                  dict(tau=2.0), dict(dense_layers=99), dict(speculative="yes"),
                                  dict(budget=-1), dict(page_size=0), dict(scorer="exact"), dict(score_bits=3),
-                                 dict(page_size=32, score_group=48), dict(score_group=0)])
+                                 dict(page_size=32, score_group=48), dict(score_group=0), dict(rest="zero"),
+                                 dict(rest="lowbit")])
 def test_bad_options_are_clear_errors(tiny, bad):
     with pytest.raises(ValueError, match="freekv"):
         kvtier.KVCache(tiny("llama"), method="freekv", **bad)

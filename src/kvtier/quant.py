@@ -349,15 +349,10 @@ class LowBitKeys:
         if tokens <= capacity:
             return
         groups = -(-max(tokens, capacity + capacity // 4) // self.group_size)  # a 25% margin, as HostPool
-        b, h = like.packed.shape[:2]
-        packed = like.packed.new_zeros((b, h, groups * self.group_size, like.packed.shape[3]))
-        scale = like.scale.new_zeros((b, h, groups, like.scale.shape[3]))
-        zero = torch.zeros_like(scale)
-        if capacity:
-            n, g = self.quantized_tokens, self.quantized_tokens // self.group_size
-            packed[:, :, :n], scale[:, :, :g], zero[:, :, :g] = self.packed[:, :, :n], self.scale[:, :, :g], \
-                self.zero[:, :, :g]
-        self.packed, self.scale, self.zero = packed, scale, zero
+        n, g = self.quantized_tokens, self.quantized_tokens // self.group_size
+        self.packed = _regrown(self.packed, like.packed, n, groups * self.group_size)
+        self.scale = _regrown(self.scale, like.scale, g, groups)
+        self.zero = _regrown(self.zero, like.zero, g, groups)
 
     def quantized(self) -> QTensor | None:
         """The quantized prefix [b, h, quantized_tokens, d] as a QTensor of views (None before the first group)."""
@@ -374,3 +369,72 @@ class LowBitKeys:
 
     def nbytes(self) -> int:
         return sum(nbytes(t) for t in self.tensors())
+
+
+class LowBitValues:
+    """One layer's growing low-bit copy of values alone (FreeKV's `rest="lowbit"`, beside `LowBitKeys`).
+
+    Values are quantized per token (as `quantize_values`, groups of `group_size` channels), so every appended
+    block is quantized at once, with no full-precision remainder, into buffers that grow with a margin.
+    """
+
+    def __init__(self, bits: int = 2, group_size: int = 64):
+        _check_bits(bits)
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        self.bits, self.group_size = bits, group_size
+        self.tokens = 0
+        self.packed: torch.Tensor | None = None  # [b, h, capacity, ceil(d*bits/8)]
+        self.scale: torch.Tensor | None = None  # [b, h, capacity, d / group_size]
+        self.zero: torch.Tensor | None = None
+        self.shape: tuple[int, int, int] | None = None  # b, h, d
+        self.dtype: torch.dtype | None = None
+
+    def append(self, v: torch.Tensor) -> None:
+        """Append values [b, h, t, d]."""
+        if v.dim() != 4 or not v.is_floating_point():
+            raise ValueError(f"values must be floating point [b, h, t, d], got {v.dtype} {tuple(v.shape)}")
+        if self.shape is None:
+            if v.shape[3] % self.group_size:
+                raise ValueError(f"value group_size {self.group_size} does not divide head_dim {v.shape[3]}")
+            self.shape, self.dtype = (v.shape[0], v.shape[1], v.shape[3]), v.dtype
+        elif (v.shape[0], v.shape[1], v.shape[3]) != self.shape or v.dtype != self.dtype:
+            raise ValueError(f"appended values {tuple(v.shape)} {v.dtype} do not match the layer's "
+                             f"[b, h, d] {self.shape} {self.dtype}")
+        t = v.shape[2]
+        if not t:
+            return
+        q = quantize_values(v, self.bits, self.group_size)
+        n = self.tokens
+        capacity = 0 if self.packed is None else self.packed.shape[2]
+        if n + t > capacity:
+            capacity = max(n + t, capacity + capacity // 4)  # a 25% margin, as HostPool
+            self.packed = _regrown(self.packed, q.packed, n, capacity)
+            self.scale = _regrown(self.scale, q.scale, n, capacity)
+            self.zero = _regrown(self.zero, q.zero, n, capacity)
+        self.packed[:, :, n:n + t], self.scale[:, :, n:n + t], self.zero[:, :, n:n + t] = q.packed, q.scale, q.zero
+        self.tokens = n + t
+
+    def quantized(self) -> QTensor | None:
+        """All values appended so far [b, h, tokens, d] as a QTensor of views (None before the first)."""
+        if not self.tokens:
+            return None
+        n = self.tokens
+        b, h, d = self.shape
+        return QTensor(self.packed[:, :, :n], self.scale[:, :, :n], self.zero[:, :, :n], self.bits, 3,
+                       self.group_size, (b, h, n, d), self.dtype)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Everything held (buffers at their allocated capacity)."""
+        return tuple(t for t in (self.packed, self.scale, self.zero) if t is not None)
+
+    def nbytes(self) -> int:
+        return sum(nbytes(t) for t in self.tensors())
+
+
+def _regrown(old: torch.Tensor | None, like: torch.Tensor, used: int, rows: int) -> torch.Tensor:
+    """A zeroed buffer shaped as `like` but with `rows` rows along dim 2, holding old's first `used` rows."""
+    grown = like.new_zeros((*like.shape[:2], rows, *like.shape[3:]))
+    if used:
+        grown[:, :, :used] = old[:, :, :used]
+    return grown

@@ -16,10 +16,12 @@ Prefill attends densely over the prompt; chunked prefill and multi-token forward
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..attention import attend, causal_attention
-from ..quant import LowBitKeys
+from ..quant import LowBitKeys, LowBitValues
 from ..select import lowbit_page_probs, page_digest, query_similarity, select_pages, top_pages
 from ..store import DevicePool, HostPool, RecallStaging, from_pages, to_pages
 from .base import Method, register
@@ -29,7 +31,8 @@ from .full import Full
 class _Layer:
     """Device state of one retrieval layer."""
 
-    def __init__(self, k: torch.Tensor, sink: int, recent_capacity: int, lowbit: LowBitKeys | None):
+    def __init__(self, k: torch.Tensor, sink: int, recent_capacity: int, lowbit: LowBitKeys | None,
+                 lowbit_values: LowBitValues | None):
         b, h, _, d = k.shape
         self.sink_k = k.new_zeros((b, h, sink, d))
         self.sink_v = k.new_zeros((b, h, sink, d))
@@ -43,13 +46,16 @@ class _Layer:
         self.digest_max = k.new_zeros((b, h, 0, d))
         self.digest_min = k.new_zeros((b, h, 0, d))
         self.lowbit = lowbit  # scorer="lowbit": low-bit keys of every written page instead of digests
+        self.lowbit_values = lowbit_values  # rest="lowbit": and low-bit values, to read the pages not recalled
         self.slots: DevicePool | None = None
         self.selected: torch.Tensor | None = None  # [b, h_kv, k] pages wanted by the last selection
         self.previous_q: torch.Tensor | None = None
         self.pending: list = []  # events of a recall still in flight
 
-    def scoring_tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.lowbit.tensors() if self.lowbit is not None else (self.digest_max, self.digest_min)
+    def lowbit_tensors(self) -> tuple[torch.Tensor, ...]:
+        """What ranks the pages (digests or low-bit keys), and the low-bit values of rest="lowbit"."""
+        held = self.lowbit.tensors() if self.lowbit is not None else (self.digest_max, self.digest_min)
+        return held + (self.lowbit_values.tensors() if self.lowbit_values is not None else ())
 
     @property
     def recent_k(self) -> torch.Tensor:
@@ -88,7 +94,7 @@ class FreeKV(Method):
     Options: budget (device tokens per layer: sink + recalled pages + window), page_size, sink, window,
     tau (correction threshold on query cosine similarity), dense_layers (leading layers kept whole on the
     device), speculative (False: select with the current query and recall synchronously every step), scorer,
-    score_bits, score_group.
+    score_bits, score_group, rest.
 
     scorer="digest" (the spec's) ranks pages by an upper bound of q.k from per-page min/max key digests.
     scorer="lowbit" keeps a `score_bits`-bit copy of every key instead (per channel, groups of `score_group`
@@ -99,6 +105,11 @@ class FreeKV(Method):
     Its price: 2-bit keys cost 2.5x the device bytes of 32-token digests at bfloat16, so at the spec's 2048
     budget on a 32k context the digest is the one that keeps device KV 8x below `full`.
 
+    rest="lowbit" (beyond the paper; needs scorer="lowbit") also keeps `score_bits`-bit values (per token) and
+    lets attention read every page that is not recalled from its low-bit copy, as SpeCache does, instead of
+    leaving it out: the budget then decides which pages are exact, not which are seen. On the embedded model
+    at a quarter of a 4k prose context the dropped pages cost more than the page choice (docs/results).
+
     sink and window default to a sixteenth of the budget each (whole pages, at least one, at most the spec's
     128 for long inputs), which is the spec's ratio at its default budget of 2048. A fixed 128 + 128 would
     leave only half of a 512 budget for retrieved pages: on the embedded model (prose, 2k context) that costs
@@ -108,7 +119,7 @@ class FreeKV(Method):
     name = "freekv"
     exact = False
     defaults = {"budget": 2048, "page_size": 32, "sink": None, "window": None, "tau": 0.8, "dense_layers": 1,
-                "speculative": True, "scorer": "digest", "score_bits": 2, "score_group": None}
+                "speculative": True, "scorer": "digest", "score_bits": 2, "score_group": None, "rest": "drop"}
     edge_tokens = 128  # the spec's sink and window for long inputs
 
     def __init__(self, spec, **options):
@@ -154,6 +165,13 @@ class FreeKV(Method):
                 or o["score_group"] % p:
             raise ValueError(f"freekv score_group (tokens per low-bit key group) must be a positive multiple of "
                              f"page_size ({p}), got {o['score_group']!r}")
+        if o["rest"] not in ("drop", "lowbit"):
+            raise ValueError(f"freekv rest must be 'drop' (attention reads only resident pages) or 'lowbit' "
+                             f"(the other pages are read from their low-bit copy), got {o['rest']!r}")
+        if o["rest"] == "lowbit" and o["scorer"] != "lowbit":
+            raise ValueError("freekv rest='lowbit' reads the pages not recalled through the low-bit keys that "
+                             "scorer='lowbit' keeps: give scorer='lowbit' too")
+        self.value_group = math.gcd(64, spec.head_dim)  # per token, channel groups that tile the head
         self.dense = Full(spec)
         self.dense.ledger = self.ledger  # one ledger: the device peak covers dense and retrieval layers together
         self.pool: HostPool | None = None
@@ -184,10 +202,12 @@ class FreeKV(Method):
                                  self.link)
         st = self.layers[layer]
         if st is None:
-            lowbit = None
+            lowbit = lowbit_values = None
             if self.options["scorer"] == "lowbit":
                 lowbit = LowBitKeys(self.options["score_bits"], self.options["score_group"])
-            st = self.layers[layer] = _Layer(k, self.sink, self.window + 2 * self.page_size, lowbit)
+            if self.options["rest"] == "lowbit":
+                lowbit_values = LowBitValues(self.options["score_bits"], self.value_group)
+            st = self.layers[layer] = _Layer(k, self.sink, self.window + 2 * self.page_size, lowbit, lowbit_values)
         self.fresh[layer] = (k, v)
         n, t, p = self.lengths[layer], k.shape[2], self.page_size
         into_sink = max(0, min(self.sink - n, t))
@@ -204,6 +224,8 @@ class FreeKV(Method):
             self.pool.write(layer, to_pages(pk, pv, p))
             if st.lowbit is not None:
                 st.lowbit.append(pk)
+            if st.lowbit_values is not None:
+                st.lowbit_values.append(pv)
             else:
                 dmax, dmin = page_digest(pk, p)
                 st.digest_max = torch.cat((st.digest_max, dmax), dim=2)
@@ -214,7 +236,7 @@ class FreeKV(Method):
             st.drop_recent(start - st.recent_start)
             st.recent_start = start
         self.ledger.hold(f"layer{layer}", st.sink_k, st.sink_v, st.recent_buf_k, st.recent_buf_v,
-                         *st.scoring_tensors())
+                         *st.lowbit_tensors())
 
     def _tokens(self, st: _Layer, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions [start, end), all of them still in the sink or the recent window."""
@@ -326,11 +348,35 @@ class FreeKV(Method):
         vs.append(st.recent_v)
         positions.append(torch.arange(st.recent_start, st.recent_start + st.recent_k.shape[2],
                                       device=device).expand(b, h, -1))
+        if st.lowbit_values is not None and st.recent_start > self.sink:
+            k_rest, v_rest, pos_rest = self._rest(st)
+            ks.append(k_rest)
+            vs.append(v_rest)
+            positions.append(pos_rest)
         pos = torch.cat(positions, dim=-1)
         mask = pos >= 0
         if valid is not None:
             mask &= valid.gather(1, pos.clamp(min=0).view(b, -1)).view(b, h, -1)
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2), mask.unsqueeze(2)
+
+    def _rest(self, st: _Layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rest="lowbit": keys, values and positions [b, h, ., .] of the tokens between the sink and the window
+        from their low-bit copy; position -1 (masked) where the page is resident in that head's slots, whose
+        full-precision copy counts instead."""
+        lo, hi = self.sink, st.recent_start
+        keys = st.lowbit.quantized()
+        parts = ([keys.dequantize()] if keys is not None else []) + [st.lowbit.pending]
+        k_rest = torch.cat(parts, dim=2)[:, :, lo:hi]
+        v_rest = st.lowbit_values.quantized().dequantize()[:, :, lo:hi]
+        b, h = k_rest.shape[:2]
+        pos = torch.arange(lo, hi, device=k_rest.device).expand(b, h, -1)
+        if st.slots is not None:
+            p = self.page_size
+            resident = torch.zeros((b, h, hi // p + 1), dtype=torch.bool, device=k_rest.device)
+            held = st.slots.table.slot_page.clamp(max=hi // p)  # -1 (empty) and pages in the window fall outside
+            resident.scatter_(2, torch.where(held >= 0, held, hi // p), True)
+            pos = torch.where(resident[:, :, lo // p:hi // p].repeat_interleave(p, dim=-1), -1, pos)
+        return k_rest, v_rest, pos
 
     def _whole_cache(self, layer: int, st: _Layer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All n tokens on the device (for multi-token forwards): host pages, then the unwritten tail."""

@@ -243,3 +243,37 @@ def test_report_merges_perplexity_runs_from_subfolders(tmp_path):
     readme = (tmp_path / "README.md").read_text()
     assert "| specache | code | 2048 | 1024 | 5.050 | 5.000 | +0.0500 |" in readme
     assert "| specache | code | 4096 | 768 | 5.080 | 5.000 | +0.0800 |" in readme
+
+
+def _needle_grid(methods, full_answer="It is orbit-falcon-1.", seed=0):
+    rows, summary = [], {}
+    for method in methods:
+        found = method != "blind"
+        rows += [{"method": method, "kind": "single", "length": 2048, "depth": d, "success": found,
+                  "answer": full_answer if method == "full" else "x", "same_as_full": method == "full"}
+                 for d in (0.1, 0.9)]
+        summary[method] = {"success_rate": float(found), "kinds": {"single": {"success_rate": float(found),
+                                                                              "agreement_with_full": 1.0}}}
+    return {"eval": "needle", "kinds": ["single"], "lengths": [2048], "depths": [0.1, 0.9], "seed": seed,
+            "keys": 4, "summary": summary, "rows": rows}
+
+
+def test_report_merges_needle_grids_against_one_baseline(tmp_path):
+    for folder, methods in (("a", ["full", "specache"]), ("b", ["full", "blind"])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "needle.json").write_text(json.dumps(_needle_grid(methods)))
+    found = load_results(tmp_path)
+    assert list(found["needle"]["summary"]) == ["full", "specache", "blind"]
+    assert [r["method"] for r in found["needle"]["rows"]].count("full") == 2  # the baseline once per prompt
+    report(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert "| blind | 0% (full 100%) |" in readme and "`a/needle.json`, `b/needle.json`" in readme
+
+
+@pytest.mark.parametrize("second", [dict(full_answer="It is maple-9."), dict(seed=1)])
+def test_report_refuses_needle_grids_without_one_baseline(tmp_path, second):
+    for folder, grid in (("a", _needle_grid(["full", "specache"])), ("b", _needle_grid(["full", "blind"], **second))):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "needle.json").write_text(json.dumps(grid))
+    with pytest.raises(ValueError, match="disagree on full|differ in seed"):
+        load_results(tmp_path)

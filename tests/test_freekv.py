@@ -126,6 +126,22 @@ def test_lowbit_keys_grow_and_count_what_they_hold():
         store.append(torch.randn(1, 3, 1, 16))
 
 
+@pytest.mark.parametrize("store", [LowBitKeys(2, 8), LowBitValues(2, 8)], ids=["keys", "values"])
+def test_lowbit_stores_reserved_once_hold_no_margin(store):
+    """After reserve(n) the buffers are sized once for n tokens: appending up to n never regrows them (a margin
+    would be device memory counted against the method), and past n they still grow."""
+    store.reserve(64)
+    x = torch.randn(1, 2, 80, 16)
+    store.append(x[:, :, :40])
+    held = store.packed
+    assert held.shape[2] == 64
+    for i in range(40, 64):
+        store.append(x[:, :, i:i + 1])
+    assert store.packed is held
+    store.append(x[:, :, 64:80])
+    assert store.packed.shape[2] >= 80
+
+
 def test_lowbit_values_grow_per_token_and_match_quantize_values():
     v = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(0))
     store = LowBitValues(bits=2, group_size=8)

@@ -25,7 +25,8 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def load_results(out_dir) -> dict:
     """{"needle": data, "ruler": data, "ppl": data, "fidelity": data, "sweeps": [data, ...]} from the JSONs in
     out_dir and its subfolders. Several perplexity JSONs (one per context, or per text run side by side) merge
-    into one: their rows together, each row keeping its own context, targets and windows."""
+    into one: their rows together, each row keeping its own context, targets and windows. Several needle grids
+    over the same prompts merge likewise (methods run apart, against one baseline)."""
     found = {"sweeps": []}
     root = Path(out_dir)
     for path in sorted(root.rglob("*.json")):
@@ -35,12 +36,39 @@ def load_results(out_dir) -> dict:
             found["sweeps"].append(data)
         elif data.get("eval") == "ppl" and "ppl" in found:
             merged = found["ppl"]
-            merged["rows"] = merged["rows"] + data["rows"]
-            merged["file"] += f"`, `{data['file']}"
+            _merge_rows(merged, data, ("text", "context"))
             merged["texts"] = list(dict.fromkeys(merged["texts"] + data["texts"]))
+        elif data.get("eval") == "needle" and "needle" in found:
+            merged = found["needle"]
+            for key in ("kinds", "lengths", "depths", "seed"):
+                if merged.get(key) != data.get(key):
+                    raise ValueError(f"needle grids {merged['file']} and {data['file']} differ in {key} "
+                                     f"({merged.get(key)} vs {data.get(key)}): only grids over the same prompts merge")
+            _merge_rows(merged, data, ("kind", "length", "depth"))
+            merged["summary"].update({m: s for m, s in data["summary"].items() if m != "full"})
         elif data.get("eval") in ("needle", "ruler", "ppl", "fidelity"):
             found[data["eval"]] = data
     return found
+
+
+def _merge_rows(merged: dict, data: dict, key: tuple[str, ...]) -> None:
+    """Add a second run's rows to merged. Its `full` rows are the baseline again on the prompts both runs share:
+    they must agree with the first run's (same answer, same perplexity), or the two runs' deltas are not
+    against one baseline; full rows on new prompts are kept."""
+    full = {tuple(r[k] for k in key): r for r in merged["rows"] if r["method"] == "full"}
+    for row in data["rows"]:
+        if row["method"] != "full":
+            merged["rows"].append(row)
+            continue
+        first = full.get(tuple(row[k] for k in key))
+        if first is None:
+            merged["rows"].append(row)
+        elif first.get("answer") != row.get("answer") or \
+                abs(first.get("ppl", 0.0) - row.get("ppl", 0.0)) > 1e-4 * abs(first.get("ppl", 1.0)):
+            raise ValueError(f"{merged['file']} and {data['file']} disagree on full at "
+                             f"{dict(zip(key, (row[k] for k in key)))}: rerun them with the same settings "
+                             "(threads, dtype, versions) or in one run")
+    merged["file"] += f"`, `{data['file']}"
 
 
 def _ppl_columns(ppl: dict) -> dict:

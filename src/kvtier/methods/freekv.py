@@ -179,6 +179,7 @@ class FreeKV(Method):
         self.layers: list[_Layer | None] = [None] * spec.num_layers
         self.fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scaling = spec.head_dim ** -0.5
+        self.reserved = 0
         self.recalled_pages = 0
         self.selections = 0
         self.checks = [0] * spec.num_layers
@@ -186,6 +187,11 @@ class FreeKV(Method):
 
     def reserve(self, tokens: int) -> None:
         self.dense.reserve(tokens)
+        self.reserved = max(self.reserved, tokens)
+        for st in self.layers:
+            for lowbit in (st.lowbit, st.lowbit_values) if st is not None else ():
+                if lowbit is not None:
+                    lowbit.reserve(tokens)
 
     def _is_dense(self, layer: int) -> bool:
         return layer < self.options["dense_layers"]
@@ -207,6 +213,9 @@ class FreeKV(Method):
                 lowbit = LowBitKeys(self.options["score_bits"], self.options["score_group"])
             if self.options["rest"] == "lowbit":
                 lowbit_values = LowBitValues(self.options["score_bits"], self.value_group)
+            for store in (lowbit, lowbit_values):
+                if store is not None:
+                    store.reserve(self.reserved)
             st = self.layers[layer] = _Layer(k, self.sink, self.window + 2 * self.page_size, lowbit, lowbit_values)
         self.fresh[layer] = (k, v)
         n, t, p = self.lengths[layer], k.shape[2], self.page_size

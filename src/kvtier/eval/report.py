@@ -29,7 +29,8 @@ def load_results(out_dir) -> dict:
     over the same prompts merge likewise (methods run apart, against one baseline)."""
     found = {"sweeps": []}
     root = Path(out_dir)
-    for path in sorted(root.rglob("*.json")):
+    # out_dir's own files first: a grid there is the one others merge into (its header, its method order)
+    for path in sorted(root.rglob("*.json"), key=lambda p: (len(p.relative_to(root).parts), str(p))):
         data = json.loads(path.read_text())
         data["file"] = str(path.relative_to(root))
         if data.get("eval") == "sweep":
@@ -147,8 +148,9 @@ def _needle_section(data: dict) -> list[str]:
              for label, s in data["summary"].items() if "prefetch_hit_rate" in s or "correction_rate" in s]
     if rates:
         lines += ["Speculation, mean over the prompts: SpeCache's prefetch hit rate (share of the speculative "
-                  "token's top-k that the real token also picked) and FreeKV's correction rate (share of layer, KV "
-                  "head and step checks whose query drifted below tau).", ""]
+                  "token's top-k that the real token also picked) and the correction rate: FreeKV's is the share of "
+                  "layer, KV head and step checks whose query drifted below tau; SpeCache's (with `correct`) the "
+                  "share of layer-steps that fetched the real top-k again.", ""]
         lines += _table(["method", "prefetch hit rate", "correction rate"], rates)
     return lines
 

@@ -38,7 +38,10 @@ class SpeCache(Method):
     speculative step, a layer where some KV head's prefetched top-k holds less than `correct` of the real
     token's top-k fetches the real top-k synchronously before attending. On the embedded model's needle grid
     (2k and 4k, 5 depths) fetching by the current query finds 4 needles of full's 5 where the uncorrected
-    speculation finds 1: the misses are the steps where the speculative token was wrong.
+    speculation finds 1: the misses are the steps where the speculative token was wrong. With key groups of 32
+    and correct=0.9 it finds exactly full's 5 (9 of 10 answers token-identical), correcting 41% of the
+    layer-steps on average (15-62% per prompt), at 0.16x (4k) to 0.20x (2k) of full's device bytes
+    (docs/results/fidelity-bars). Each correction is a synchronous fetch: the price is paid in overlap.
     """
 
     name = "specache"

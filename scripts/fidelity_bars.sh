@@ -57,4 +57,6 @@ kvtier eval report --dir "$OUT" --title "FreeKV and SpeCache against full: the f
   --note "The bars this checks (issues 3 and 4): at a budget of a quarter of the context or less, FreeKV's single-needle success \
 equals full's on the grid and its perplexity is within 0.1 of full's on code and on prose; SpeCache at 2 bits \
 likewise. Rows with rest=lowbit (FreeKV) and correct (SpeCache) go beyond the papers; the others are the specs'. Perplexity and the needle both decode one token at a time through the method (SpeCache's perplexity \
-fetches by the current query; its needle answers use the speculative step)."
+fetches by the current query; its needle answers use the speculative step, so \
+\`correct\` changes only the needle: the perplexity of specache:group_size=32 is also that of \
+specache:group_size=32,correct=0.9)."

@@ -110,15 +110,17 @@ def _summary_png(panels: dict, out_dir) -> str | None:
         return None
     cols = min(2, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.4 * rows), squeeze=False)
     labels = _labels(panels)
+    ncol = min(3, len(labels))
+    legend_in = 0.25 * (-(-len(labels) // ncol)) + 0.2  # the legend's own band, so it never covers tick labels
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.4 * rows + legend_in), squeeze=False)
     for ax, (title, groups) in zip(axes.flat, panels.items()):
         bars(ax, groups, title, title, labels)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
     path = Path(out_dir) / "summary.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -227,7 +229,8 @@ def report(out_dir, title: str = "kvtier: approximate methods against full", com
     if env:
         lines += [f"kvtier {env.get('kvtier')}, torch {env.get('torch')}, transformers {env.get('transformers')}, "
                   f"device {env.get('device')} ({env.get('cpu_threads')} threads). Every row is set against `full` "
-                  f"on the same prompts in the same run; a fractional budget (`budget=0.25`) is that share of each "
+                  f"on the same prompts in the same run (runs merged here agree on `full`: checked on load); a "
+                  f"fractional budget (`budget=0.25`) is that share of each "
                   f"prompt's context length.", ""]
     if panels:
         labels = _labels(panels)

@@ -107,8 +107,14 @@ class FreeKV(Method):
 
     rest="lowbit" (beyond the paper; needs scorer="lowbit") also keeps `score_bits`-bit values (per token) and
     lets attention read every page that is not recalled from its low-bit copy, as SpeCache does, instead of
-    leaving it out: the budget then decides which pages are exact, not which are seen. On the embedded model
-    at a quarter of a 4k prose context the dropped pages cost more than the page choice (docs/results).
+    leaving it out: the budget then decides which pages are exact, not which are seen. It wants the spec's
+    long-generation tau=0.9: a stale speculative page then costs more than a missing one did (code at 2k, one
+    window: +0.09 perplexity at tau=0.8, +0.003 at 0.9, +0.001 selecting with the current query). On the
+    embedded model at a quarter of the context, scorer="lowbit", 8-token pages, rest="lowbit", tau=0.9 is
+    within +0.010 / +0.021 of full's perplexity on prose / code at 2k and -0.003 / +0.008 at 4k (+0.16 on 4k
+    prose without rest) and finds full's needles; the price is 2-bit values on the device (0.38-0.39x of full's bytes, not 0.34x, at fp32)
+    and corrections in 71% of the head checks instead of 28%, i.e. mostly synchronous recall
+    (docs/results/fidelity-bars).
 
     sink and window default to a sixteenth of the budget each (whole pages, at least one, at most the spec's
     128 for long inputs), which is the spec's ratio at its default budget of 2048. A fixed 128 + 128 would

@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the quickstart job: a long needle prompt through every method")
     demo.add_argument("--model", default=None)
     demo.add_argument("--methods", type=_methods, default=None,
-                      help="comma-separated, options after colons (default: full,offload,kvpr,"
-                           "freekv:budget=1024,specache)")
+                      help="comma-separated, options after colons (default: full,offload,kvpr,freekv:budget=1024,"
+                           "freekv:budget=1024:page_size=8:scorer=lowbit:rest=lowbit:tau=0.9,specache)")
     demo.add_argument("--context", type=int, default=3000, help="prompt length in tokens")
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument("--device", default=None)

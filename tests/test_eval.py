@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,3 +278,22 @@ def test_report_refuses_needle_grids_without_one_baseline(tmp_path, second):
         (tmp_path / folder / "needle.json").write_text(json.dumps(grid))
     with pytest.raises(ValueError, match="disagree on full|differ in seed"):
         load_results(tmp_path)
+
+
+def test_budget_sweep_holds_the_methods_own_options_at_every_point(embedded, tmp_path):
+    from kvtier.eval import budget_sweep
+
+    model, tokenizer = embedded
+    fixed = "freekv:page_size=32:sink=32:window=32:dense_layers=0"
+    result = budget_sweep(model, tokenizer, fixed, budgets=[96, 4096], lengths=["1k"], depths=[0.5],
+                          texts=("code",), context="512", targets=16, out_dir=tmp_path, progress=False)
+    assert [p["label"] for p in result["points"]] == [f"freekv:budget={b},dense_layers=0,page_size=32,sink=32,window=32"
+                                                      for b in (96, 4096)]
+    assert result["options"] == {"page_size": 32, "sink": 32, "window": 32, "dense_layers": 0}
+    covering = result["points"][1]  # a budget beyond the context: full, up to the order of float sums
+    assert abs(covering["ppl_delta_max"]) < 1e-3 and covering["needle_agreement_with_full"] == 1.0
+    assert json.loads(Path(result["json"]).read_text())["points"][0]["budget"] == 96
+    with pytest.raises(ValueError, match="swept"):
+        budget_sweep(model, tokenizer, "freekv:budget=512", budgets=[256], progress=False)
+    with pytest.raises(ValueError, match="one method"):
+        budget_sweep(model, tokenizer, "freekv,specache", budgets=[256], progress=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import MethodSpec, plotting, write_json
+from .common import MethodSpec, parse_methods, plotting, write_json
 from .needle import needle_grid
 from .ppl import perplexity
 
@@ -12,8 +12,16 @@ from .ppl import perplexity
 def budget_sweep(model, tokenizer, method: str = "freekv", budgets=(256, 512, 1024, 2048), option: str = "budget",
                  lengths=("2k",), depths=(0.1, 0.5, 0.9), texts=("prose", "code"), context="2k", targets=256,
                  base_options=None, out_dir=None, progress: bool = True, windows: int = 1) -> dict:
-    """Needle success and perplexity delta vs full for `method` at each value of `option`."""
-    base = dict(base_options or {})
+    """Needle success and perplexity delta vs full for `method` at each value of `option`.
+
+    method may carry options after colons ("freekv:page_size=8:scorer=lowbit"), held at every point as
+    base_options are; the swept option must not be one of them."""
+    parsed = parse_methods(method)
+    if len(parsed) != 1:
+        raise ValueError(f"a sweep runs one method, got {len(parsed)} in {method!r}")
+    method, base = parsed[0].method, {**parsed[0].options, **(base_options or {})}
+    if option in base:
+        raise ValueError(f"{option!r} is swept over {list(budgets)}; do not also fix it in {method!r} or base_options")
     specs = [MethodSpec(method, {**base, option: b}) for b in budgets]
     needle = needle_grid(model, tokenizer, specs, lengths=lengths, depths=depths, progress=progress)
     ppl = perplexity(model, tokenizer, specs, texts=texts, context=context, targets=targets, windows=windows,
@@ -27,7 +35,7 @@ def budget_sweep(model, tokenizer, method: str = "freekv", budgets=(256, 512, 10
                        "ppl_delta_max": max(deltas),
                        "ppl_delta_by_text": {r["text"]: r["ppl_delta_vs_full"] for r in ppl["rows"]
                                              if r["method"] == spec.label}})
-    result = {"eval": "sweep", "method": method, "option": option, "points": points,
+    result = {"eval": "sweep", "method": method, "options": base, "option": option, "points": points,
               "full": {"needle_success": needle["summary"]["full"]["success_rate"]},
               "needle": needle, "ppl": ppl}
     if out_dir is not None:

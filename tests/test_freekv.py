@@ -226,6 +226,8 @@ def test_recall_bookkeeping_no_page_lost_or_duplicated(tiny, scorer):
         recalled_before = recalled
     # resident pages are reused: far fewer copies than slots x heads x layers x steps
     assert method.recalled_pages < 12 * 2 * 2 * 2 * method.num_slots
+    for st in method.layers:  # one scorer's state only: the other is neither built nor held
+        assert (st.digest_max.shape[2] == 0) == (scorer == "lowbit") and (st.lowbit is None) == (scorer == "digest")
 
 
 def test_rest_lowbit_reads_every_token_once(tiny):

@@ -239,12 +239,12 @@ class FreeKV(Method):
             self.pool.write(layer, to_pages(pk, pv, p))
             if st.lowbit is not None:
                 st.lowbit.append(pk)
-            if st.lowbit_values is not None:
-                st.lowbit_values.append(pv)
             else:
                 dmax, dmin = page_digest(pk, p)
                 st.digest_max = torch.cat((st.digest_max, dmax), dim=2)
                 st.digest_min = torch.cat((st.digest_min, dmin), dim=2)
+            if st.lowbit_values is not None:
+                st.lowbit_values.append(pv)
         # Slide the window: whole pages older than `window` tokens leave it (they are in the host pool).
         start = max(self.sink, (total - self.window) // p * p)
         if start > st.recent_start:

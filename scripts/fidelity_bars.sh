@@ -42,6 +42,9 @@ both_texts 2k-1bit 2k 4 "specache:bits=1"
 both_texts 2k-rest 2k 4 "$REST"
 both_texts 4k-rest 4k 3 "$REST"
 both_texts 4k-g32 4k 3 "specache:group_size=32"
+# Where the FreeKV configuration beyond the paper degrades: budgets of a sixteenth, an eighth and a quarter of 4k.
+OMP_NUM_THREADS=2 kvtier eval sweep --method "${REST/budget=0.25:/}" --values 256,512,1024 --lengths 4k \
+  --depths 0.1,0.5,0.9 --context 4k --out "$OUT/sweep-rest"
 # Where SpeCache's needle misses come from: the same grid fetching by the current query, and with corrections.
 # Diagnostics, not bars: each in its own folder outside $OUT, so its report leaves them out.
 SPEC=${OUT%/*}/specache-speculation

@@ -200,7 +200,9 @@ def _ppl_section(data: dict) -> list[str]:
 def _sweep_section(data: dict) -> list[str]:
     option = data["option"]
     texts = data["ppl"]["texts"]
-    lines = [f"## {data['method']} {option} sweep (`{data['file']}`, `{Path(data['file']).stem}.png`)", "",
+    held = ",".join(f"{k}={v}" for k, v in sorted(data.get("options", {}).items()))
+    name = f"{data['method']}:{held}" if held else data["method"]
+    lines = [f"## {name} {option} sweep (`{data['file']}`, `{Path(data['file']).with_suffix('.png')}`)", "",
              f"Needle at {data['needle']['lengths']} tokens, depths {data['needle']['depths']}; perplexity after "
              f"{data['ppl']['context']} tokens.", ""]
     rows = [[p[option], _vs_full(p["needle_success"], data["full"]["needle_success"], ""),

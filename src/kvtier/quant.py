@@ -299,7 +299,22 @@ class LowBitKV:
         return sum(nbytes(t) for t in self.cache_tensors())
 
 
-class LowBitKeys:
+class _Reserved:
+    """A store whose buffers grow to the length given by `reserve` in one step, and past it with a margin."""
+
+    reserved = 0
+
+    def reserve(self, tokens: int) -> None:
+        """Size the buffers for `tokens` once, instead of growing them with a margin (which is held memory)."""
+        self.reserved = max(self.reserved, tokens)
+
+    def _capacity(self, needed: int, capacity: int) -> int:
+        """Rows to allocate for `needed` when `capacity` is too small: the reserved length, else a 25% margin (as
+        HostPool)."""
+        return self.reserved if needed <= self.reserved else max(needed, capacity + capacity // 4)
+
+
+class LowBitKeys(_Reserved):
     """One layer's growing low-bit copy of keys alone, for scoring (FreeKV's `scorer="lowbit"`).
 
     Keys arrive in blocks; every whole group of `group_size` tokens is quantized per channel (as
@@ -313,7 +328,6 @@ class LowBitKeys:
         if not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         self.bits, self.group_size = bits, group_size
-        self.reserved = 0
         self.quantized_tokens = 0
         self.pending: torch.Tensor | None = None  # [b, h, < group_size, d] full precision
         self.packed: torch.Tensor | None = None  # [b, h, capacity, ceil(d*bits/8)]
@@ -323,10 +337,6 @@ class LowBitKeys:
     @property
     def tokens(self) -> int:
         return self.quantized_tokens + (0 if self.pending is None else self.pending.shape[2])
-
-    def reserve(self, tokens: int) -> None:
-        """Size the buffers for `tokens` once, instead of growing them with a margin (which is held memory)."""
-        self.reserved = max(self.reserved, tokens)
 
     def append(self, k: torch.Tensor) -> None:
         """Append keys [b, h, t, d]."""
@@ -353,8 +363,7 @@ class LowBitKeys:
         capacity = 0 if self.packed is None else self.packed.shape[2]
         if tokens <= capacity:
             return
-        rows = self.reserved if tokens <= self.reserved else max(tokens, capacity + capacity // 4)  # as HostPool
-        groups = -(-rows // self.group_size)
+        groups = -(-self._capacity(tokens, capacity) // self.group_size)
         n, g = self.quantized_tokens, self.quantized_tokens // self.group_size
         self.packed = _regrown(self.packed, like.packed, n, groups * self.group_size)
         self.scale = _regrown(self.scale, like.scale, g, groups)
@@ -377,7 +386,7 @@ class LowBitKeys:
         return sum(nbytes(t) for t in self.tensors())
 
 
-class LowBitValues:
+class LowBitValues(_Reserved):
     """One layer's growing low-bit copy of values alone (FreeKV's `rest="lowbit"`, beside `LowBitKeys`).
 
     Values are quantized per token (as `quantize_values`, groups of `group_size` channels), so every appended
@@ -389,17 +398,12 @@ class LowBitValues:
         if not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         self.bits, self.group_size = bits, group_size
-        self.reserved = 0
         self.tokens = 0
         self.packed: torch.Tensor | None = None  # [b, h, capacity, ceil(d*bits/8)]
         self.scale: torch.Tensor | None = None  # [b, h, capacity, d / group_size]
         self.zero: torch.Tensor | None = None
         self.shape: tuple[int, int, int] | None = None  # b, h, d
         self.dtype: torch.dtype | None = None
-
-    def reserve(self, tokens: int) -> None:
-        """Size the buffers for `tokens` once, instead of growing them with a margin (which is held memory)."""
-        self.reserved = max(self.reserved, tokens)
 
     def append(self, v: torch.Tensor) -> None:
         """Append values [b, h, t, d]."""
@@ -419,7 +423,7 @@ class LowBitValues:
         n = self.tokens
         capacity = 0 if self.packed is None else self.packed.shape[2]
         if n + t > capacity:
-            capacity = self.reserved if n + t <= self.reserved else max(n + t, capacity + capacity // 4)
+            capacity = self._capacity(n + t, capacity)
             self.packed = _regrown(self.packed, q.packed, n, capacity)
             self.scale = _regrown(self.scale, q.scale, n, capacity)
             self.zero = _regrown(self.zero, q.zero, n, capacity)

@@ -7,11 +7,11 @@
 
 __version__ = "0.1.0"
 
-from .cache import KVCache
+from .cache import CacheBrokenError, KVCache
 from .generate import generate, score
 from .methods import METHOD_REGISTRY
 from .models import DEFAULT_MODEL, ModelSpec, load
 
 METHODS = tuple(METHOD_REGISTRY)
 
-__all__ = ["KVCache", "METHODS", "ModelSpec", "DEFAULT_MODEL", "generate", "load", "score", "__version__"]
+__all__ = ["CacheBrokenError", "KVCache", "METHODS", "ModelSpec", "DEFAULT_MODEL", "generate", "load", "score", "__version__"]

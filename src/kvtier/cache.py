@@ -5,12 +5,18 @@ cache hands the new keys and values to the method and returns them unchanged. Th
 attention function; kvtier registers its own ("kvtier"), which takes the query and asks the method for
 the output. A registered mask function passes the 2D padding mask through instead of building a 4D one:
 the method knows which positions it attends over, transformers does not.
+
+The hand-off from `update` to the attention call travels on the keys themselves: `update` tags the key tensor it
+returns with (a weak reference to) the cache, and the attention function serves a layer from a cache only when
+its `key` argument carries that tag. Nothing outlives a forward pass outside the cache: after an exception the
+next forward (any cache, or none) computes its keys afresh, untagged. A forward pass through a `KVCache` is one
+step: layer 0's update to the last layer's attention. A step that stops part-way (an exception, Ctrl-C) leaves
+the layers holding different tokens, so the cache is marked broken and refuses every further use.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import weakref
 
 import torch
@@ -25,12 +31,18 @@ from .models import ModelSpec, attention_modules, kv_projectors
 
 ATTN_NAME = "kvtier"
 
-# Set by KVCache.update, consumed by the attention call of the same layer right after it.
-_handoff = threading.local()
+# Attribute that KVCache.update sets on the key tensor it returns: a weak reference to the cache. The attention
+# call of the same layer receives that very tensor as `key`; keys of any other forward pass never carry it.
+_TAG = "_kvtier_cache"
+
+
+class CacheBrokenError(RuntimeError):
+    """A KVCache whose step was interrupted (or misused) refuses further use: make a new one."""
 
 
 def _kvtier_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    cache = getattr(_handoff, "cache", None)
+    ref = getattr(key, _TAG, None)
+    cache = ref() if ref is not None else None
     scaling = module.head_dim ** -0.5 if scaling is None else scaling
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         raise NotImplementedError("kvtier attention takes a 2D padding mask; custom 4D attention masks are "
@@ -39,7 +51,6 @@ def _kvtier_attention(module, query, key, value, attention_mask, scaling=None, d
         # The model runs without a KVCache (use_cache=False, or another Cache): plain causal attention.
         n, t = key.shape[2], query.shape[2]
         return causal_attention(query, key, value, scaling, attention_mask, q_offset=n - t), None
-    _handoff.cache = None
     return cache._attend(module, query, attention_mask, scaling), None
 
 
@@ -62,9 +73,27 @@ def _observe_attention_input(module, args, kwargs):
     """Forward pre-hook on attention modules: hands the layer input to methods that recompute KV from it."""
     cache = kwargs.get("past_key_values")
     if isinstance(cache, KVCache) and cache._observes_inputs:
+        layer = module.layer_idx
+        cache._enter(layer)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cos, sin = kwargs["position_embeddings"]
-        cache.method.observe(module.layer_idx, hidden, cos, sin)
+        with cache._guard(f"observing layer {layer}'s input"):
+            cache.method.observe(layer, hidden, cos, sin)
+
+
+def _refuse_broken_cache(module, args, kwargs):
+    """Forward pre-hook on the model: a forward pass starts between steps, where a step left open means the last
+    one stopped part-way. Refuses before the model does any work (model.generate would otherwise slice its input
+    by the broken cache's length)."""
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, KVCache):
+        cache.check_usable()
+
+
+def _install_model_hook(model) -> None:
+    if not getattr(model, "_kvtier_model_hook", False):
+        model.register_forward_pre_hook(_refuse_broken_cache, with_kwargs=True)
+        model._kvtier_model_hook = True
 
 
 def _install_input_hooks(modules: dict) -> None:
@@ -115,7 +144,9 @@ class KVCache(Cache):
 
     Constructing it registers kvtier's attention function and switches `model` to it (the function falls
     back to plain attention when the model runs without a KVCache). One cache serves one model and one
-    batch of sequences; make a new cache for a new prompt.
+    batch of sequences; make a new cache for a new prompt. A forward pass through the cache that stops part-way
+    (an exception or Ctrl-C between layer 0's update and the last layer's attention) marks it broken: every
+    later use raises `CacheBrokenError`; make a new cache.
     """
 
     def __init__(self, model, method: str = "full", **options):
@@ -129,29 +160,32 @@ class KVCache(Cache):
         if self._observes_inputs:
             self.method.attach(kv_projectors(model))
             _install_input_hooks(modules)
+        _install_model_hook(model)
         if model.config._attn_implementation != ATTN_NAME:
             model.set_attn_implementation(ATTN_NAME)
+        # The step's progress: the layer whose update comes next, and the layer updated whose attention has not
+        # run yet. A step starts at layer 0 with nothing pending and ends when the last layer's attention ran.
+        self._expect = 0
         self._pending: int | None = None
+        self._broken: str | None = None  # why this cache refuses further use
         super().__init__(layers=[_LayerView(self, i) for i in range(self.spec.num_layers)])
 
     # -- transformers Cache API -----------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self._enter(layer_idx)
         if self._config._attn_implementation != ATTN_NAME:
+            if layer_idx:
+                self._break(f"the model's attention implementation changed during a forward pass at layer "
+                            f"{layer_idx}")
             raise RuntimeError(f"the model's attention implementation was changed to "
                                f"{self._config._attn_implementation!r}; KVCache needs {ATTN_NAME!r} "
                                f"(model.set_attn_implementation('{ATTN_NAME}'))")
-        if self._pending is not None:
-            # The last update's attention never reached kvtier: the model calling us runs another attention
-            # function, so it would attend over the new tokens only. Refuse rather than answer wrongly.
-            stale, self._pending, _handoff.cache = self._pending, None, None
-            raise ValueError(f"KVCache.update for layer {layer_idx} came before kvtier attention ran for layer "
-                             f"{stale}: this cache is used by a model that does not run kvtier attention "
-                             "(a different model than the one it was made for?); make one KVCache per model")
         if layer_idx == 0:
-            self._check_length(key_states.shape[2])
-        self.method.append(layer_idx, key_states, value_states)
-        self._pending = layer_idx
-        _handoff.cache = self
+            self._check_length(key_states.shape[2])  # refuses before anything is stored: the cache stays usable
+        self._pending = layer_idx  # from here on, stopping before this layer's attention breaks the cache
+        with self._guard(f"storing layer {layer_idx}'s keys and values"):
+            self.method.append(layer_idx, key_states, value_states)
+        setattr(key_states, _TAG, weakref.ref(self))
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -177,12 +211,75 @@ class KVCache(Cache):
     # -- kvtier -------------------------------------------------------------------------------------
     def _attend(self, module, query, padding_mask, scaling):
         layer = module.layer_idx
+        if self._broken is not None:
+            raise CacheBrokenError(self._broken_message())
         if self._pending != layer:
-            raise RuntimeError(f"attention for layer {layer} without its cache update (pending: {self._pending})")
+            self._break(f"attention for layer {layer} came without its cache update (pending: {self._pending})")
+            raise CacheBrokenError(self._broken_message())
         if self._modules.get(layer) != id(module):
+            self._break("a different model ran a forward pass through it")
             raise ValueError("this KVCache was made for a different model; make one KVCache per model")
-        self._pending = None
-        return self.method.attend(layer, query, padding_mask, scaling)
+        with self._guard(f"attention of layer {layer}"):
+            out = self.method.attend(layer, query, padding_mask, scaling)
+        self._expect = (layer + 1) % self.spec.num_layers
+        self._pending = None  # last: an interrupt before it leaves the step open, and the cache is refused
+        return out
+
+    # -- the step's bookkeeping ---------------------------------------------------------------------------
+    @property
+    def broken(self) -> str | None:
+        """Why this cache refuses further use (a step that stopped part-way), or None while it is usable.
+        Asked between forward passes; an interrupt outside the cache's own calls shows as a step left open."""
+        if self._broken is None and (self._pending is not None or self._expect != 0):
+            self._break(self._stopped_at())
+        return self._broken
+
+    def check_usable(self) -> None:
+        """Raise CacheBrokenError if a step through this cache stopped part-way (call it between forward passes)."""
+        if self.broken is not None:
+            raise CacheBrokenError(self._broken_message())
+
+    def _stopped_at(self) -> str:
+        at = self._pending if self._pending is not None else self._expect
+        return f"a forward pass through it stopped part-way, at layer {at} of {self.spec.num_layers}"
+
+    def _broken_message(self) -> str:
+        return (f"this KVCache ({self.method.name}) is broken and cannot be used again: {self._broken}; its "
+                f"layers hold {list(self.method.lengths)} tokens. Make a new KVCache and run the prompt again")
+
+    def _break(self, reason: str) -> None:
+        if self._broken is None:
+            self._broken = reason
+
+    @contextlib.contextmanager
+    def _guard(self, what: str):
+        """Any exception (Ctrl-C included) inside the block leaves the step half done: the cache is broken."""
+        try:
+            yield
+        except BaseException as err:
+            self._break(f"{what} was interrupted ({type(err).__name__}: {err})" if str(err) else
+                        f"{what} was interrupted ({type(err).__name__})")
+            raise
+
+    def _enter(self, layer: int) -> None:
+        """Check that `layer`'s update is the step's next event; anything else means a step stopped part-way."""
+        if self._broken is not None:
+            raise CacheBrokenError(self._broken_message())
+        if self._pending is None and layer == self._expect:
+            return
+        if self._pending is not None and layer == self._pending + 1:
+            # The last update's attention never reached kvtier: the model calling us runs another attention
+            # function, so it would attend over the new tokens only. Refuse rather than answer wrongly.
+            self._break(f"layer {self._pending} was stored by a model that does not run kvtier attention")
+            raise ValueError(f"KVCache.update for layer {layer} came before kvtier attention ran for layer "
+                             f"{self._pending}: this cache is used by a model that does not run kvtier attention "
+                             "(a different model than the one it was made for?); make one KVCache per model")
+        at = self._pending if self._pending is not None else self._expect
+        if layer == 0:
+            self._break(self._stopped_at())
+        else:
+            self._break(f"layer {layer} came when layer {at} was due")
+        raise CacheBrokenError(self._broken_message())
 
     def _check_length(self, new_tokens: int) -> None:
         total = self.method.lengths[0] + new_tokens
@@ -215,6 +312,7 @@ class KVCache(Cache):
 
     def reserve(self, tokens: int) -> None:
         """Size buffers once for a sequence that will reach `tokens` tokens."""
+        self.check_usable()
         self.method.reserve(tokens)
 
     def stats(self) -> dict:
@@ -222,7 +320,8 @@ class KVCache(Cache):
         return self.method.stats()
 
     def __repr__(self):
-        return f"KVCache(method={self.method.name!r}, tokens={self.method.lengths[0]})"
+        broken = ", broken" if self._broken is not None else ""
+        return f"KVCache(method={self.method.name!r}, tokens={self.method.lengths[0]}{broken})"
 
 
 class HFBaselineCache(DynamicCache):

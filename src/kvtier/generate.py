@@ -36,6 +36,7 @@ def _make_cache(model, cache, method, options) -> KVCache:
     if cache is not None:
         if options:
             raise ValueError(f"options {sorted(options)} were given with a ready cache; pass them to KVCache")
+        cache.check_usable()  # a cache whose step was interrupted: CacheBrokenError
         if cache.method.lengths[0]:
             raise ValueError("the cache given already holds tokens; make a new KVCache per prompt")
         return cache

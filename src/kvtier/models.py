@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,31 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device=None) -> torch.device:
+    """`device` ("cpu", "cuda", "cuda:1", a torch.device, or None for the default) as a device this machine has;
+    ValueError naming the device otherwise (kvtier runs on CPU and CUDA)."""
+    if device is None:
+        return default_device()
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        try:
+            dev = torch.device(str(device).strip())
+        except (RuntimeError, ValueError):
+            raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {str(device)!r} is not supported; kvtier runs on cpu and cuda (cuda:N)")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device {str(device)!r} asked for, but {why}; use cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -113,31 +139,100 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
-def load(name: str | None = None, device=None, dtype=None):
+# A Hugging Face model id: "name" or "org/name" (letters, digits, "-", "_", ".").
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def check_gguf(path) -> Path:
+    """A readable-looking GGUF file: it exists, is not empty and starts with the GGUF magic (cheap checks; a file
+    corrupt further in is reported by `load`, naming it)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file; give the path of a .gguf file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"GGUF file {path} is empty (0 bytes); download or copy it again")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    return path
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id for the hub
+        return False
+
+
+def resolve_model(name: str | None = None, download: bool = False) -> tuple[str, dict]:
+    """Where `load` reads `name` from, checked without loading anything: (source, from_pretrained kwargs).
+
+    Raises FileNotFoundError or ValueError, naming the model and what to do, for a missing file or directory, a
+    .gguf that is empty or not GGUF, a directory without config.json, or a Hugging Face id that is not in the
+    local Hugging Face cache (nothing is downloaded unless `download`)."""
+    name = DEFAULT_MODEL if name is None else str(name)
+    if not name.strip():
+        raise ValueError("the model name is empty; leave it out for the embedded model or give a name or path")
+    if name in EMBEDDED_MODELS:
+        path = check_gguf(embedded_model_file(name))
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        path = check_gguf(path)
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists() or not _REPO_ID.fullmatch(name):
+        if not path.exists():
+            raise FileNotFoundError(f"model folder not found: {path} (give a folder with config.json, a .gguf "
+                                    f"file, a Hugging Face id in the local cache, or {DEFAULT_MODEL!r})")
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file but not a .gguf file; give a model folder (with config.json), a "
+                             ".gguf file or a Hugging Face id")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json: not a Hugging Face model folder")
+        return str(path), {}
+    if download:
+        return name, {}
+    if not _in_hf_cache(name):
+        from huggingface_hub import constants
+
+        raise FileNotFoundError(
+            f"model {name!r} is not a local folder, a .gguf file or the embedded model ({', '.join(EMBEDDED_MODELS)}), "
+            f"and it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}); kvtier downloads nothing at run "
+            f"time: fetch it first with `hf download {name}` and run again")
+    return name, {"local_files_only": True}
+
+
+def load(name: str | None = None, device=None, dtype=None, download: bool = False):
     """Load a causal LM and its tokenizer.
 
-    name: None or "smollm2-135m" for the embedded default; a Hugging Face id or local directory; or a path
-    to a `.gguf` file (read through transformers' GGUF loader, which dequantizes the weights).
+    name: None or "smollm2-135m" for the embedded default; a local directory, a Hugging Face id already in the
+    local Hugging Face cache (`download=True` lets transformers fetch a missing one); or a path to a `.gguf` file
+    (read through transformers' GGUF loader, which dequantizes the weights).
     device: "cuda" when available, else "cpu". dtype: bfloat16 on CUDA, float32 on CPU.
     Returns (model, tokenizer) with the model in eval mode; unsupported families raise NotImplementedError.
+    The name, device and dtype are checked (`resolve_model`, `resolve_device`, `resolve_dtype`) before anything
+    is read.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    name = DEFAULT_MODEL if name is None else name
-    if name in EMBEDDED_MODELS:
-        path = embedded_model_file(name)
-        source, kwargs = str(path.parent), {"gguf_file": path.name}
-    elif str(name).endswith(".gguf"):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        source, kwargs = str(path.parent), {"gguf_file": path.name}
-    else:
-        source, kwargs = name, {}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    source, kwargs = resolve_model(name, download=download)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except Exception as err:
+        if "gguf_file" not in kwargs:
+            raise
+        path = Path(source) / kwargs["gguf_file"]
+        raise ValueError(f"cannot read the GGUF file {path} ({type(err).__name__}: {err}); it may be truncated "
+                         "or corrupt: download or copy it again") from err
     ModelSpec.from_model(model)  # fail early on families kvtier cannot serve
     model.to(device).eval()
     if tokenizer.pad_token_id is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,13 +49,97 @@ def parse_methods(text_or_list) -> list[MethodSpec]:
                 raise ValueError(f"method option {opt!r} in {item!r} must be key=value")
             key, value = opt.split("=", 1)
             try:
-                options[key] = ast.literal_eval(value)
+                options[key.strip()] = ast.literal_eval(value)
             except (ValueError, SyntaxError):
-                options[key] = value
+                options[key.strip()] = value
+        check_option_names(name, options, f" in {item!r}")
         specs.append(MethodSpec(name, options))
     if not specs:
         raise ValueError("no methods given")
     return specs
+
+
+def check_option_names(method: str, options, where: str = "") -> None:
+    """Unknown method or option names as the method's constructor reports them, without building anything (the
+    values are checked when the cache is made)."""
+    if method not in METHOD_REGISTRY:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHOD_REGISTRY)}")
+    defaults = METHOD_REGISTRY[method].defaults
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}{where}; valid options: {valid}")
+
+
+def check_output_dir(path, what: str = "out_dir") -> Path:
+    """A folder results can be written to: it exists as a folder, or can be made (its nearest existing parent is a
+    writable folder). ValueError naming `what` otherwise; nothing is created."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder; give a folder for the results")
+    _check_writable(path, what)
+    return path
+
+
+def check_output_file(path, what: str = "out") -> Path:
+    """A file path a result can be written to: not a folder, and its folder exists or can be made."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file path, such as {path / 'result.json'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path} exists and cannot be written (permission denied)")
+    _check_writable(path.parent, what)
+    return path
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {folder} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {folder} cannot be written: no write permission in {existing}")
+
+
+def check_existing(out_dir, names, overwrite: bool, what: str = "--out") -> None:
+    """Refuse to overwrite earlier results: ValueError if any of `names` exists in out_dir, unless `overwrite`."""
+    if overwrite or out_dir is None:
+        return
+    found = [n for n in names if (Path(out_dir).expanduser() / n).exists()]
+    if found:
+        raise ValueError(f"{what} {out_dir} already holds {', '.join(found)} from an earlier run; pass --overwrite to "
+                         f"replace it, or give another {what}")
+
+
+def check_lengths(lengths, what: str = "lengths") -> list[int]:
+    """A non-empty list of prompt lengths ("2k", "1500", 2048) as token counts."""
+    lengths = [lengths] if isinstance(lengths, (str, int)) else list(lengths)
+    if not lengths:
+        raise ValueError(f"{what} is empty; give at least one length, such as 1k or 2048")
+    out = []
+    for x in lengths:
+        try:
+            out.append(parse_length(x))
+        except ValueError:
+            raise ValueError(f"{what}: {x!r} is not a length (a positive number of tokens: 2048, 2k)") from None
+    return out
+
+
+def check_texts(texts, what: str = "texts") -> list[str]:
+    """A non-empty list of texts: "prose", "code" or paths of readable files."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError(f"{what} is empty; give prose, code or text file paths")
+    for name in texts:
+        if name in ("prose", "code"):
+            continue
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"{what}: {name!r} is neither 'prose', 'code' nor an existing file")
+    return texts
 
 
 def safe_name(label: str) -> str:
@@ -82,12 +167,25 @@ def make_cache(model, spec: MethodSpec, context_tokens: int):
     return KVCache(model, method=spec.method, **resolve_options(spec, context_tokens))
 
 
+def check_caches(model, specs, lengths) -> None:
+    """Build (and drop) each method's cache before any work, so that a bad option value fails before the first
+    method runs rather than after it (a fractional budget at every length). Building a cache stores nothing."""
+    lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+    for spec in specs:
+        for n in lengths if isinstance(spec.options.get("budget"), float) else lengths[:1]:
+            make_cache(model, spec, n)
+
+
 def parse_length(text) -> int:
     """"2k" -> 2048, "1500" -> 1500."""
-    if isinstance(text, int):
-        return text
-    text = str(text).strip().lower()
-    value = int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        text = str(text).strip().lower()
+        try:
+            value = int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+        except ValueError:
+            raise ValueError(f"length {text!r} is not a number of tokens (2048, 2k)") from None
     if value <= 0:
         raise ValueError(f"length must be positive, got {text!r}")
     return value
@@ -118,7 +216,10 @@ def text_by_name(name: str) -> str:
     path = Path(name)
     if not path.is_file():
         raise ValueError(f"text {name!r} is neither 'prose', 'code' nor a file")
-    return path.read_text()
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"text file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def chat_ids(tokenizer, content: str, answer_prefix: str = "") -> torch.Tensor:

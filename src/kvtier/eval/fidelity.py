@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generate import forced_logits, generate
-from .common import make_cache, parse_length, parse_methods, plotting, text_by_name, with_full, write_json
+from .common import (check_caches, check_lengths, check_output_dir, check_texts, make_cache, parse_methods, plotting,
+                     text_by_name, with_full, write_json)
 
 
 def _mean(values) -> float:
@@ -28,6 +29,15 @@ def _step_means(rows: list[dict]) -> dict:
     return {key: sum(r[key] * r["steps"] for r in rows) / steps for key in ("top1_agreement", "kl_mean")}
 
 
+def check_fidelity(texts, lengths, prompts: int, new_tokens: int) -> tuple[list[str], list[int]]:
+    """The run's arguments checked before any work: (texts, lengths in tokens)."""
+    texts, lengths = check_texts(texts), check_lengths(lengths)
+    for name, value in (("prompts", prompts), ("new_tokens", new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return texts, lengths
+
+
 @torch.inference_mode()
 def fidelity(model, tokenizer, methods, texts=("prose", "code"), lengths=("1k",), prompts: int = 1,
              new_tokens: int = 64, seed: int = 0, out_dir=None, progress: bool = True) -> dict:
@@ -38,7 +48,10 @@ def fidelity(model, tokenizer, methods, texts=("prose", "code"), lengths=("1k",)
     over every step of every prompt). Writes fidelity.json and fidelity.png if out_dir.
     """
     specs = with_full(parse_methods(methods))
-    lengths = [parse_length(x) for x in lengths]
+    texts, lengths = check_fidelity(texts, lengths, prompts, new_tokens)
+    if out_dir is not None:
+        check_output_dir(out_dir)
+    check_caches(model, specs, lengths)
     device = next(model.parameters()).device
     rng = random.Random(seed)
     rows = []

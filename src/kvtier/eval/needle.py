@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from ..demo import needle_prompt
 from ..generate import generate
-from .common import (haystack_prompt, make_cache, parse_length, parse_methods, plotting, safe_name, with_full,
-                     write_json)
+from .common import (check_caches, check_lengths, check_output_dir, haystack_prompt, make_cache, parse_methods,
+                     plotting, safe_name, with_full, write_json)
 
 WORDS = ("amber", "violet", "cobalt", "maple", "granite", "harbor", "lantern", "meadow", "orbit", "quartz",
          "raven", "saffron", "timber", "willow", "zephyr", "copper", "falcon", "juniper")
@@ -56,6 +56,28 @@ def _rate(rows: list[dict]) -> dict:
     return out
 
 
+def check_grid(lengths, depths, kinds, keys: int = 4) -> tuple[list[int], list[float], list[str]]:
+    """The grid's axes checked before any work: (lengths in tokens, depths, kinds); ValueError naming a bad one."""
+    lengths = check_lengths(lengths)
+    depths = [depths] if isinstance(depths, (int, float, str)) else list(depths)
+    if not depths:
+        raise ValueError("depths is empty; give at least one depth in [0, 1], such as 0.5")
+    try:
+        depths = [float(d) for d in depths]
+    except (TypeError, ValueError):
+        raise ValueError(f"depths must be numbers in [0, 1], got {depths}") from None
+    if bad := [d for d in depths if not 0.0 <= d <= 1.0]:
+        raise ValueError(f"depths must be in [0, 1] (0 = start of the text, 1 = end), got {bad}")
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    if not kinds:
+        raise ValueError(f"kinds is empty; give {' or '.join(KINDS)}")
+    if unknown := set(kinds) - set(KINDS):
+        raise ValueError(f"unknown needle kinds {sorted(unknown)}; valid: {', '.join(KINDS)}")
+    if "multikey" in kinds and (isinstance(keys, bool) or not isinstance(keys, int) or not 1 <= keys <= len(PROJECTS)):
+        raise ValueError(f"keys (passphrases per multikey prompt) must be 1..{len(PROJECTS)}, got {keys!r}")
+    return lengths, depths, kinds
+
+
 @torch.inference_mode()
 def needle_grid(model, tokenizer, methods, lengths=("1k", "2k"), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
                 seed: int = 0, max_new_tokens: int = 24, kinds=("single",), keys: int = 4, out_dir=None,
@@ -67,11 +89,10 @@ def needle_grid(model, tokenizer, methods, lengths=("1k", "2k"), depths=(0.0, 0.
     ("freekv:budget=0.25") is that share of each length. Writes needle.json and heatmaps if out_dir.
     """
     specs = with_full(parse_methods(methods))
-    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
-    if unknown := set(kinds) - set(KINDS):
-        raise ValueError(f"unknown needle kinds {sorted(unknown)}; valid: {', '.join(KINDS)}")
-    lengths = [parse_length(x) for x in lengths]
-    depths = [float(d) for d in depths]
+    lengths, depths, kinds = check_grid(lengths, depths, kinds, keys)
+    if out_dir is not None:
+        check_output_dir(out_dir)
+    check_caches(model, specs, lengths)
     device = next(model.parameters()).device
     rows = []
     cells = [(kind, n, d) for kind in kinds for n in lengths for d in depths]

@@ -7,7 +7,8 @@ import math
 import torch
 
 from ..generate import score
-from .common import make_cache, parse_length, parse_methods, text_by_name, with_full, write_json
+from .common import (check_caches, check_lengths, check_output_dir, check_texts, make_cache, parse_methods,
+                     text_by_name, with_full, write_json)
 
 
 def paired_delta(method_nll: torch.Tensor, full_nll: torch.Tensor) -> dict:
@@ -35,6 +36,16 @@ def window_starts(length: int, window: int, windows: int) -> list[int]:
     return [i * (length // windows) for i in range(windows)]
 
 
+def check_ppl(texts, context, targets: int, windows: int) -> tuple[list[str], int]:
+    """The run's arguments checked before any work: (texts, context in tokens)."""
+    texts = check_texts(texts)
+    context = check_lengths([context], "context")[0]
+    for name, value in (("targets", targets), ("windows", windows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return texts, context
+
+
 @torch.inference_mode()
 def perplexity(model, tokenizer, methods, texts=("prose", "code"), context="2k", targets: int = 256,
                out_dir=None, progress: bool = True, windows: int = 1) -> dict:
@@ -43,10 +54,11 @@ def perplexity(model, tokenizer, methods, texts=("prose", "code"), context="2k",
 
     Cache counters add up over windows, except device_kv_bytes: the largest of the windows' peaks.
     """
-    if windows < 1:
-        raise ValueError(f"windows must be >= 1, got {windows}")
     specs = with_full(parse_methods(methods))
-    context = parse_length(context)
+    texts, context = check_ppl(texts, context, targets, windows)
+    if out_dir is not None:
+        check_output_dir(out_dir)
+    check_caches(model, specs, context)
     device = next(model.parameters()).device
     rows = []
     for name in texts:

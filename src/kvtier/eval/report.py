@@ -30,9 +30,19 @@ def load_results(out_dir) -> dict:
     found = {"sweeps": []}
     root = Path(out_dir)
     # out_dir's own files first: a grid there is the one others merge into (its header, its method order)
+    if not root.is_dir():
+        raise ValueError(f"no evaluation JSON in {root}: " + ("it is a file, not a folder" if root.exists() else
+                         "the folder does not exist") + "; give the folder the eval commands wrote to")
     for path in sorted(root.rglob("*.json"), key=lambda p: (len(p.relative_to(root).parts), str(p))):
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); fix or remove it, or report on another folder") \
+                from None
+        if not isinstance(data, dict):
+            continue  # not an evaluation result
         data["file"] = str(path.relative_to(root))
+        data["folder"] = path.parent  # where the run's pictures are, beside its JSON
         if data.get("eval") == "sweep":
             found["sweeps"].append(data)
         elif data.get("eval") == "ppl" and "ppl" in found:
@@ -127,8 +137,17 @@ def _summary_png(panels: dict, out_dir) -> str | None:
     return str(path)
 
 
+def _files(data: dict, *pictures: str) -> str:
+    """The section's files for its heading: the JSON, then each picture (a glob beside it) that was written."""
+    shown = [data["file"]]
+    for picture in pictures:
+        if any(Path(data["folder"]).glob(picture.replace("<method>", "*"))):
+            shown.append(picture)
+    return "`" + "`, `".join(shown) + "`"
+
+
 def _needle_section(data: dict) -> list[str]:
-    lines = [f"## Needle in a haystack (`{data['file']}`, `needle.png`, `needle_<method>.png`)", "",
+    lines = [f"## Needle in a haystack ({_files(data, 'needle.png', 'needle_<method>.png')})", "",
              f"Passphrases at depths {', '.join(f'{d:g}' for d in data['depths'])} of Python's help text; kinds: "
              f"{', '.join(data['kinds'])} (multikey: {data.get('keys', 4)} projects' passphrases, one asked); "
              f"seed {data['seed']}; greedy answers. Cells: share found, full's beside it.", ""]
@@ -158,7 +177,7 @@ def _needle_section(data: dict) -> list[str]:
 
 
 def _ruler_section(data: dict) -> list[str]:
-    lines = [f"## RULER-style tasks (`{data['file']}`, `ruler.png`)", "",
+    lines = [f"## RULER-style tasks ({_files(data, 'ruler.png')})", "",
              f"{data['samples']} prompt(s) per task and length, seed {data['seed']}; score = share of the expected "
              f"names / words in the answer (vt: variable tracking, cwe: common-word extraction; options "
              f"{data['task_options']}).", ""]
@@ -170,7 +189,7 @@ def _ruler_section(data: dict) -> list[str]:
 
 
 def _fidelity_section(data: dict) -> list[str]:
-    lines = [f"## Next-token fidelity (`{data['file']}`, `fidelity.png`)", "",
+    lines = [f"## Next-token fidelity ({_files(data, 'fidelity.png')})", "",
              f"Along full's greedy continuation ({data['new_tokens']} tokens) of {data['prompts']} window(s) per "
              f"text of {', '.join(map(str, data['lengths']))} tokens, every method teacher-forced on full's tokens.",
              ""]
@@ -202,7 +221,9 @@ def _sweep_section(data: dict) -> list[str]:
     texts = data["ppl"]["texts"]
     held = ",".join(f"{k}={v}" for k, v in sorted(data.get("options", {}).items()))
     name = f"{data['method']}:{held}" if held else data["method"]
-    lines = [f"## {name} {option} sweep (`{data['file']}`, `{Path(data['file']).with_suffix('.png')}`)", "",
+    png = Path(data["file"]).with_suffix(".png")
+    files = f"`{data['file']}`, `{png}`" if (Path(data["folder"]) / png.name).is_file() else f"`{data['file']}`"
+    lines = [f"## {name} {option} sweep ({files})", "",
              f"Needle at {data['needle']['lengths']} tokens, depths {data['needle']['depths']}; perplexity after "
              f"{data['ppl']['context']} tokens.", ""]
     rows = [[p[option], _vs_full(p["needle_success"], data["full"]["needle_success"], ""),
@@ -239,7 +260,8 @@ def report(out_dir, title: str = "kvtier: approximate methods against full", com
         columns = [(title, group) for title, groups in panels.items() for group in groups]
         rows = [[label, *(_fmt_metric(title, panels[title][group].get(label)) for title, group in columns)]
                 for label in labels]
-        lines += ["## Summary (`summary.png`)", "", "![summary](summary.png)", ""]
+        # the picture only when it was written (it is not without matplotlib)
+        lines += ["## Summary (`summary.png`)", "", "![summary](summary.png)", ""] if png else ["## Summary", ""]
         header = ["method", *(f"{title}: {group}" for title, group in columns)]
         if "fidelity" in found:  # the KL is on another scale than the chart's panels: table only
             kl = found["fidelity"]["summary"]

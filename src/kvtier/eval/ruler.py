@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generate import generate
-from .common import (bar_chart, chat_ids, haystack_prompt, make_cache, parse_length, parse_methods, prose_text,
-                     with_full, write_json)
+from .common import (bar_chart, chat_ids, check_caches, check_lengths, check_output_dir, haystack_prompt, make_cache,
+                     parse_methods, prose_text, with_full, write_json)
 
 TASKS = ("vt", "cwe")
 
@@ -98,6 +98,48 @@ def _defaults(generator) -> dict:
     return {p.name: p.default for p in params}
 
 
+def _count(minimum: int):
+    def check(value) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            return f"an integer >= {minimum}"
+        return None
+
+    return check
+
+
+def _share(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        return "a number between 0 and 1 (exclusive)"
+    return None
+
+
+# What each task option must be (a description of the valid values, or None when the value is fine).
+OPTION_CHECKS = {"vt": {"hops": _count(1), "chains": _count(1)}, "cwe": {"common": _count(1), "share": _share}}
+
+
+def check_ruler(tasks, lengths, samples: int, task_options: dict) -> tuple[list[str], list[int], dict]:
+    """The run's arguments checked before any work: (tasks, lengths in tokens, {task: generator options}).
+    ValueError naming a bad task, length, sample count, task option or option value."""
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks:
+        raise ValueError(f"tasks is empty; give {' and/or '.join(TASKS)}")
+    if unknown := set(tasks) - set(TASKS):
+        raise ValueError(f"unknown ruler tasks {sorted(unknown)}; valid: {', '.join(TASKS)}")
+    lengths = check_lengths(lengths)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples (prompts per task and length) must be >= 1, got {samples!r}")
+    options = {t: _defaults(GENERATORS[t]) for t in tasks}
+    for key, value in task_options.items():
+        task, _, name = key.partition("_")
+        if name not in options.get(task, {}):
+            valid = [f"{t}_{k}" for t in tasks for k in options[t]]
+            raise ValueError(f"unknown task option {key!r}; valid: {', '.join(valid)}")
+        if (want := OPTION_CHECKS[task][name](value)) is not None:
+            raise ValueError(f"task option {key}={value!r}: must be {want}")
+        options[task][name] = value
+    return tasks, lengths, options
+
+
 @torch.inference_mode()
 def ruler(model, tokenizer, methods, tasks=TASKS, lengths=("1k",), samples: int = 2, seed: int = 0,
           max_new_tokens: int = 32, out_dir=None, progress: bool = True, **task_options) -> dict:
@@ -108,17 +150,10 @@ def ruler(model, tokenizer, methods, tasks=TASKS, lengths=("1k",), samples: int 
     per method and task (mean score, agreement with full). Writes ruler.json and ruler.png if out_dir.
     """
     specs = with_full(parse_methods(methods))
-    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    if unknown := set(tasks) - set(TASKS):
-        raise ValueError(f"unknown ruler tasks {sorted(unknown)}; valid: {', '.join(TASKS)}")
-    lengths = [parse_length(x) for x in lengths]
-    options = {t: _defaults(GENERATORS[t]) for t in tasks}
-    for key, value in task_options.items():
-        task, _, name = key.partition("_")
-        if name not in options.get(task, {}):
-            valid = [f"{t}_{k}" for t in tasks for k in options[t]]
-            raise ValueError(f"unknown task option {key!r}; valid: {', '.join(valid)}")
-        options[task][name] = value
+    tasks, lengths, options = check_ruler(tasks, lengths, samples, task_options)
+    if out_dir is not None:
+        check_output_dir(out_dir)
+    check_caches(model, specs, lengths)
     device = next(model.parameters()).device
     rows = []
     cells = [(t, n, i) for t in tasks for n in lengths for i in range(samples)]

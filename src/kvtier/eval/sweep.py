@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import MethodSpec, parse_methods, plotting, write_json
-from .needle import needle_grid
-from .ppl import perplexity
+from .common import MethodSpec, check_caches, check_option_names, check_output_dir, parse_methods, plotting, write_json
+from .needle import check_grid, needle_grid
+from .ppl import check_ppl, perplexity
+
+
+def check_sweep(method: str, option: str, values, base_options=None) -> tuple[str, dict]:
+    """(method name, options held at every point) of a sweep of `option` over `values`, checked before any work."""
+    parsed = parse_methods(method)
+    if len(parsed) != 1:
+        raise ValueError(f"a sweep runs one method, got {len(parsed)} in {method!r}")
+    name, base = parsed[0].method, {**parsed[0].options, **(base_options or {})}
+    check_option_names(name, {option: None}, " (the swept option)")
+    if option in base:
+        raise ValueError(f"{option!r} is swept over {list(values)}; do not also fix it in {method!r} or base_options")
+    if not list(values):
+        raise ValueError(f"no values to sweep {option!r} over; give some, such as 256,512,1024")
+    return name, base
 
 
 def budget_sweep(model, tokenizer, method: str = "freekv", budgets=(256, 512, 1024, 2048), option: str = "budget",
@@ -16,13 +30,13 @@ def budget_sweep(model, tokenizer, method: str = "freekv", budgets=(256, 512, 10
 
     method may carry options after colons ("freekv:page_size=8:scorer=lowbit"), held at every point as
     base_options are; the swept option must not be one of them."""
-    parsed = parse_methods(method)
-    if len(parsed) != 1:
-        raise ValueError(f"a sweep runs one method, got {len(parsed)} in {method!r}")
-    method, base = parsed[0].method, {**parsed[0].options, **(base_options or {})}
-    if option in base:
-        raise ValueError(f"{option!r} is swept over {list(budgets)}; do not also fix it in {method!r} or base_options")
+    method, base = check_sweep(method, option, budgets, base_options)
+    lengths, depths, _ = check_grid(lengths, depths, "single")
+    check_ppl(texts, context, targets, windows)
+    if out_dir is not None:
+        check_output_dir(out_dir)
     specs = [MethodSpec(method, {**base, option: b}) for b in budgets]
+    check_caches(model, specs, lengths)
     needle = needle_grid(model, tokenizer, specs, lengths=lengths, depths=depths, progress=progress)
     ppl = perplexity(model, tokenizer, specs, texts=texts, context=context, targets=targets, windows=windows,
                      progress=progress)

@@ -1,156 +1,405 @@
-"""Command line: argument parsing and printing only; the work is done by the library."""
+"""Command line: argument parsing, checking and printing only; the work is done by the library.
+
+Every command checks all of its arguments (method specs, lengths, output paths, the model name, the device)
+before it loads a model or does any work. A user's mistake ends with exit code 2 and one line on stderr that
+names the bad value and what to do; `--debug` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ast
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
 
 
+class UsageError(ValueError):
+    """A mistake in the command's arguments: reported in one line, exit code 2."""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kvtier")
+    except Exception:  # a source tree that is not installed
+        from kvtier import __version__
+
+        return __version__
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and adds "(default: ...)" to options whose default is worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and "default" not in text and action.nargs != 0
+                and action.default not in (None, False, [], argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (what is wrong, and where to look), not the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- argument types: syntax only (no imports of torch); meaning is checked in check_* below ------------------
 def _parse_option(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--option takes key=value, got {text!r}")
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     try:
-        return key, ast.literal_eval(value)
+        return key.strip(), ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        return key, value
-
-
-def _methods(text: str) -> list[str]:
-    return [m.strip() for m in text.split(",") if m.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvtier", description="Long-context inference with the KV cache in "
-                                     "host memory.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="generate from a prompt file through one method")
-    gen.add_argument("--model", default=None, help="embedded name, Hugging Face id, directory or .gguf path "
-                     "(default: the embedded smollm2-135m)")
-    gen.add_argument("--method", default="full")
-    gen.add_argument("--prompt-file", required=True, type=Path)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--budget", type=int, default=None, help="token budget (methods that have one)")
-    gen.add_argument("--option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
-                     help="a method option; repeatable")
-    gen.add_argument("--raw", action="store_true", help="feed the file as-is instead of as a chat message")
-    gen.add_argument("--device", default=None)
-    gen.add_argument("--dtype", default=None)
-    gen.add_argument("--json", action="store_true", help="print the result as JSON")
-
-    sub.add_parser("info", help="versions, device and the available methods")
-
-    demo = sub.add_parser("demo", help="the quickstart job: a long needle prompt through every method")
-    demo.add_argument("--model", default=None)
-    demo.add_argument("--methods", type=_methods, default=None,
-                      help="comma-separated, options after colons (default: full,offload,kvpr,freekv:budget=1024,"
-                           "freekv:budget=1024:page_size=8:scorer=lowbit:rest=lowbit:tau=0.9,specache)")
-    demo.add_argument("--context", type=int, default=3000, help="prompt length in tokens")
-    demo.add_argument("--max-new-tokens", type=int, default=24)
-    demo.add_argument("--device", default=None)
-    demo.add_argument("--dtype", default=None)
-    demo.add_argument("--out", default="runs/demo.json")
-
-    prof = sub.add_parser("profile", help="measure host->device bandwidth and matmul rate (KVPR's cost model), "
-                          "cached per machine")
-    prof.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    prof.add_argument("--dtype", default=None, help="matmul dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    prof.add_argument("--hidden-size", type=int, default=4096, help="hidden size of the recompute GEMM")
-    prof.add_argument("--kv-width", type=int, default=4096, help="num_kv_heads * head_dim of the recompute GEMM")
-    prof.add_argument("--out", type=Path, default=None, help="also write the profile as JSON here")
-    prof.add_argument("--force", action="store_true", help="measure again even when a cached profile exists")
-    bench = sub.add_parser("bench", help="decode speed and memory of every method beside Hugging Face's caches, "
-                           "on a random-weight model of a real shape")
-    bench.add_argument("--model-config", required=True, help="real shapes: llama-3.1-8b, llama-2-7b, qwen2.5-7b "
-                       "(need --random-weights); CPU harness checks: tiny-llama, tiny-mha")
-    bench.add_argument("--random-weights", action="store_true",
-                       help="build the shape with random weights (nothing is ever downloaded)")
-    bench.add_argument("--contexts", default="1k", type=_list, help="prompt lengths: 8k,32k")
-    bench.add_argument("--batch", default="1", type=lambda t: [int(x) for x in _list(t)], help="batch sizes: 1,4")
-    bench.add_argument("--methods", default=None, help="comma-separated kvtier specs and hf-dynamic, hf-offload "
-                       "(default: full,offload,kvpr,freekv,specache,hf-dynamic,hf-offload)")
-    bench.add_argument("--decode-steps", type=int, default=16, help="timed decode steps")
-    bench.add_argument("--warmup", type=int, default=4, help="untimed decode steps before them")
-    bench.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk in tokens (default 2048)")
-    bench.add_argument("--profile", default=None, help="hardware profile JSON (from kvtier profile --out); "
-                       "default: the cached or freshly measured one")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    bench.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    bench.add_argument("--out", default="runs/bench", help="folder for the JSON and PNG")
-    ev = sub.add_parser("eval", help="fidelity against full: needle grid, RULER-style tasks, decode perplexity, "
-                        "next-token fidelity, budget sweep, report")
-    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
-    methods_help = "comma-separated, options after colons: full,freekv:budget=512"
-    needle = ev_sub.add_parser("needle", help="passphrase at lengths x depths; success and agreement with full")
-    needle.add_argument("--methods", required=True, help=methods_help)
-    needle.add_argument("--lengths", default="1k,2k", type=_list)
-    needle.add_argument("--depths", default="0,0.25,0.5,0.75,1", type=lambda t: [float(x) for x in _list(t)])
-    needle.add_argument("--seed", type=int, default=0)
-    needle.add_argument("--max-new-tokens", type=int, default=24)
-    needle.add_argument("--kinds", default="single", type=_list, help="single, multikey or both: single,multikey")
-    needle.add_argument("--keys", type=int, default=4, help="passphrases per multikey prompt (one is asked)")
-    ruler = ev_sub.add_parser("ruler", help="RULER-style variable tracking (vt) and common-word extraction (cwe)")
-    ruler.add_argument("--methods", required=True, help=methods_help)
-    ruler.add_argument("--tasks", default="vt,cwe", type=_list)
-    ruler.add_argument("--lengths", default="1k", type=_list)
-    ruler.add_argument("--samples", type=int, default=2, help="prompts per task and length")
-    ruler.add_argument("--seed", type=int, default=0)
-    ruler.add_argument("--max-new-tokens", type=int, default=32)
-    ruler.add_argument("--task-option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
-                       help="vt_hops=2, vt_chains=1, cwe_common=3, cwe_share=0.3; repeatable")
-    fid = ev_sub.add_parser("fidelity", help="top-1 agreement and KL(full || method) along full's greedy generations")
-    fid.add_argument("--methods", required=True, help=methods_help)
-    fid.add_argument("--texts", default="prose,code", type=_list, help="prose, code, or file paths")
-    fid.add_argument("--lengths", default="1k", type=_list)
-    fid.add_argument("--prompts", type=int, default=1, help="windows per text and length")
-    fid.add_argument("--new-tokens", type=int, default=64)
-    fid.add_argument("--seed", type=int, default=0)
-    ppl = ev_sub.add_parser("ppl", help="decode-mode perplexity after a long context, delta vs full")
-    ppl.add_argument("--methods", required=True, help=methods_help)
-    ppl.add_argument("--texts", default="prose,code", type=_list, help="prose, code, or file paths")
-    ppl.add_argument("--text-file", action="append", default=[], help="a text file to score (repeatable)")
-    ppl.add_argument("--context", default="2k")
-    ppl.add_argument("--targets", type=int, default=256, help="target tokens per window")
-    ppl.add_argument("--windows", type=_positive, default=1,
-                     help="disjoint context + targets windows per text, spread over it; their tokens are pooled")
-    sweep = ev_sub.add_parser("sweep", help="one method over a list of budgets: needle success and ppl delta")
-    sweep.add_argument("--method", default="freekv")
-    sweep.add_argument("--option", default="budget", help="the option to sweep (budget, bits, ...)")
-    sweep.add_argument("--values", required=True, type=lambda t: [int(x) for x in _list(t)])
-    sweep.add_argument("--lengths", default="2k", type=_list)
-    sweep.add_argument("--depths", default="0.1,0.5,0.9", type=lambda t: [float(x) for x in _list(t)])
-    sweep.add_argument("--context", default="2k")
-    sweep.add_argument("--targets", type=int, default=256, help="ppl target tokens per window")
-    sweep.add_argument("--windows", type=_positive, default=1, help="ppl windows per text (see eval ppl)")
-    report = ev_sub.add_parser("report", help="README.md (tables) and summary.png from the JSONs in a folder")
-    report.add_argument("--dir", required=True, help="the folder the eval commands wrote to")
-    report.add_argument("--title", default="kvtier: approximate methods against full")
-    report.add_argument("--note", default=None, help="a paragraph for the README, under the command")
-    report.add_argument("--command", dest="report_command", default=None,
-                        help="the command that produced the folder, for the README")
-    for p in (needle, ruler, fid, ppl, sweep):
-        p.add_argument("--model", default=None)
-        p.add_argument("--device", default=None)
-        p.add_argument("--dtype", default=None)
-        p.add_argument("--out", default="runs/eval")
-    return parser
+        return key.strip(), value
 
 
 def _list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive = _int_at_least(1)
+_nonnegative = _int_at_least(0)
+
+
+def _length(item: str) -> str:
+    """A length in tokens, 2048 or 2k, kept as text (kvtier.eval parses it)."""
+    if not re.fullmatch(r"(\d+|\d*\.?\d+k)", item.lower()) or float(item.lower().rstrip("k")) <= 0:
+        raise argparse.ArgumentTypeError(f"{item!r} is not a length (a positive number of tokens: 2048, 2k)")
+    return item
+
+
+def _depth(item: str) -> float:
+    try:
+        value = float(item)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{item!r} is not a depth (a number in [0, 1])") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"depth {item} is outside [0, 1] (0 = start of the text, 1 = end)")
     return value
+
+
+def _integer(item: str) -> int:
+    try:
+        return int(item)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{item!r} is not an integer") from None
+
+
+def _items(what: str, convert=None):
+    """An argparse type: a non-empty comma-separated list of `what`, each item through `convert`."""
+
+    def parse(text: str):
+        items = _list(text)
+        if not items:
+            raise argparse.ArgumentTypeError(f"is empty; give one or more {what}, comma-separated")
+        return [convert(item) for item in items] if convert else items
+
+    return parse
+
+
+_methods = _items("methods (full,offload,freekv:budget=512)")
+
+
+EXAMPLES = {
+    "generate": """examples:
+  kvtier generate --prompt-file doc.txt --method freekv --budget 512
+  kvtier generate --prompt-file - --method offload --max-new-tokens 32 < doc.txt
+  kvtier generate --prompt-file doc.txt --model path/to/model.gguf --option page_size=8 --json""",
+    "demo": """examples:
+  kvtier demo
+  kvtier demo --methods full,freekv:budget=512 --context 2000 --out runs/small.json""",
+    "profile": """examples:
+  kvtier profile
+  kvtier profile --device cpu --out runs/profile.json --force""",
+    "bench": """examples:
+  kvtier bench --model-config tiny-llama --contexts 1k --decode-steps 4
+  kvtier bench --model-config llama-3.1-8b --random-weights --contexts 8k,32k --batch 1,4 --out bench/results""",
+    "needle": """examples:
+  kvtier eval needle --methods full,freekv:budget=0.25 --lengths 1k,2k --depths 0.25,0.75 --out runs/eval
+  kvtier eval needle --methods specache --kinds single,multikey --keys 4 --out runs/eval --overwrite""",
+    "ruler": """examples:
+  kvtier eval ruler --methods full,specache --tasks vt,cwe --lengths 1k --samples 2 --out runs/eval
+  kvtier eval ruler --methods freekv:budget=512 --tasks vt --task-option vt_hops=3 --out runs/eval""",
+    "fidelity": """examples:
+  kvtier eval fidelity --methods full,freekv:budget=512 --texts prose,code --lengths 2k --out runs/eval""",
+    "ppl": """examples:
+  kvtier eval ppl --methods specache:bits=2 --texts prose --context 2k --targets 256 --windows 4 --out runs/eval
+  kvtier eval ppl --methods offload --texts '' --text-file notes.txt --context 1k --out runs/eval""",
+    "sweep": """examples:
+  kvtier eval sweep --method freekv --values 256,512,1024 --out runs/eval
+  kvtier eval sweep --method specache:group_size=32 --option topk --values 16,64 --out runs/eval""",
+    "report": '''examples:
+  kvtier eval report --dir runs/eval --title "my run" --command "bash run.sh"''',
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvtier", description="Long-context inference with the KV cache in host memory.",
+                     epilog="Run `kvtier COMMAND --help` for a command's options and examples.")
+    parser.add_argument("--version", action="version", version=f"kvtier {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    # every command takes --debug after its name too; SUPPRESS keeps the top-level value when it is absent
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(parent, name: str, text: str, examples: str | None = None):
+        return parent.add_parser(name, help=text, description=text, parents=[common], epilog=examples)
+
+    def model_options(p):
+        p.add_argument("--model", default=None, help="the embedded smollm2-135m (the default), a model folder, a "
+                       ".gguf file, or a Hugging Face id already in the local cache (nothing is downloaded)")
+        p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+        p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bfloat16 on CUDA, "
+                       "float32 on CPU)")
+
+    gen = command(sub, "generate", "generate from a prompt file through one method", EXAMPLES["generate"])
+    gen.add_argument("--prompt-file", required=True, help="a UTF-8 text file, or - to read standard input")
+    gen.add_argument("--method", default="full", help="full, offload, kvpr, freekv or specache")
+    gen.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate")
+    gen.add_argument("--budget", type=_positive, default=None, help="token budget (methods that have one: freekv)")
+    gen.add_argument("--option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
+                     help="a method option, such as page_size=8; repeatable")
+    gen.add_argument("--raw", action="store_true", help="feed the file as-is instead of as a chat message")
+    gen.add_argument("--json", action="store_true", help="print the result as JSON")
+    model_options(gen)
+
+    command(sub, "info", "versions, device and the available methods")
+
+    demo = command(sub, "demo", "the quickstart job: a long needle prompt through every method", EXAMPLES["demo"])
+    demo.add_argument("--methods", type=_methods, default=None,
+                      help="comma-separated, options after colons (default: full,offload,kvpr,freekv:budget=1024,"
+                           "freekv:budget=1024:page_size=8:scorer=lowbit:rest=lowbit:tau=0.9,specache)")
+    demo.add_argument("--context", type=_positive, default=3000, help="prompt length in tokens")
+    demo.add_argument("--max-new-tokens", type=_positive, default=24, help="tokens to generate per method")
+    demo.add_argument("--out", default="runs/demo.json", help="the JSON file to write (replaced if it exists)")
+    model_options(demo)
+
+    prof = command(sub, "profile", "measure host->device bandwidth and matmul rate (KVPR's cost model), cached "
+                   "per machine", EXAMPLES["profile"])
+    prof.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    prof.add_argument("--dtype", default=None, help="matmul dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    prof.add_argument("--hidden-size", type=_positive, default=4096, help="hidden size of the recompute GEMM")
+    prof.add_argument("--kv-width", type=_positive, default=4096,
+                      help="num_kv_heads * head_dim of the recompute GEMM")
+    prof.add_argument("--out", type=Path, default=None, help="also write the profile as JSON to this file")
+    prof.add_argument("--force", action="store_true", help="measure again even when a cached profile exists")
+
+    bench = command(sub, "bench", "decode speed and memory of every method beside Hugging Face's caches, on a "
+                    "random-weight model of a real shape", EXAMPLES["bench"])
+    bench.add_argument("--model-config", required=True, help="real shapes: llama-3.1-8b, llama-2-7b, qwen2.5-7b "
+                       "(need --random-weights); CPU harness checks: tiny-llama, tiny-mha")
+    bench.add_argument("--random-weights", action="store_true",
+                       help="build the shape with random weights (nothing is ever downloaded)")
+    bench.add_argument("--contexts", default="1k", type=_items("lengths", _length), help="prompt lengths: 8k,32k")
+    bench.add_argument("--batch", default="1", type=_items("batch sizes", _positive), help="batch sizes: 1,4")
+    bench.add_argument("--methods", default=None, type=lambda t: ",".join(_methods(t)),
+                       help="comma-separated kvtier specs and hf-dynamic, hf-offload "
+                            "(default: full,offload,kvpr,freekv,specache,hf-dynamic,hf-offload)")
+    bench.add_argument("--decode-steps", type=_positive, default=16, help="timed decode steps")
+    bench.add_argument("--warmup", type=_nonnegative, default=4, help="untimed decode steps before them")
+    bench.add_argument("--prefill-chunk", type=_positive, default=None,
+                       help="prefill chunk in tokens (default: 2048)")
+    bench.add_argument("--profile", default=None, help="hardware profile JSON (from kvtier profile --out); "
+                       "default: the cached or freshly measured one")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    bench.add_argument("--out", default="runs/bench", help="folder for the JSON and PNG")
+
+    ev = command(sub, "eval", "fidelity against full: needle grid, RULER-style tasks, decode perplexity, "
+                 "next-token fidelity, budget sweep, report")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True, metavar="EVALUATION")
+    methods_help = "comma-separated, options after colons: full,freekv:budget=512 (full always runs first)"
+    lengths, depths = _items("lengths (2048, 2k)", _length), _items("depths in [0, 1]", _depth)
+    needle = command(ev_sub, "needle", "passphrase at lengths x depths; success and agreement with full",
+                     EXAMPLES["needle"])
+    needle.add_argument("--methods", required=True, type=_methods, help=methods_help)
+    needle.add_argument("--lengths", default="1k,2k", type=lengths, help="prompt lengths in tokens: 1k,2k or 1500")
+    needle.add_argument("--depths", default="0,0.25,0.5,0.75,1", type=depths,
+                        help="needle depths in [0, 1] (0 = start of the text)")
+    needle.add_argument("--seed", type=int, default=0)
+    needle.add_argument("--max-new-tokens", type=_positive, default=24, help="tokens per answer")
+    needle.add_argument("--kinds", default="single", type=_items("kinds (single, multikey)"),
+                        help="single, multikey or both: single,multikey")
+    needle.add_argument("--keys", type=int, default=4, help="passphrases per multikey prompt, 1..16 (one is asked)")
+    ruler = command(ev_sub, "ruler", "RULER-style variable tracking (vt) and common-word extraction (cwe)",
+                    EXAMPLES["ruler"])
+    ruler.add_argument("--methods", required=True, type=_methods, help=methods_help)
+    ruler.add_argument("--tasks", default="vt,cwe", type=_items("tasks (vt, cwe)"), help="vt, cwe or both")
+    ruler.add_argument("--lengths", default="1k", type=lengths, help="prompt lengths in tokens: 1k,2k")
+    ruler.add_argument("--samples", type=_positive, default=2, help="prompts per task and length")
+    ruler.add_argument("--seed", type=int, default=0)
+    ruler.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens per answer")
+    ruler.add_argument("--task-option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
+                       help="vt_hops=2, vt_chains=1, cwe_common=3, cwe_share=0.3; repeatable")
+    fid = command(ev_sub, "fidelity", "top-1 agreement and KL(full || method) along full's greedy generations",
+                  EXAMPLES["fidelity"])
+    fid.add_argument("--methods", required=True, type=_methods, help=methods_help)
+    fid.add_argument("--texts", default="prose,code", type=_items("texts (prose, code, file paths)"),
+                     help="prose, code, or file paths")
+    fid.add_argument("--lengths", default="1k", type=lengths, help="context lengths in tokens")
+    fid.add_argument("--prompts", type=_positive, default=1, help="windows per text and length")
+    fid.add_argument("--new-tokens", type=_positive, default=64, help="steps of full's continuation compared")
+    fid.add_argument("--seed", type=int, default=0)
+    ppl = command(ev_sub, "ppl", "decode-mode perplexity after a long context, delta vs full", EXAMPLES["ppl"])
+    ppl.add_argument("--methods", required=True, type=_methods, help=methods_help)
+    ppl.add_argument("--texts", default="prose,code", type=_list, help="prose, code, or file paths ('' for none)")
+    ppl.add_argument("--text-file", action="append", default=[], help="a text file to score (repeatable)")
+    ppl.add_argument("--context", default="2k", type=_length, help="context length in tokens")
+    ppl.add_argument("--targets", type=_positive, default=256, help="target tokens per window")
+    ppl.add_argument("--windows", type=_positive, default=1,
+                     help="disjoint context + targets windows per text, spread over it; their tokens are pooled")
+    sweep = command(ev_sub, "sweep", "one method over a list of values of one option: needle success and ppl delta",
+                    EXAMPLES["sweep"])
+    sweep.add_argument("--method", default="freekv", help="the method; options held at every point after colons")
+    sweep.add_argument("--option", default="budget", help="the option to sweep (budget, bits, ...)")
+    sweep.add_argument("--values", required=True, type=_items("values (integers)", _integer),
+                       help="the option's values: 256,512,1024")
+    sweep.add_argument("--lengths", default="2k", type=lengths, help="needle prompt lengths")
+    sweep.add_argument("--depths", default="0.1,0.5,0.9", type=depths, help="needle depths in [0, 1]")
+    sweep.add_argument("--context", default="2k", type=_length, help="perplexity context length")
+    sweep.add_argument("--targets", type=_positive, default=256, help="ppl target tokens per window")
+    sweep.add_argument("--windows", type=_positive, default=1, help="ppl windows per text (see eval ppl)")
+    report = command(ev_sub, "report", "README.md (tables) and summary.png from the JSONs in a folder",
+                     EXAMPLES["report"])
+    report.add_argument("--dir", required=True, help="the folder the eval commands wrote to")
+    report.add_argument("--title", default="kvtier: approximate methods against full", help="the README's title")
+    report.add_argument("--note", default=None, help="a paragraph for the README, under the command")
+    report.add_argument("--command", dest="report_command", default=None,
+                        help="the command that produced the folder, for the README")
+    for p in (needle, ruler, fid, ppl, sweep):
+        model_options(p)
+        p.add_argument("--out", default="runs/eval", help="the results folder (evaluations may share one)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace this evaluation's earlier results in --out (refused otherwise)")
+    return parser
+
+
+# -- checks before any work: everything that needs no model ---------------------------------------------------
+def _check_model_args(args) -> None:
+    """--model, --device and --dtype, without loading anything."""
+    from kvtier.models import resolve_device, resolve_dtype, resolve_model
+
+    device = resolve_device(args.device)
+    resolve_dtype(args.dtype, device)
+    resolve_model(args.model)
+
+
+def _read_prompt(name: str) -> str:
+    """The prompt file's text (`-`: standard input); UsageError naming the file for anything unreadable."""
+    if name == "-":
+        label = "standard input"
+        if sys.stdin is None:
+            raise UsageError("--prompt-file -: there is no standard input to read")
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    else:
+        path = Path(name).expanduser()
+        label = str(path)
+        if not path.exists():
+            raise UsageError(f"--prompt-file {path}: file not found")
+        if not path.is_file():
+            raise UsageError(f"--prompt-file {path} is not a file; give a text file, or - for standard input")
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise UsageError(f"--prompt-file {path} cannot be read: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--prompt-file {label} is not UTF-8 text (byte {err.start}: {err.reason}); give a plain "
+                         "text file") from None
+    if "\x00" in text:
+        raise UsageError(f"--prompt-file {label} holds NUL bytes: it looks binary; give a plain text file")
+    if not text.strip():
+        raise UsageError(f"--prompt-file {label} is empty")
+    return text
+
+
+def _method_options(args) -> dict:
+    from kvtier.eval.common import check_option_names
+    from kvtier.methods import METHOD_REGISTRY
+
+    options = dict(args.option)
+    if args.budget is not None:
+        if args.method in METHOD_REGISTRY and "budget" not in METHOD_REGISTRY[args.method].defaults:
+            with_budget = [n for n, c in METHOD_REGISTRY.items() if "budget" in c.defaults]
+            raise UsageError(f"--budget: method {args.method!r} has no token budget; methods with one: "
+                             f"{', '.join(with_budget)}")
+        options["budget"] = args.budget
+    check_option_names(args.method, options)
+    return options
+
+
+def _result_files(args) -> list[str]:
+    """The files an evaluation writes into --out (the ones --overwrite is about)."""
+    if args.eval_command == "sweep":
+        from kvtier.eval.common import parse_methods
+
+        method = parse_methods(args.method)[0].method
+        return [f"sweep_{method}_{args.option}.json", f"sweep_{method}_{args.option}.png"]
+    return [f"{args.eval_command}.json"]
+
+
+def _check_eval(args) -> None:
+    from kvtier.eval.common import check_existing, check_output_dir, parse_methods
+    from kvtier.eval.fidelity import check_fidelity
+    from kvtier.eval.needle import check_grid
+    from kvtier.eval.ppl import check_ppl
+    from kvtier.eval.ruler import check_ruler
+    from kvtier.eval.sweep import check_sweep
+
+    name = args.eval_command
+    if name == "report":
+        folder = Path(args.dir).expanduser()
+        if not folder.is_dir():
+            raise UsageError(f"--dir {folder}: " + ("not a folder" if folder.exists() else "folder not found") +
+                             "; give the folder the eval commands wrote to")
+        return
+    if name == "sweep":
+        check_sweep(args.method, args.option, args.values)
+        check_grid(args.lengths, args.depths, "single")
+        check_ppl(["prose", "code"], args.context, args.targets, args.windows)
+    else:
+        parse_methods(args.methods)
+    if name == "needle":
+        check_grid(args.lengths, args.depths, args.kinds, args.keys)
+    elif name == "ruler":
+        check_ruler(args.tasks, args.lengths, args.samples, dict(args.task_option))
+    elif name == "fidelity":
+        check_fidelity(args.texts, args.lengths, args.prompts, args.new_tokens)
+    elif name == "ppl":
+        if not args.texts + args.text_file:
+            raise UsageError("--texts and --text-file give no text to score; give prose, code or file paths")
+        check_ppl(args.texts + args.text_file, args.context, args.targets, args.windows)
+    check_output_dir(args.out, "--out")
+    check_existing(args.out, _result_files(args), args.overwrite)
+    _check_model_args(args)
 
 
 def cmd_info(args) -> int:
@@ -167,14 +416,9 @@ def cmd_info(args) -> int:
 def cmd_generate(args) -> int:
     import kvtier
 
-    if not args.prompt_file.is_file():
-        raise SystemExit(f"prompt file not found: {args.prompt_file}")
-    text = args.prompt_file.read_text()
-    if not text.strip():
-        raise SystemExit(f"prompt file is empty: {args.prompt_file}")
-    options = dict(args.option)
-    if args.budget is not None:
-        options["budget"] = args.budget
+    options = _method_options(args)
+    _check_model_args(args)
+    text = _read_prompt(args.prompt_file)
     model, tokenizer = kvtier.load(args.model, device=args.device, dtype=args.dtype)
     if args.raw or tokenizer.chat_template is None:
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
@@ -199,7 +443,12 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     from kvtier import demo
+    from kvtier.eval.common import check_output_file, parse_methods
 
+    if args.methods is not None:
+        parse_methods(args.methods)
+    check_output_file(args.out, "--out")
+    _check_model_args(args)
     result = demo.run(args.model, methods=args.methods, context_tokens=args.context,
                       max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype, out=args.out)
     print(demo.format_table(result))
@@ -208,12 +457,17 @@ def cmd_demo(args) -> int:
 
 def cmd_profile(args) -> int:
     from kvtier import profile
+    from kvtier.eval.common import check_output_file
 
+    if args.out is not None:
+        check_output_file(args.out, "--out")
+    path = profile.cache_file(args.device, args.dtype, args.hidden_size, args.kv_width)  # checks device, dtype
     hw = profile.load_profile(None, device=args.device, dtype=args.dtype, hidden_size=args.hidden_size,
                               kv_width=args.kv_width, force=args.force)
-    path = profile.cache_file(args.device, args.dtype, args.hidden_size, args.kv_width)
     origin = {"cache": f"read from the cache {path} (--force measures again)",
-              "measured": f"measured now; cached at {path}"}.get(hw.source, hw.source)
+              "measured": f"measured now; cached at {path}" if _cached(path, hw) else
+                          f"measured now; NOT cached: {path} could not be written (see the warning above)"}
+    origin = origin.get(hw.source, hw.source)
     shape = " x ".join(str(n) for n in hw.shape)
     print(f"{'device':>14}: {hw.device}")
     print(f"{'dtype':>14}: {hw.dtype}")
@@ -230,13 +484,24 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _cached(path: Path, hw) -> bool:
+    """Whether the cache file at `path` now holds this very measurement."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return saved.get("measured_at") == hw.measured_at and saved.get("h2d_bytes_per_s") == hw.h2d_bytes_per_s
+
+
 def cmd_eval(args) -> int:
     import kvtier
     from kvtier import eval as kv_eval
 
+    _check_eval(args)
     if args.eval_command == "report":
         result = kv_eval.report(args.dir, title=args.title, command=args.report_command, note=args.note)
-        print(f"wrote {result['readme']}" + (f" and {result['plot']}" if result["plot"] else ""))
+        print(f"wrote {result['readme']}" + (f" and {result['plot']}" if result["plot"] else
+                                             " (no summary.png: no plottable results, or matplotlib is missing)"))
         return 0
     model, tokenizer = kvtier.load(args.model, device=args.device, dtype=args.dtype)
     if args.eval_command == "needle":
@@ -285,7 +550,17 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     from kvtier import bench
+    from kvtier.eval.common import check_output_dir
+    from kvtier.models import resolve_device
 
+    device = resolve_device(args.device)
+    if args.dtype is not None:
+        from kvtier.models import resolve_dtype
+
+        resolve_dtype(args.dtype, device)
+    if args.profile is not None and not Path(args.profile).expanduser().is_file():
+        raise UsageError(f"--profile {args.profile}: file not found (write one with kvtier profile --out FILE)")
+    check_output_dir(args.out, "--out")
     result = bench.run(args.model_config, contexts=args.contexts, batches=args.batch,
                        methods=args.methods or bench.DEFAULT_METHODS, decode_steps=args.decode_steps,
                        warmup=args.warmup, dtype=args.dtype, device=args.device, out=args.out,
@@ -298,15 +573,33 @@ def cmd_bench(args) -> int:
     return 1 if any(row["status"] == "error" for row in result["rows"]) else 0
 
 
+# What a user's mistake raises, reported in one line with exit code 2 (OSError: a file that cannot be read or
+# written); anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, NotImplementedError, OSError)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = argv
     handlers = {"info": cmd_info, "generate": cmd_generate, "demo": cmd_demo, "profile": cmd_profile,
                 "eval": cmd_eval, "bench": cmd_bench}
+    name = args.command + (f" {args.eval_command}" if args.command == "eval" else "")
     try:
         return handlers[args.command](args)
-    except (ValueError, NotImplementedError, FileNotFoundError) as err:
-        print(f"kvtier {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"kvtier {name}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"kvtier {name}: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

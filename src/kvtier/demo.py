@@ -44,11 +44,22 @@ DEFAULT_METHODS = ("full,offload,kvpr,freekv:budget=1024,"
 
 def run(model_name: str | None = None, methods=None, context_tokens: int = 3000, max_new_tokens: int = 24,
         device=None, dtype=None, out: str | None = "runs/demo.json", progress: bool = True) -> dict:
-    """methods: "full,freekv:budget=1024,..." or a list of such names (see kvtier.eval.parse_methods)."""
-    from .eval.common import parse_methods, with_full
+    """methods: "full,freekv:budget=1024,..." or a list of such names (see kvtier.eval.parse_methods); None for
+    DEFAULT_METHODS. Every argument, method option name and the output path are checked before the model loads,
+    every method's option values before the first method runs."""
+    from .eval.common import check_caches, check_output_file, parse_methods, with_full
+    from .models import resolve_device, resolve_dtype, resolve_model
 
-    specs = with_full(parse_methods(methods or DEFAULT_METHODS))  # every figure is set against full
+    specs = with_full(parse_methods(DEFAULT_METHODS if methods is None else methods))  # every figure vs full
+    for name, value in (("context_tokens", context_tokens), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}")
+    if out:
+        check_output_file(out)
+    resolve_dtype(dtype, resolve_device(device))
+    resolve_model(model_name)
     model, tokenizer = load(model_name, device=device, dtype=dtype)
+    check_caches(model, specs, context_tokens)
     value = "violet-anchor-4127"
     ids = needle_prompt(tokenizer, context_tokens, 0.5, value).to(next(model.parameters()).device)
     rows = []

@@ -102,7 +102,10 @@ def _from_mapping(data, source: str | None, defaults: dict | None = None) -> Har
 def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {str(device)!r}; kvtier profiles 'cpu' and 'cuda' devices") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for, but CUDA is not available on this machine")
@@ -282,10 +285,16 @@ def cache_file(device=None, dtype=None, hidden_size: int = 4096, kv_width: int =
 def save(profile: HardwareProfile, path) -> Path:
     """Write `profile` as JSON to `path` (parent folders created; written atomically)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write the hardware profile to {path}: it is a folder; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(profile.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(profile.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave the half-written file behind
+        raise
     return path
 
 

@@ -23,15 +23,15 @@ LOWBIT="freekv:budget=0.25:page_size=8:scorer=lowbit"
 REST="freekv:budget=0.25:page_size=8:scorer=lowbit:rest=lowbit:tau=0.9"
 CORRECTED="specache:group_size=32:correct=0.9"
 OMP_NUM_THREADS=2 kvtier eval needle --methods "full,$DIGEST,$LOWBIT,specache,specache:bits=1" --kinds single --lengths 2k,4k \
-  --depths 0.1,0.3,0.5,0.7,0.9 --seed 0 --max-new-tokens 20 --out "$OUT"
+  --depths 0.1,0.3,0.5,0.7,0.9 --seed 0 --max-new-tokens 20 --out "$OUT" --overwrite
 for run in "freekv-rest:$REST" "specache-correct:$CORRECTED"; do
   OMP_NUM_THREADS=2 kvtier eval needle --methods "${run#*:}" --kinds single --lengths 2k,4k \
-    --depths 0.1,0.3,0.5,0.7,0.9 --seed 0 --max-new-tokens 20 --out "$OUT/needle-${run%%:*}"
+    --depths 0.1,0.3,0.5,0.7,0.9 --seed 0 --max-new-tokens 20 --out "$OUT/needle-${run%%:*}" --overwrite
 done
 both_texts() {  # $1 folder name, $2 context, $3 windows, $4 methods: prose and code side by side
   local pids=()
   for text in prose code; do
-    kvtier eval ppl --methods "$4" --texts "$text" --context "$2" --windows "$3" --out "$OUT/ppl-$1-$text" &
+    kvtier eval ppl --methods "$4" --texts "$text" --context "$2" --windows "$3" --out "$OUT/ppl-$1-$text" --overwrite &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid"; done  # fail if either failed
@@ -44,14 +44,14 @@ both_texts 4k-rest 4k 3 "$REST"
 both_texts 4k-g32 4k 3 "specache:group_size=32"
 # Where the FreeKV configuration beyond the paper degrades: budgets of a sixteenth, an eighth and a quarter of 4k.
 OMP_NUM_THREADS=2 kvtier eval sweep --method "${REST/budget=0.25:/}" --values 256,512,1024 --lengths 4k \
-  --depths 0.1,0.5,0.9 --context 4k --out "$OUT/sweep-rest"
+  --depths 0.1,0.5,0.9 --context 4k --out "$OUT/sweep-rest" --overwrite
 # Where SpeCache's needle misses come from: the same grid fetching by the current query, and with corrections.
 # Diagnostics, not bars: each in its own folder outside $OUT, so its report leaves them out.
 SPEC=${OUT%/*}/specache-speculation
 pids=()
 for run in "current-query:specache:speculative=False" "correct-0.5:specache:correct=0.5" "correct-0.9:specache:correct=0.9"; do
   kvtier eval needle --methods "${run#*:}" --kinds single --lengths 2k,4k --depths 0.1,0.3,0.5,0.7,0.9 --seed 0 \
-    --max-new-tokens 20 --out "$SPEC/${run%%:*}" &
+    --max-new-tokens 20 --out "$SPEC/${run%%:*}" --overwrite &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done

@@ -24,14 +24,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
   LENGTHS=768 DEPTHS=0.5 CONTEXT=768 TARGETS=8 NEW=4 SWEEP=256
 fi
 kvtier eval needle --methods "full,$APPROX" --kinds single,multikey --lengths "$LENGTHS" --depths "$DEPTHS" \
-  --seed 0 --max-new-tokens 20 --out "$OUT"
-kvtier eval ruler --methods "full,$APPROX" --tasks vt,cwe --lengths "$LENGTHS" --samples 1 --seed 0 --out "$OUT"
+  --seed 0 --max-new-tokens 20 --out "$OUT" --overwrite
+kvtier eval ruler --methods "full,$APPROX" --tasks vt,cwe --lengths "$LENGTHS" --samples 1 --seed 0 --out "$OUT" --overwrite
 kvtier eval fidelity --methods "full,$EXACT,$APPROX,$VARIANTS" --texts prose,code --lengths "$CONTEXT" --new-tokens "$NEW" \
-  --seed 0 --out "$OUT"
+  --seed 0 --out "$OUT" --overwrite
 kvtier eval ppl --methods "full,$EXACT,$APPROX,$VARIANTS" --texts prose,code --context "$CONTEXT" --targets "$TARGETS" \
-  --out "$OUT"
+  --out "$OUT" --overwrite
 kvtier eval sweep --method freekv --values "$SWEEP" --lengths "$CONTEXT" --depths "$DEPTHS" --context "$CONTEXT" \
-  --targets "$TARGETS" --out "$OUT"
+  --targets "$TARGETS" --out "$OUT" --overwrite
 kvtier eval report --dir "$OUT" --title "Every method against full on the embedded model (CPU, float32)" \
   --command "bash scripts/report.sh" \
   --note "offload and kvpr (exact) appear in fidelity and perplexity only; their token identity with full is \

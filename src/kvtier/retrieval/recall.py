@@ -1,0 +1,84 @@
+"""Recall: which page sits in which device slot (the page table), the dense plan of what to copy, and the copy.
+
+The plan has one entry per wanted page, `[b, h_kv, k]`: the page to copy and the slot it goes to, page -1
+where the wanted page is already resident. Computing it, applying it to the table and copying are tensor ops
+of fixed shape, so a decode step never reads a device value on the host. The copy moves rows of one KV head's
+page: on CUDA a kernel reads the pinned host pool directly and skips -1 entries; the PyTorch reference sends
+them from a null row to a trash page that attention never reads, so both touch only what they must in memory
+that matters (the null row and the trash page stay in cache).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+
+
+class PageTable:
+    """`slot_page[s, h, j]`: the page held by slot j of sequence s, KV head h (-1: empty)."""
+
+    def __init__(self, batch: int, num_kv_heads: int, slots: int, device):
+        self.slot_page = torch.full((batch, num_kv_heads, slots), -1, dtype=torch.long, device=device)
+
+    @property
+    def slots(self) -> int:
+        return self.slot_page.shape[-1]
+
+    def plan(self, wanted: torch.Tensor, page_scores: torch.Tensor | None = None):
+        """wanted [b, h, k] distinct page ids per row (k <= slots); page_scores [b, h, pages] or None.
+
+        Missing pages take, in order, the empty slots, then the resident pages with the lowest score that are
+        not wanted; pages already resident stay where they are. Updates the table and returns (pages, slots),
+        both [b, h, k]: copy page pages[..., i] into slot slots[..., i], nothing where pages is -1.
+        """
+        b, h, k = wanted.shape
+        if k > self.slots:
+            raise ValueError(f"asked for {k} pages but the device pool has {self.slots} slots")
+        resident = self.slot_page
+        same = wanted.unsqueeze(-1) == resident.unsqueeze(-2)  # [b, h, k, slots]
+        hit, keep = same.any(-1), same.any(-2)
+        if page_scores is None:
+            score = torch.zeros(resident.shape, device=resident.device)
+        else:  # NaN ranks lowest; the keys below never let a score outrank "kept"
+            score = page_scores.float().gather(-1, resident.clamp(min=0)).nan_to_num_(nan=float("-inf"))
+        # victims: not kept before kept, empty before occupied, then the lowest score (a score shift keeps it
+        # to one sort: empty slots -inf, kept slots +inf, scores clamped in between)
+        score = score.clamp_(min=-3e38, max=3e38).masked_fill_(resident < 0, float("-inf"))
+        victims = score.masked_fill_(keep, float("inf")).argsort(dim=-1, stable=True)[..., :k]
+        order = hit.to(torch.int8).argsort(dim=-1, stable=True)  # misses first, in wanted order
+        missing = (~hit).sum(-1, keepdim=True)
+        pages = wanted.gather(-1, order)
+        pages = torch.where(torch.arange(k, device=wanted.device) < missing, pages, -1)
+        self.slot_page.scatter_(-1, victims, torch.where(pages >= 0, pages, resident.gather(-1, victims)))
+        return pages, victims
+
+    def positions(self, page_size: int) -> torch.Tensor:
+        """Token position of every slot token [b, h, slots*P] (-1 where the slot is empty)."""
+        pages = self.slot_page.unsqueeze(-1)
+        pos = pages * page_size + torch.arange(page_size, device=pages.device)
+        return pos.masked_fill_(pages < 0, -1).flatten(-2)
+
+    def resident(self, pages: int) -> torch.Tensor:
+        """Bool [b, h, pages + 1]: which pages sit in some slot (the last column takes the empty slots)."""
+        b, h, _ = self.slot_page.shape
+        out = torch.zeros((b, h, pages + 1), dtype=torch.bool, device=self.slot_page.device)
+        return out.scatter_(-1, self.slot_page.where(self.slot_page >= 0, pages), True)
+
+
+def copy_rows_reference(src: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor, src_rows: torch.Tensor,
+                        dst_rows: torch.Tensor) -> None:
+    """src [rows, 2, E] (key row then value row); dst_k, dst_v [rows', E]: dst[dst_rows[i]] = src[src_rows[i]],
+    nothing where src_rows[i] is -1 (the reference copies a null row to the trash row dst_rows[i] names)."""
+    rows = src_rows.clamp(min=0)
+    picked = src.index_select(0, rows if src.device == rows.device else rows.to(src.device))  # (a sync off CPU)
+    picked = picked.to(dst_k.device)
+    dst_k.index_copy_(0, dst_rows, picked[:, 0])
+    dst_v.index_copy_(0, dst_rows, picked[:, 1])
+
+
+def copy_rows(src, dst_k, dst_v, src_rows, dst_rows) -> None:
+    if kernels.enabled(dst_k):
+        kernels.copy_rows(src, dst_k, dst_v, src_rows, dst_rows)
+    else:
+        copy_rows_reference(src, dst_k, dst_v, src_rows, dst_rows)

@@ -1,0 +1,126 @@
+"""Scorers: what ranks the pages a KV head may recall, kept on the device for every page written.
+
+Both answer `page_probs(q, lo, hi)`: per query row and KV head, the share of attention each page in [lo, hi)
+would get, averaged over the head's query group, over a fixed number of pages (the reserved capacity; pages
+outside [lo, hi) get 0), so top-k and the recall plan have the same shapes at every step.
+
+- `DigestScorer`: per page and KV head the element-wise max and min of its keys (FreeKV); a page scores the
+  upper bound of q.k over it, softmaxed over pages.
+- `LowBitScorer`: a low-bit copy of every key (per channel, `quant.LowBitKeys`); a page scores the summed
+  softmax of its tokens. Its raw token scores also serve `rest="lowbit"` attention, so the low-bit keys are
+  read once per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from ..quant import LowBitKeys, QTensor
+
+NEG = float("-inf")
+
+
+def _window_mask(size: int, lo: int, hi: int, device) -> torch.Tensor:
+    """Bool [size]: True inside [lo, hi)."""
+    idx = torch.arange(size, device=device)
+    return (idx >= lo) & (idx < hi)
+
+
+class DigestScorer:
+    """Min/max key digests of every written page: [b, h_kv, capacity_pages, d] each, sized once."""
+
+    lowbit = False
+
+    def __init__(self, like: torch.Tensor, pages: int, page_size: int):
+        b, h, _, d = like.shape
+        self.page_size = page_size
+        self.max = like.new_zeros((b, h, pages, d))
+        self.min = like.new_zeros((b, h, pages, d))
+
+    def grow(self, pages: int) -> None:
+        if pages > self.max.shape[2]:
+            for name in ("max", "min"):
+                old = getattr(self, name)
+                new = old.new_zeros((*old.shape[:2], pages, old.shape[3]))
+                new[:, :, :old.shape[2]] = old
+                setattr(self, name, new)
+
+    def add_pages(self, first_page: int, keys: torch.Tensor) -> None:
+        """Digest whole pages of keys [b, h, n*P, d] starting at page `first_page`."""
+        b, h, t, d = keys.shape
+        pages = keys.view(b, h, t // self.page_size, self.page_size, d)
+        end = first_page + t // self.page_size
+        torch.amax(pages, dim=3, out=self.max[:, :, first_page:end])
+        torch.amin(pages, dim=3, out=self.min[:, :, first_page:end])
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.max, self.min
+
+    def token_scores(self, q: torch.Tensor, scaling: float):
+        return None
+
+    def page_probs(self, q: torch.Tensor, lo: int, hi: int, scaling: float, raw=None) -> torch.Tensor:
+        """q [b, H, t, d] -> [b, h_kv, t, pages]."""
+        b, num_heads, t, d = q.shape
+        num_kv, pages = self.max.shape[1], self.max.shape[2]
+        if kernels.enabled(q) and t == 1:  # fused: per-head scores never leave the kernel
+            out = q.new_zeros((b, num_kv, 1, pages), dtype=torch.float32)
+            out[:, :, 0, lo:hi] = kernels.page_probs(q[:, :, 0], self.max[:, :, lo:hi], self.min[:, :, lo:hi], scaling)
+            return out
+        qg = q.reshape(b, num_kv, num_heads // num_kv * t, 1, d)
+        upper = torch.maximum(qg * self.max.unsqueeze(2), qg * self.min.unsqueeze(2)).sum(-1, dtype=torch.float32)
+        upper = upper.masked_fill_(~_window_mask(pages, lo, hi, q.device), NEG)
+        probs = torch.softmax(upper.mul_(scaling), dim=-1)
+        return probs.view(b, num_kv, num_heads // num_kv, t, pages).mean(2)
+
+
+class LowBitScorer:
+    """Low-bit keys of every written token (per channel, groups of `group` tokens), quantized as groups fill."""
+
+    lowbit = True
+
+    def __init__(self, bits: int, group: int, page_size: int, capacity: int):
+        self.keys = LowBitKeys(bits, group)
+        self.keys.reserve(capacity)
+        self.page_size = page_size
+        self.capacity = capacity
+
+    def grow(self, tokens: int) -> None:
+        self.capacity = max(self.capacity, tokens)
+        self.keys.reserve(tokens)
+
+    def add_tokens(self, keys: torch.Tensor) -> None:
+        """Quantize keys [b, h, n*group, d] (whole groups, in order)."""
+        self.keys.append(keys)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.keys.tensors()
+
+    def quantized(self) -> QTensor:
+        """The keys over the whole capacity (unwritten rows are zero codes, zero scale: they score 0)."""
+        k = self.keys
+        b, h, _, d = k.pending.shape
+        n = k.packed.shape[2]
+        return QTensor(k.packed, k.scale, k.zero, k.bits, 2, k.group_size, (b, h, n, d), k.pending.dtype)
+
+    def token_scores(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Raw q.k_hat * scaling, float32 [b, h_kv, g*t, capacity], rows grouped as `attention.attend` does."""
+        keys = self.quantized()
+        if kernels.enabled(q):
+            return kernels.dequant_scores(q, keys, scaling)
+        b, num_heads, t, d = q.shape
+        num_kv = keys.shape[1]
+        qg = q.reshape(b, num_kv, num_heads // num_kv * t, d)
+        return torch.matmul(qg, keys.dequantize().transpose(-1, -2)).float().mul_(scaling)
+
+    def page_probs(self, q: torch.Tensor, lo: int, hi: int, scaling: float, raw=None) -> torch.Tensor:
+        """q [b, H, t, d] -> [b, h_kv, t, pages]: softmax over the tokens of pages [lo, hi), summed per page."""
+        raw = self.token_scores(q, scaling) if raw is None else raw
+        b, num_heads, t, _ = q.shape
+        num_kv, n = raw.shape[1], raw.shape[-1]
+        p = self.page_size
+        inside = _window_mask(n, lo * p, hi * p, q.device)
+        probs = torch.softmax(raw.masked_fill(~inside, NEG), dim=-1)
+        probs = probs.view(b, num_kv, num_heads // num_kv, t, n // p, p).sum(-1)
+        return probs.mean(2)

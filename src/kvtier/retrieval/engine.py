@@ -142,9 +142,12 @@ class RetrievalEngine(Method):
         return st
 
     def _append(self, layer, k, v):
-        if self._is_dense(layer):
-            self.dense._append(layer, k, v)
-            self.dense.lengths[layer] += k.shape[2]
+        if self._is_dense(layer):  # kept whole; a speculative token is attended, not stored
+            keep = self.stored_count(k.shape[2])
+            if keep:
+                self.dense._append(layer, k[:, :, :keep], v[:, :, :keep])
+                self.dense.lengths[layer] += keep
+            self.fresh[layer] = (k[:, :, keep:], v[:, :, keep:], self.lengths[layer])
             return
         o, p = self.o, self.o.page_size
         n_old, t = self.lengths[layer], k.shape[2]
@@ -237,7 +240,13 @@ class RetrievalEngine(Method):
     # -- attending --------------------------------------------------------------------------------------
     def _attend(self, layer, q, valid, scaling):
         if self._is_dense(layer):
-            return self.dense._attend(layer, q, valid, scaling)
+            extra_k, extra_v, _ = self.fresh.pop(layer)
+            if self.feed_mode == "store":
+                return self.dense._attend(layer, q, valid, scaling)
+            n = self.dense.lengths[layer]
+            keys = torch.cat((self.dense.keys[layer][:, :, :n], extra_k), dim=2)
+            values = torch.cat((self.dense.values[layer][:, :, :n], extra_v), dim=2)
+            return causal_attention(q, keys, values, scaling, valid, q_offset=keys.shape[2] - q.shape[2])
         st = self.layers[layer]
         k_new, v_new, n_old = self.fresh.pop(layer)
         t = q.shape[2]

@@ -64,10 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--kv-width", type=int, default=4096, help="num_kv_heads * head_dim of the recompute GEMM")
     prof.add_argument("--out", type=Path, default=None, help="also write the profile as JSON here")
     prof.add_argument("--force", action="store_true", help="measure again even when a cached profile exists")
-    bench = sub.add_parser("bench", help="decode speed and memory of every method beside Hugging Face's caches, "
-                           "on a random-weight model of a real shape")
-    bench.add_argument("--model-config", required=True, help="real shapes: llama-3.1-8b, llama-2-7b, qwen2.5-7b "
+    bench = sub.add_parser("bench", help="decode speed, memory, aten ops and host syncs per step of every method "
+                           "beside Hugging Face's caches, on a random-weight model of a real shape or the "
+                           "embedded model")
+    bench.add_argument("--model-config", default=None, help="real shapes: llama-3.1-8b, llama-2-7b, qwen2.5-7b "
                        "(need --random-weights); CPU harness checks: tiny-llama, tiny-mha")
+    bench.add_argument("--model", default=None, help="embedded: the embedded SmolLM2-135M, its own weights, with "
+                       "real prose as the prompt (instead of --model-config; contexts up to its 8192 positions)")
     bench.add_argument("--random-weights", action="store_true",
                        help="build the shape with random weights (nothing is ever downloaded)")
     bench.add_argument("--contexts", default="1k", type=_list, help="prompt lengths: 8k,32k")
@@ -76,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: full,offload,kvpr,freekv,specache,hf-dynamic,hf-offload)")
     bench.add_argument("--decode-steps", type=int, default=16, help="timed decode steps")
     bench.add_argument("--warmup", type=int, default=4, help="untimed decode steps before them")
+    bench.add_argument("--count-steps", type=int, default=2, help="untimed decode steps after them on which aten "
+                       "ops and host syncs are counted (0: none)")
     bench.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk in tokens (default 2048)")
     bench.add_argument("--profile", default=None, help="hardware profile JSON (from kvtier profile --out); "
                        "default: the cached or freshly measured one")
@@ -286,7 +291,10 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from kvtier import bench
 
-    result = bench.run(args.model_config, contexts=args.contexts, batches=args.batch,
+    if args.model is None and args.model_config is None:
+        raise ValueError("give --model-config (a random-weight shape) or --model embedded")
+    result = bench.run(args.model_config, model=args.model, count_steps=args.count_steps,
+                       contexts=args.contexts, batches=args.batch,
                        methods=args.methods or bench.DEFAULT_METHODS, decode_steps=args.decode_steps,
                        warmup=args.warmup, dtype=args.dtype, device=args.device, out=args.out,
                        random_weights=args.random_weights, seed=args.seed, prefill_chunk=args.prefill_chunk,

@@ -21,22 +21,17 @@ from __future__ import annotations
 import torch
 
 from ..attention import RestRange, attend, attend_mixed, causal_attention
+from ..link import nbytes
 from ..methods.base import Method
 from ..methods.full import Full
 from ..quant import LowBitValues
+from ..select import query_similarity
 from ..store import HostPool, from_pages, to_pages
 from .options import EngineOptions
 from .recall import PageTable, copy_rows
 from .scorer import DigestScorer, LowBitScorer
 
 CAPACITY_MARGIN = 256  # tokens added past the prompt when no length was reserved (then growth by a quarter)
-
-
-def query_drift(q: torch.Tensor, previous: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Cosine similarity of consecutive queries [b, H, d] per query head, averaged over each KV head's group."""
-    b, num_heads, _ = q.shape
-    cos = torch.nn.functional.cosine_similarity(q.float(), previous.float(), dim=-1)
-    return cos.view(b, num_kv_heads, num_heads // num_kv_heads).mean(-1)
 
 
 class _Layer:
@@ -209,8 +204,8 @@ class RetrievalEngine(Method):
         if pos < stop:
             ks.append(k[:, :, pos - n_old:stop - n_old])
             vs.append(v[:, :, pos - n_old:stop - n_old])
-        if len(ks) == 1:
-            return ks[0], vs[0]
+        if len(ks) <= 1:
+            return (ks[0], vs[0]) if ks else (k[:, :, :0], v[:, :, :0])
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
     # -- selecting and recalling ------------------------------------------------------------------------
@@ -270,7 +265,7 @@ class RetrievalEngine(Method):
             if st.wanted is None or query == "current" or st.wanted.shape != mine.shape:
                 self._recall(layer, st, mine, probs[:, :, 0], wait=True)
             elif query == "previous":
-                drift = query_drift(q[:, :, 0], st.previous_q, self.spec.num_kv_heads) < o.tau
+                drift = query_similarity(q[:, :, 0], st.previous_q, self.spec.num_kv_heads) < o.tau
                 self._correct(layer, st, drift, mine, probs[:, :, 0])
             else:  # speculative: how much of the real token's choice did the guess catch?
                 hit = (st.wanted.unsqueeze(-1) == mine.unsqueeze(-2)).any(-1)
@@ -351,15 +346,20 @@ class RetrievalEngine(Method):
         page_bytes = 2 * self.o.page_size * self.spec.head_dim * torch.empty((), dtype=self.spec.dtype).element_size()
         retrieval_layers = self.spec.num_layers - self.o.dense_layers
         checks_per_layer = self.checks / max(1, retrieval_layers)
+        layers = [st for st in self.layers if st is not None]
+        lowbit = sum(nbytes(x) for st in layers for x in st.tensors()[4:]) if self.o.scorer == "lowbit" else 0
         return {
             "h2d_bytes": self.link.h2d_bytes + recalled * page_bytes,
+            "fetched_tokens": recalled * self.o.page_size,
+            "device_buffer_bytes": sum(nbytes(st.k) + nbytes(st.v) for st in layers),
+            "device_lowbit_bytes": lowbit,
             "slots_per_head": self.o.slots,
             "page_size": self.o.page_size,
             "query": self.o.query,
             "recalled_pages": recalled,
             "selections": self.selections,
             "corrections": corrections,
-            "correction_rate": corrections / self.checks if self.checks else 0.0,
+            "correction_rate": corrections / self.checks if self.checks else None,
             "correction_rate_per_layer": [c / checks_per_layer if checks_per_layer else 0.0 for c in per_layer],
             "prefetch_hit_rate": hits / self.hit_checks if self.hit_checks else None,
         }

@@ -86,7 +86,7 @@ class EngineOptions:
         if self.sink % p or self.window % p or self.window_unit % p:
             raise ValueError(f"{owner} sink ({self.sink}) and window ({self.window}) must be multiples of the "
                              f"page size ({p})")
-        if self.scorer == "lowbit" and self.key_group % p:
+        if self.key_group % p:
             raise ValueError(f"{owner} low-bit key groups ({self.key_group} tokens) must be a multiple of the page "
                              f"size ({p})")
         if self.rest == "lowbit" and self.scorer != "lowbit":

@@ -17,6 +17,7 @@ import torch
 
 from .. import kernels
 from ..quant import LowBitKeys, QTensor
+from ..select import page_digest, page_scores
 
 NEG = float("-inf")
 
@@ -48,11 +49,8 @@ class DigestScorer:
 
     def add_pages(self, first_page: int, keys: torch.Tensor) -> None:
         """Digest whole pages of keys [b, h, n*P, d] starting at page `first_page`."""
-        b, h, t, d = keys.shape
-        pages = keys.view(b, h, t // self.page_size, self.page_size, d)
-        end = first_page + t // self.page_size
-        torch.amax(pages, dim=3, out=self.max[:, :, first_page:end])
-        torch.amin(pages, dim=3, out=self.min[:, :, first_page:end])
+        end = first_page + keys.shape[2] // self.page_size
+        self.max[:, :, first_page:end], self.min[:, :, first_page:end] = page_digest(keys, self.page_size)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.max, self.min
@@ -64,12 +62,8 @@ class DigestScorer:
         """q [b, H, t, d] -> [b, h_kv, t, pages]."""
         b, num_heads, t, d = q.shape
         num_kv, pages = self.max.shape[1], self.max.shape[2]
-        if kernels.enabled(q) and t == 1:  # fused: per-head scores never leave the kernel
-            out = q.new_zeros((b, num_kv, 1, pages), dtype=torch.float32)
-            out[:, :, 0, lo:hi] = kernels.page_probs(q[:, :, 0], self.max[:, :, lo:hi], self.min[:, :, lo:hi], scaling)
-            return out
-        qg = q.reshape(b, num_kv, num_heads // num_kv * t, 1, d)
-        upper = torch.maximum(qg * self.max.unsqueeze(2), qg * self.min.unsqueeze(2)).sum(-1, dtype=torch.float32)
+        # a query token is one more query head of its group: rows (head in group, token), as attend groups them
+        upper = page_scores(q.reshape(b, num_heads * t, d), self.max, self.min)
         upper = upper.masked_fill_(~_window_mask(pages, lo, hi, q.device), NEG)
         probs = torch.softmax(upper.mul_(scaling), dim=-1)
         return probs.view(b, num_kv, num_heads // num_kv, t, pages).mean(2)

@@ -22,7 +22,7 @@ def _copy_rows_kernel(src_ptr, dst_k_ptr, dst_v_ptr, src_rows_ptr, dst_rows_ptr,
     src_row = tl.load(src_rows_ptr + i)
     dst_row = tl.load(dst_rows_ptr + i)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = (e < row_elems) & (src_row >= 0)
+    ok = e < tl.where(src_row >= 0, row_elems, 0)  # a skipped entry (row -1) masks every element
     src = src_ptr + src_row * s_row + e
     tl.store(dst_k_ptr + dst_row * sd_k + e, tl.load(src, mask=ok), mask=ok)
     tl.store(dst_v_ptr + dst_row * sd_v + e, tl.load(src + s_kv, mask=ok), mask=ok)

@@ -65,8 +65,12 @@ class _Layer:
         self.slot_rows = seq_head * rows_per_seq_head + o.sink // p  # + slot
         self.trash_rows = (seq_head + 1) * rows_per_seq_head - 1
         self.pool_rows = seq_head  # + page * b * h
+        self.pool_stride = torch.tensor(b * h, device=k.device)  # host rows of one page
+        self.page_offsets = torch.arange(p, device=k.device)
         self.row_k = self.k.view(-1, p * d)
         self.row_v = self.v.view(-1, p * d)
+        self.pos_rows = self.pos.view(-1, p)
+        self.recalled = self.corrections = self.hits = None  # views of the engine's counters
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         held = (self.k, self.v, self.pos, self.table.slot_page, *self.scorer.tensors())
@@ -128,6 +132,7 @@ class RetrievalEngine(Method):
             self._counters = torch.zeros((s.num_layers, 3), dtype=torch.long, device=k.device)
         if st is None:
             st = self.layers[layer] = _Layer(self.o, k, self._capacity(tokens))
+            st.recalled, st.corrections, st.hits = self._counters[layer].unbind()
         elif tokens > st.capacity:  # past the reserved length: grow by a quarter (reserve() avoids this)
             st.capacity = self._capacity(tokens)
             st.scorer.grow(st.capacity if st.scorer.lowbit else st.capacity // self.o.page_size)
@@ -214,11 +219,12 @@ class RetrievalEngine(Method):
         p = self.o.page_size
         pages, slots = st.table.plan(wanted, page_probs)
         copy = pages >= 0
-        b, h = pages.shape[:2]
-        src = torch.where(copy, pages * (b * h) + st.pool_rows, -1).flatten()
-        dst = torch.where(copy, st.slot_rows + slots, st.trash_rows).flatten()
-        st.pos[:, :, st.slot_start:st.ring_start] = st.table.positions(p)
-        self._counters[layer, 0] += copy.sum()
+        src = torch.where(copy, st.pool_rows.addcmul(pages, st.pool_stride), -1).view(-1)
+        dst = torch.where(copy, st.slot_rows + slots, st.trash_rows).view(-1)
+        # the positions of the rows written (the trash row keeps -1)
+        st.pos_rows.index_copy_(0, dst, torch.where(copy.unsqueeze(-1), pages.unsqueeze(-1) * p + st.page_offsets,
+                                                    -1).view(-1, p))
+        st.recalled.add_(copy.sum())
         host = self.pool.pages[layer].view(-1, 2, p * self.spec.head_dim)
         event = self.link.async_rows(copy_rows, host, st.row_k, st.row_v, src, dst, lane=layer)
         if wait:
@@ -269,22 +275,24 @@ class RetrievalEngine(Method):
                 self._correct(layer, st, drift, mine, probs[:, :, 0])
             else:  # speculative: how much of the real token's choice did the guess catch?
                 hit = (st.wanted.unsqueeze(-1) == mine.unsqueeze(-2)).any(-1)
-                self._counters[layer, 2] += hit.sum()
+                st.hits.add_(hit.sum())
                 self.hit_checks += hit.numel()
                 if o.correct > 0:
                     self._correct(layer, st, hit.float().mean(-1) < o.correct, mine, probs[:, :, 0])
         out = self._attention(st, q, valid, scaling, raw, n - self.stored_count(t), t)
-        if hi > lo or next_start > st.recent_start:
-            next_hi = next_start // p
-            if query == "previous":
-                st.previous_q = q[:, :, 0]
-                probs = st.scorer.page_probs(q[:, :, :1], lo, next_hi, scaling,
-                                             None if raw is None else self._rows(raw, t, 0))
-                self._recall(layer, st, self._top(probs[:, :, 0], lo, next_hi), probs[:, :, 0], wait=False)
-            elif query == "speculative" and self.feed_mode == "speculative":
-                probs = st.scorer.page_probs(q[:, :, 1:], lo, next_hi, scaling,
-                                             None if raw is None else self._rows(raw, t, 1))
-                self._recall(layer, st, self._top(probs[:, :, 0], lo, next_hi), probs[:, :, 0], wait=False)
+        speculates = query == "speculative" and self.feed_mode == "speculative"
+        if query == "previous":
+            st.previous_q = q[:, :, 0]
+        if (query == "previous" or speculates) and next_start // p > lo:
+            # select for the next step now (the window will have moved by then) and recall in the background
+            row, next_hi = (1 if speculates else 0), next_start // p
+            if next_hi != hi:
+                probs = st.scorer.page_probs(q[:, :, row:row + 1], lo, next_hi, scaling,
+                                             None if raw is None else self._rows(raw, t, row))
+                row = 0
+            same = next_hi == hi and not speculates
+            choice = mine if same else self._top(probs[:, :, row], lo, next_hi)
+            self._recall(layer, st, choice, probs[:, :, row], wait=False)
         return out
 
     @staticmethod
@@ -296,7 +304,7 @@ class RetrievalEngine(Method):
     def _correct(self, layer, st, heads, mine, probs) -> None:
         """Reselect the KV heads in `heads` [b, h] with this query; recall what they miss before attention."""
         self.checks += heads.numel()
-        self._counters[layer, 1] += heads.sum()
+        st.corrections.add_(heads.sum())
         self._recall(layer, st, torch.where(heads.unsqueeze(-1), mine, st.wanted), probs, wait=True)
 
     def _next_start(self, st: _Layer, n: int) -> int:

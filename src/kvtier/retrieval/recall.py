@@ -26,32 +26,28 @@ class PageTable:
         return self.slot_page.shape[-1]
 
     def plan(self, wanted: torch.Tensor, page_scores: torch.Tensor | None = None):
-        """wanted [b, h, k] distinct page ids per row (k <= slots); page_scores [b, h, pages] or None.
+        """wanted [b, h, k] distinct page ids per row (k <= slots); page_scores [b, h, pages] in [0, 1] or None.
 
         Missing pages take, in order, the empty slots, then the resident pages with the lowest score that are
         not wanted; pages already resident stay where they are. Updates the table and returns (pages, slots),
         both [b, h, k]: copy page pages[..., i] into slot slots[..., i], nothing where pages is -1.
         """
-        b, h, k = wanted.shape
+        k = wanted.shape[-1]
         if k > self.slots:
             raise ValueError(f"asked for {k} pages but the device pool has {self.slots} slots")
         resident = self.slot_page
         same = wanted.unsqueeze(-1) == resident.unsqueeze(-2)  # [b, h, k, slots]
-        hit, keep = same.any(-1), same.any(-2)
         if page_scores is None:
             score = torch.zeros(resident.shape, device=resident.device)
-        else:  # NaN ranks lowest; the keys below never let a score outrank "kept"
-            score = page_scores.float().gather(-1, resident.clamp(min=0)).nan_to_num_(nan=float("-inf"))
-        # victims: not kept before kept, empty before occupied, then the lowest score (a score shift keeps it
-        # to one sort: empty slots -inf, kept slots +inf, scores clamped in between)
-        score = score.clamp_(min=-3e38, max=3e38).masked_fill_(resident < 0, float("-inf"))
-        victims = score.masked_fill_(keep, float("inf")).argsort(dim=-1, stable=True)[..., :k]
-        order = hit.to(torch.int8).argsort(dim=-1, stable=True)  # misses first, in wanted order
-        missing = (~hit).sum(-1, keepdim=True)
-        pages = wanted.gather(-1, order)
-        pages = torch.where(torch.arange(k, device=wanted.device) < missing, pages, -1)
-        self.slot_page.scatter_(-1, victims, torch.where(pages >= 0, pages, resident.gather(-1, victims)))
-        return pages, victims
+        else:  # scores are probabilities: NaN, below and above stay below empty-kept ordering keys
+            score = page_scores.gather(-1, resident.clamp(min=0)).float().nan_to_num_(0.0, 1.0, 0.0).clamp_(0.0, 1.0)
+        # eviction order in one key: empty slots (-1) first, then unwanted residents by score, wanted ones (2) never
+        score = score.masked_fill_(resident < 0, -1.0).masked_fill_(same.any(-2), 2.0)
+        slots = score.sort(dim=-1, stable=True).indices[..., :k]
+        hit, order = same.any(-1).sort(dim=-1, stable=True)  # misses first, in wanted order
+        pages = torch.where(hit, -1, wanted.gather(-1, order))
+        self.slot_page.scatter_(-1, slots, torch.where(hit, resident.gather(-1, slots), pages))
+        return pages, slots
 
     def positions(self, page_size: int) -> torch.Tensor:
         """Token position of every slot token [b, h, slots*P] (-1 where the slot is empty)."""

@@ -22,10 +22,19 @@ from ..select import page_digest, page_scores
 NEG = float("-inf")
 
 
-def _window_mask(size: int, lo: int, hi: int, device) -> torch.Tensor:
-    """Bool [size]: True inside [lo, hi)."""
-    idx = torch.arange(size, device=device)
-    return (idx >= lo) & (idx < hi)
+_OUTSIDE: dict[tuple, torch.Tensor] = {}
+
+
+def _outside(size: int, lo: int, hi: int, device) -> torch.Tensor:
+    """Bool [size]: True outside [lo, hi). Every layer of a step asks for the same few ranges: made once each."""
+    key = (size, lo, hi, str(device))
+    mask = _OUTSIDE.get(key)
+    if mask is None:
+        if len(_OUTSIDE) > 64:
+            _OUTSIDE.clear()
+        idx = torch.arange(size, device=device)
+        mask = _OUTSIDE[key] = (idx < lo) | (idx >= hi)
+    return mask
 
 
 class DigestScorer:
@@ -64,7 +73,7 @@ class DigestScorer:
         num_kv, pages = self.max.shape[1], self.max.shape[2]
         # a query token is one more query head of its group: rows (head in group, token), as attend groups them
         upper = page_scores(q.reshape(b, num_heads * t, d), self.max, self.min)
-        upper = upper.masked_fill_(~_window_mask(pages, lo, hi, q.device), NEG)
+        upper = upper.masked_fill_(_outside(pages, lo, hi, q.device), NEG)
         probs = torch.softmax(upper.mul_(scaling), dim=-1)
         return probs.view(b, num_kv, num_heads // num_kv, t, pages).mean(2)
 
@@ -114,7 +123,6 @@ class LowBitScorer:
         b, num_heads, t, _ = q.shape
         num_kv, n = raw.shape[1], raw.shape[-1]
         p = self.page_size
-        inside = _window_mask(n, lo * p, hi * p, q.device)
-        probs = torch.softmax(raw.masked_fill(~inside, NEG), dim=-1)
+        probs = torch.softmax(raw.masked_fill(_outside(n, lo * p, hi * p, q.device), NEG), dim=-1)
         probs = probs.view(b, num_kv, num_heads // num_kv, t, n // p, p).sum(-1)
         return probs.mean(2)

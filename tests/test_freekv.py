@@ -393,3 +393,32 @@ def test_chunked_prefill_reads_the_whole_cache(tiny_pair, monkeypatch, length):
     expected = kvtier.generate(ref, ids, method="full", max_new_tokens=8, eos_token_id=-1)
     out = kvtier.generate(model, ids, method="freekv", budget=256, max_new_tokens=8, eos_token_id=-1, **SMALL)
     assert torch.equal(out, expected)
+
+
+def test_pages_chosen_by_the_speculative_token_is_an_option(tiny_pair):
+    """A combination neither paper has: FreeKV's pages selected by kvtier.generate's speculative next token
+    (SpeCache's query source). With a budget covering the context it is exact; it reports its hit rate."""
+    ref, model = tiny_pair("qwen2")
+    ids, mask = batch_prompt(2, length=45, pad=9)
+    expected = kvtier.generate(ref, ids, attention_mask=mask, method="full", max_new_tokens=30, eos_token_id=-1)
+    cache = kvtier.KVCache(model, method="freekv", budget=128, query="speculative", **SMALL)
+    assert cache.method.supports_speculation
+    out = kvtier.generate(model, ids, attention_mask=mask, cache=cache, max_new_tokens=30, eos_token_id=-1)
+    assert torch.equal(out, expected)
+    stats = cache.stats()
+    assert stats["query"] == "speculative" and 0.0 <= stats["prefetch_hit_rate"] <= 1.0
+
+
+@pytest.mark.parametrize("options", [dict(), dict(scorer="lowbit", score_group=8, rest="lowbit")])
+def test_the_ledger_counts_every_buffer_and_the_step_workspace(tiny, options):
+    model = tiny("llama", num_hidden_layers=2)
+    ids, _ = batch_prompt(1, length=60)
+    cache = kvtier.KVCache(model, method="freekv", budget=32, dense_layers=0, **SMALL, **options)
+    list(run_steps(model, cache, ids, 6))
+    method = cache.method
+    held = method.ledger.held
+    for layer, st in enumerate(method.layers):
+        assert held[f"layer{layer}"] == sum(nbytes(t) for t in st.tensors())
+    assert held["step_workspace"] > 0, "the transient scores of a step are device memory too"
+    assert method.ledger.peak >= sum(held.values())
+    assert cache.stats()["device_kv_bytes"] == method.ledger.peak

@@ -46,6 +46,12 @@ class DeviceLedger:
         self.current += self.held[name]
         self.peak = max(self.peak, self.current)
 
+    def hold_bytes(self, name: str, size: int) -> None:
+        """Count `size` bytes under `name`: for transient buffers a step allocates and frees, held at their most."""
+        self.current += size - self.held.get(name, 0)
+        self.held[name] = size
+        self.peak = max(self.peak, self.current)
+
     def release(self, name: str) -> None:
         self.current -= self.held.pop(name, 0)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..attention import RestRange, attend, attend_mixed, causal_attention
 from ..link import nbytes
 from ..methods.base import Method
@@ -66,7 +67,9 @@ class _Layer:
         self.trash_rows = (seq_head + 1) * rows_per_seq_head - 1
         self.pool_rows = seq_head  # + page * b * h
         self.pool_stride = torch.tensor(b * h, device=k.device)  # host rows of one page
-        self.page_offsets = torch.arange(p, device=k.device)
+        # token positions of every page, and a last row of -1s that pages[...] == -1 picks
+        self.page_positions = torch.arange(capacity + p, device=k.device).view(-1, p)
+        self.page_positions[-1] = -1
         self.row_k = self.k.view(-1, p * d)
         self.row_v = self.v.view(-1, p * d)
         self.pos_rows = self.pos.view(-1, p)
@@ -134,10 +137,13 @@ class RetrievalEngine(Method):
             st = self.layers[layer] = _Layer(self.o, k, self._capacity(tokens))
             st.recalled, st.corrections, st.hits = self._counters[layer].unbind()
         elif tokens > st.capacity:  # past the reserved length: grow by a quarter (reserve() avoids this)
+            p = self.o.page_size
             st.capacity = self._capacity(tokens)
             st.scorer.grow(st.capacity if st.scorer.lowbit else st.capacity // self.o.page_size)
             if st.values is not None:
                 st.values.reserve(st.capacity)
+            st.page_positions = torch.arange(st.capacity + p, device=k.device).view(-1, p)
+            st.page_positions[-1] = -1
         self.pool.reserve(layer, st.capacity // self.o.page_size)
         return st
 
@@ -187,8 +193,28 @@ class RetrievalEngine(Method):
         for piece, a, b in st.ring_slices(first, n_old + t):
             st.k[:, :, piece] = k[:, :, a - n_old:b - n_old]
             st.v[:, :, piece] = v[:, :, a - n_old:b - n_old]
-            st.pos[:, :, piece] = torch.arange(a, b, device=k.device)
+            if b - a == 1:  # a decode step: one position, no tensor made for it
+                st.pos[:, :, piece].fill_(a)
+            else:
+                st.pos[:, :, piece] = torch.arange(a, b, device=k.device)
         self.ledger.hold(f"layer{layer}", *st.tensors())
+        self.ledger.hold_bytes("step_workspace", max(self.ledger.held.get("step_workspace", 0),
+                                                     self._workspace(st, k, t)))
+
+    def _workspace(self, st: _Layer, k: torch.Tensor, t: int) -> int:
+        """Bytes of the transient tensors one decode step of a layer makes on the device (they live one layer at
+        a time): the scorer's per-token or per-page scores and, where no kernel reads the low-bit copy in
+        place, its dequantized keys and values."""
+        b, h, _, d = k.shape
+        rows = self.spec.num_heads // h * max(t, 2)  # a speculative step has two query tokens
+        elem = k.element_size()
+        pages = st.capacity // self.o.page_size
+        if not st.scorer.lowbit:  # the page bound, per query row, page and channel, then the page scores
+            return 4 * b * h * rows * pages * (d + 2)
+        size = 4 * b * h * rows * st.capacity * 2  # raw token scores and their softmax
+        if not kernels.enabled(k):
+            size += elem * b * h * st.capacity * d * (2 if st.values is not None else 1)
+        return size
 
     def _span(self, st: _Layer, k, v, n_old: int, start: int, stop: int):
         """Keys and values of positions [start, stop): from the sink, the ring, or this forward's new tokens."""
@@ -221,9 +247,8 @@ class RetrievalEngine(Method):
         copy = pages >= 0
         src = torch.where(copy, st.pool_rows.addcmul(pages, st.pool_stride), -1).view(-1)
         dst = torch.where(copy, st.slot_rows + slots, st.trash_rows).view(-1)
-        # the positions of the rows written (the trash row keeps -1)
-        st.pos_rows.index_copy_(0, dst, torch.where(copy.unsqueeze(-1), pages.unsqueeze(-1) * p + st.page_offsets,
-                                                    -1).view(-1, p))
+        # the positions of the rows written; a skipped entry copies the table's last row, -1s, to the trash row
+        st.pos_rows.index_copy_(0, dst, st.page_positions[pages.view(-1)])  # index -1 is the last row
         st.recalled.add_(copy.sum())
         host = self.pool.pages[layer].view(-1, 2, p * self.spec.head_dim)
         event = self.link.async_rows(copy_rows, host, st.row_k, st.row_v, src, dst, lane=layer)

@@ -39,8 +39,8 @@ class PageTable:
         same = wanted.unsqueeze(-1) == resident.unsqueeze(-2)  # [b, h, k, slots]
         if page_scores is None:
             score = torch.zeros(resident.shape, device=resident.device)
-        else:  # scores are probabilities: NaN, below and above stay below empty-kept ordering keys
-            score = page_scores.gather(-1, resident.clamp(min=0)).float().nan_to_num_(0.0, 1.0, 0.0).clamp_(0.0, 1.0)
+        else:  # scores are probabilities: NaN and infinities must not reach the -1 / 2 keys below
+            score = page_scores.gather(-1, resident.clamp(min=0)).nan_to_num_(0.0, 1.0, 0.0)
         # eviction order in one key: empty slots (-1) first, then unwanted residents by score, wanted ones (2) never
         score = score.masked_fill_(resident < 0, -1.0).masked_fill_(same.any(-2), 2.0)
         slots = score.sort(dim=-1, stable=True).indices[..., :k]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .quant import QTensor
+from .quant import QTensor, dequantize_key_range, dequantize_value_range
 
 # Mask elements per chunk of queries where causal_attention needs an explicit mask: bounds the [b, 1, t_chunk, n]
 # mask (SDPA turns a boolean mask into an additive one of the query's dtype: at most 64 MiB in float32).
@@ -72,52 +72,6 @@ class RestRange:
     resident: torch.Tensor
     page_size: int
     valid: torch.Tensor | None = None  # [b, >= hi] bool: False for a sequence's padding (left padding)
-
-
-# (bits, device) -> float32 [256, 8 // bits]: the codes of every byte value, for `_unpack_codes`
-_CODE_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _unpack_codes(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
-    """packed uint8 [..., ceil(d*bits/8)] -> float32 codes [..., d], as quant.unpack lays them out.
-
-    One table lookup per byte: fewer torch ops than shifting, masking and converting (this runs every decode
-    step), and the codes come out as floats, ready to be scaled.
-    """
-    table = _CODE_TABLES.get((bits, packed.device))
-    if table is None:
-        shifts = torch.arange(0, 8, bits)
-        table = ((torch.arange(256)[:, None] >> shifts) & ((1 << bits) - 1)).float().to(packed.device)
-        _CODE_TABLES[bits, packed.device] = table
-    codes = torch.nn.functional.embedding(packed.int(), table).flatten(-2)
-    return codes if codes.shape[-1] == d else codes[..., :d]
-
-
-def _dequantize_keys(keys: QTensor, lo: int, hi: int) -> torch.Tensor:
-    """Tokens [lo, hi) of per-channel keys [b, h, N, d] as [b * h, hi - lo, d], rounded once as
-    QTensor.dequantize does.
-
-    Whole key groups are dequantized (their scale then broadcasts over the group's tokens without a copy) and
-    the result is cut to [lo, hi): at most two partial groups of extra work.
-    """
-    size, d = keys.group_size, keys.shape[-1]
-    first, last = lo // size, -(-hi // size)
-    codes = _unpack_codes(keys.packed[:, :, first * size:last * size], keys.bits, d)
-    k_hat = torch.addcmul(keys.zero[:, :, first:last, None], codes.unflatten(2, (last - first, size)),
-                          keys.scale[:, :, first:last, None]).view(-1, (last - first) * size, d)
-    if lo > first * size or hi < last * size:
-        k_hat = k_hat[:, lo - first * size:hi - first * size]
-    return k_hat.to(keys.dtype)
-
-
-def _dequantize_values(values: QTensor, lo: int, hi: int) -> torch.Tensor:
-    """Tokens [lo, hi) of per-token values [b, h, N, d] as [b * h, hi - lo, d], rounded once as
-    QTensor.dequantize does."""
-    d = values.shape[-1]
-    codes = _unpack_codes(values.packed[:, :, lo:hi], values.bits, d)
-    v_hat = torch.addcmul(values.zero[:, :, lo:hi, :, None], codes.unflatten(3, (-1, values.group_size)),
-                          values.scale[:, :, lo:hi, :, None])
-    return v_hat.view(-1, hi - lo, d).to(values.dtype)
 
 
 def _drop_resident(s_rest: torch.Tensor, rest: RestRange, b: int, num_kv: int) -> torch.Tensor:
@@ -172,7 +126,7 @@ def attend_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         s = s.view(b, num_kv, -1, t, n).masked_fill(~mask.unsqueeze(2), torch.finfo(torch.float32).min)
         s = s.view(heads, rows, n)
     if scores is None:
-        s_rest = torch.bmm(qg, _dequantize_keys(keys, lo, hi).transpose(1, 2)).float().mul_(scaling)
+        s_rest = torch.bmm(qg, dequantize_key_range(keys, lo, hi).transpose(1, 2)).float().mul_(scaling)
     else:
         s_rest = scores[..., lo:hi].reshape(heads, rows, hi - lo)
     s_rest = _drop_resident(s_rest, rest, b, num_kv)
@@ -181,7 +135,7 @@ def attend_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         s_rest = s_rest.view(b, num_kv, rows, hi - lo).masked_fill(pad, float("-inf")).view(heads, rows, hi - lo)
     probs = torch.cat((s, s_rest), dim=-1).softmax(dim=-1).to(v.dtype)
     out = torch.baddbmm(torch.bmm(probs[:, :, :n], v.reshape(heads, n, d)), probs[:, :, n:],
-                        _dequantize_values(values, lo, hi))
+                        dequantize_value_range(values, lo, hi))
     return out.view(b, num_heads, t, d).transpose(1, 2)
 
 

@@ -103,6 +103,52 @@ class QTensor:
         return self.packed, self.scale, self.zero
 
 
+# (bits, device) -> float32 [256, 8 // bits]: the codes of every byte value, for `unpack_float`
+_CODE_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def unpack_float(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
+    """packed uint8 [..., ceil(d*bits/8)] -> float32 codes [..., d], as `unpack` lays them out.
+
+    One table lookup per byte: fewer torch ops than shifting, masking and converting (this runs every decode
+    step), and the codes come out as floats, ready to be scaled.
+    """
+    table = _CODE_TABLES.get((bits, packed.device))
+    if table is None:
+        shifts = torch.arange(0, 8, bits)
+        table = ((torch.arange(256)[:, None] >> shifts) & ((1 << bits) - 1)).float().to(packed.device)
+        _CODE_TABLES[bits, packed.device] = table
+    codes = torch.nn.functional.embedding(packed.int(), table).flatten(-2)
+    return codes if codes.shape[-1] == d else codes[..., :d]
+
+
+def dequantize_key_range(keys: QTensor, lo: int, hi: int) -> torch.Tensor:
+    """Tokens [lo, hi) of per-channel keys [b, h, N, d] as [b * h, hi - lo, d], rounded once as
+    QTensor.dequantize does.
+
+    Whole key groups are dequantized (their scale then broadcasts over the group's tokens without a copy) and
+    the result is cut to [lo, hi): at most two partial groups of extra work.
+    """
+    size, d = keys.group_size, keys.shape[-1]
+    first, last = lo // size, -(-hi // size)
+    codes = unpack_float(keys.packed[:, :, first * size:last * size], keys.bits, d)
+    k_hat = torch.addcmul(keys.zero[:, :, first:last, None], codes.unflatten(2, (last - first, size)),
+                          keys.scale[:, :, first:last, None]).view(-1, (last - first) * size, d)
+    if lo > first * size or hi < last * size:
+        k_hat = k_hat[:, lo - first * size:hi - first * size]
+    return k_hat.to(keys.dtype)
+
+
+def dequantize_value_range(values: QTensor, lo: int, hi: int) -> torch.Tensor:
+    """Tokens [lo, hi) of per-token values [b, h, N, d] as [b * h, hi - lo, d], rounded once as
+    QTensor.dequantize does."""
+    d = values.shape[-1]
+    codes = unpack_float(values.packed[:, :, lo:hi], values.bits, d)
+    v_hat = torch.addcmul(values.zero[:, :, lo:hi, :, None], codes.unflatten(3, (-1, values.group_size)),
+                          values.scale[:, :, lo:hi, :, None])
+    return v_hat.view(-1, hi - lo, d).to(values.dtype)
+
+
 def quantize(x: torch.Tensor, bits: int, dim: int, group_size: int) -> QTensor:
     """Quantize x to `bits` bits in groups of `group_size` consecutive elements along `dim`.
 

@@ -156,6 +156,58 @@ def test_causal_mask_uses_only_the_first_n_valid_positions():
 
 
 # -- causal_attention -------------------------------------------------------------------------------
+# causal_attention runs torch's scaled_dot_product_attention; its reference here is `attend` with `causal_mask`
+# (the matmul path it replaced), and an independent sdpa call with KV heads repeated.
+
+CAUSAL_HEADS = [(4, 4), (8, 2), (9, 3)]  # GQA groups 1, 4 and 3
+
+
+def attend_reference(q, k, v, scaling, valid, q_offset):
+    """The matmul path on float32 copies: [b, t, H, d] float32."""
+    t, n = q.shape[2], k.shape[2]
+    return attend(q.float(), k.float(), v.float(), scaling, causal_mask(valid, t, n, q_offset, "cpu"))
+
+
+def tolerance(dtype):
+    return {"atol": ATOL, "rtol": RTOL} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """Records the keyword arguments and query length of every scaled_dot_product_attention call."""
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append({"t": q.shape[2], "n": k.shape[2], "kv_heads": k.shape[1], **kwargs})
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def left_padded(b, n, pads):
+    valid = torch.ones(b, n, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        valid[row, :pad] = False
+    return valid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv", CAUSAL_HEADS)
+def test_causal_attention_full_prefill_uses_is_causal(sdpa_calls, num_heads, num_kv, dtype):
+    b, t, d = 2, 13, 16
+    q, k, v = qkv(b, num_heads, num_kv, t, t, d, seed=num_heads, dtype=dtype)
+    scaling = d ** -0.5
+    out = causal_attention(q, k, v, scaling, None, q_offset=0)
+    assert out.shape == (b, t, num_heads, d) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), attend_reference(q, k, v, scaling, None, 0), **tolerance(dtype))
+    # no mask at all, and the KV heads as they are
+    assert len(sdpa_calls) == 1
+    call = sdpa_calls[0]
+    assert call["is_causal"] and call["attn_mask"] is None and call["kv_heads"] == num_kv
+    assert call.get("enable_gqa", False) == (num_heads != num_kv)
+
 
 @pytest.mark.parametrize("num_heads,num_kv", HEADS)
 def test_causal_attention_equals_sdpa_is_causal(num_heads, num_kv):
@@ -164,6 +216,76 @@ def test_causal_attention_equals_sdpa_is_causal(num_heads, num_kv):
     scaling = d ** -0.5
     out = causal_attention(q, k, v, scaling, None, q_offset=0)
     torch.testing.assert_close(out, sdpa(q, k, v, scaling, is_causal=True), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv", CAUSAL_HEADS)
+@pytest.mark.parametrize("t,n", [(1, 12), (2, 12), (5, 12), (7, 9)])
+def test_causal_attention_with_offset_equals_attend(sdpa_calls, num_heads, num_kv, t, n, dtype):
+    # a later chunk of a chunked prefill (or a decode step when t == 1): queries at n - t .. n - 1
+    b, d = 2, 8
+    q, k, v = qkv(b, num_heads, num_kv, t, n, d, seed=t * 31 + n + num_heads, dtype=dtype)
+    q_offset = n - t
+    out = causal_attention(q, k, v, 0.35, None, q_offset)
+    torch.testing.assert_close(out.float(), attend_reference(q, k, v, 0.35, None, q_offset), **tolerance(dtype))
+    (call,) = sdpa_calls
+    assert not call["is_causal"]  # is_causal would align the diagonal to key 0, not to q_offset
+    if t == 1:
+        assert call["attn_mask"] is None  # the last query sees every key
+    else:
+        assert call["attn_mask"].dtype == torch.bool and call["attn_mask"].shape == (1, 1, t, n)
+
+
+@pytest.mark.parametrize("num_heads,num_kv", HEADS)
+@pytest.mark.parametrize("t,n", [(1, 12), (5, 12), (12, 12)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_causal_attention_with_offset_and_padding_equals_sdpa(num_heads, num_kv, t, n, padded):
+    b, d = 2, 8
+    q, k, v = qkv(b, num_heads, num_kv, t, n, d, seed=t * 31 + n + num_heads)
+    q_offset = n - t
+    valid = left_padded(b, n, [0, 3]) if padded else None
+    scaling = 0.35
+    out = causal_attention(q, k, v, scaling, valid, q_offset)
+    expected = sdpa(q, k, v, scaling, attn_mask=explicit_causal(valid, t, n, q_offset, b))
+    # query rows that see no key at all (padding queries at q_offset=0) are not comparable
+    seen = explicit_causal(valid, t, n, q_offset, b)[:, 0].any(-1)  # [b, t]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[seen], expected[seen], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv", CAUSAL_HEADS)
+@pytest.mark.parametrize("q_offset", [0, 4])
+def test_causal_attention_left_padding(num_heads, num_kv, q_offset, dtype):
+    # sequence 1 has 5 padding positions, sequence 2 has 1, sequence 0 none: at q_offset 0 the padding queries
+    # of sequences 1 and 2 see no key at all. They must stay finite; every other row matches attend.
+    b, t, d = 3, 9, 16
+    n = q_offset + t
+    q, k, v = qkv(b, num_heads, num_kv, t, n, d, seed=5 + q_offset + num_heads, dtype=dtype)
+    valid = left_padded(b, n, [0, 5, 1])
+    out = causal_attention(q, k, v, 0.25, valid, q_offset)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    seen = causal_mask(valid, t, n, q_offset, "cpu").any(-1)  # [b, t]
+    if q_offset == 0:
+        assert not bool(seen.all())
+    expected = attend_reference(q, k, v, 0.25, valid, q_offset)
+    torch.testing.assert_close(out.float()[seen], expected[seen], **tolerance(dtype))
+    # the padding really is masked: without it the real rows of the padded sequences differ
+    unpadded = attend_reference(q, k, v, 0.25, None, q_offset)
+    assert not torch.allclose(out.float()[1][seen[1]], unpadded[1][seen[1]], atol=1e-2)
+
+
+def test_sdpa_mask_unmasks_only_rows_that_see_nothing():
+    t, n = 6, 6
+    valid = left_padded(2, n, [0, 3])
+    mask = attention._sdpa_mask(valid, t, n, 0, "cpu")
+    plain = causal_mask(valid, t, n, 0, "cpu")
+    assert mask.shape == (2, 1, t, n) and mask.dtype == torch.bool
+    assert mask.any(-1).all()  # no row fully masked: SDPA returns NaN or 0 for those depending on backend
+    seen = plain.any(-1)
+    assert torch.equal(mask[:, 0][seen], plain[seen])
+    assert mask[1, 0, :3].all()  # sequence 1's padding queries see every key instead of none
+    assert attention._sdpa_mask(None, 1, n, n - 1, "cpu") is None
 
 
 def explicit_causal(valid, t, n, q_offset, b):
@@ -175,71 +297,64 @@ def explicit_causal(valid, t, n, q_offset, b):
     return mask.unsqueeze(1)  # [b, 1, t, n] for sdpa
 
 
-@pytest.mark.parametrize("num_heads,num_kv", HEADS)
-@pytest.mark.parametrize("t,n", [(1, 12), (5, 12), (12, 12)])
+@pytest.mark.parametrize("elements", [28, 64, 200])
+@pytest.mark.parametrize("num_heads,num_kv", CAUSAL_HEADS)
 @pytest.mark.parametrize("padded", [False, True])
-def test_causal_attention_with_offset_and_padding_equals_sdpa(num_heads, num_kv, t, n, padded):
-    b, d = 2, 8
-    q, k, v = qkv(b, num_heads, num_kv, t, n, d, seed=t * 31 + n + num_heads)
-    q_offset = n - t
-    valid = None
-    if padded:
-        valid = torch.ones(b, n, dtype=torch.bool)
-        valid[1, :3] = False  # left padding of sequence 1
-    scaling = 0.35
-    out = causal_attention(q, k, v, scaling, valid, q_offset)
-    expected = sdpa(q, k, v, scaling, attn_mask=explicit_causal(valid, t, n, q_offset, b))
-    # query rows that see no key at all (padding queries at q_offset=0) are not comparable (NaN in sdpa)
-    seen = explicit_causal(valid, t, n, q_offset, b)[:, 0].any(-1)  # [b, t]
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out[seen], expected[seen], atol=ATOL, rtol=RTOL)
-
-
-@pytest.mark.parametrize("elements", [64, 300, 600])
-@pytest.mark.parametrize("num_heads,num_kv", HEADS)
-@pytest.mark.parametrize("padded", [False, True])
-def test_causal_attention_chunked_equals_sdpa(monkeypatch, elements, num_heads, num_kv, padded):
+def test_causal_attention_chunked_equals_attend(monkeypatch, sdpa_calls, elements, num_heads, num_kv, padded):
     b, t, n, d = 2, 9, 14, 8
     q_offset = n - t  # 5 > padding length, so no query row is fully masked
     q, k, v = qkv(b, num_heads, num_kv, t, n, d, seed=elements + num_heads)
-    valid = None
-    if padded:
-        valid = torch.ones(b, n, dtype=torch.bool)
-        valid[0, :2] = False
-        valid[1, :4] = False
+    valid = left_padded(b, n, [2, 4]) if padded else None
     scaling = d ** -0.5
     unchunked = causal_attention(q, k, v, scaling, valid, q_offset)
-
-    calls = []
-    real_attend = attention.attend
-
-    def counting_attend(*args, **kwargs):
-        calls.append(args[0].shape[2])
-        return real_attend(*args, **kwargs)
+    assert len(sdpa_calls) == 1
+    sdpa_calls.clear()
 
     monkeypatch.setattr(attention, "_PREFILL_CHUNK_ELEMENTS", elements)
-    monkeypatch.setattr(attention, "attend", counting_attend)
     out = causal_attention(q, k, v, scaling, valid, q_offset)
-    chunk = max(1, elements // (b * num_heads * n))
+    chunk = max(1, elements // (b * n))
     assert chunk < t  # the chunked path really ran
-    assert len(calls) == -(-t // chunk) and sum(calls) == t
+    assert len(sdpa_calls) == -(-t // chunk) and sum(c["t"] for c in sdpa_calls) == t
+    stop = 0
+    for c in sdpa_calls:
+        stop += c["t"]
+        assert c["n"] == q_offset + stop  # keys past the chunk's last query are left out
+        # the mask stays within the bound (a one-query chunk whose query sees every key needs none)
+        assert c["attn_mask"] is None and c["t"] == 1 and not padded or c["attn_mask"].numel() <= elements
 
+    torch.testing.assert_close(out, attend_reference(q, k, v, scaling, valid, q_offset), atol=ATOL, rtol=RTOL)
     expected = sdpa(q, k, v, scaling, attn_mask=explicit_causal(valid, t, n, q_offset, b))
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(out, unchunked, atol=ATOL, rtol=RTOL)
 
 
-def test_causal_attention_chunked_prefill_from_zero_with_left_padding(monkeypatch):
-    # q_offset 0: the padding queries see nothing; they must stay finite, the others match sdpa.
-    b, num_heads, num_kv, t, d = 2, 4, 2, 11, 8
-    q, k, v = qkv(b, num_heads, num_kv, t, t, d, seed=99)
-    valid = torch.ones(b, t, dtype=torch.bool)
-    valid[1, :3] = False
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv", CAUSAL_HEADS)
+def test_causal_attention_chunked_prefill_from_zero_with_left_padding(monkeypatch, num_heads, num_kv, dtype):
+    # q_offset 0: the padding queries see nothing; they must stay finite, the others match attend.
+    b, t, d = 2, 11, 8
+    q, k, v = qkv(b, num_heads, num_kv, t, t, d, seed=99, dtype=dtype)
+    valid = left_padded(b, t, [0, 3])
     monkeypatch.setattr(attention, "_PREFILL_CHUNK_ELEMENTS", 64)
     out = causal_attention(q, k, v, 0.3, valid, 0)
     assert torch.isfinite(out).all()
-    mask = explicit_causal(valid, t, t, 0, b)
-    seen = mask[:, 0].any(-1)
+    seen = causal_mask(valid, t, t, 0, "cpu").any(-1)
     assert not bool(seen.all())
-    expected = sdpa(q, k, v, 0.3, attn_mask=mask)
-    torch.testing.assert_close(out[seen], expected[seen], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out.float()[seen], attend_reference(q, k, v, 0.3, valid, 0)[seen],
+                               **tolerance(dtype))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_causal_attention_repeats_kv_heads_without_enable_gqa(monkeypatch, sdpa_calls, masked):
+    # torch < 2.5 has no enable_gqa: the KV heads are repeated instead, with the same result
+    b, num_heads, num_kv, t, d = 2, 8, 2, 7, 8
+    q_offset = 3 if masked else 0
+    n = q_offset + t
+    q, k, v = qkv(b, num_heads, num_kv, t, n, d, seed=17)
+    native = causal_attention(q, k, v, 0.3, None, q_offset)
+    assert sdpa_calls[-1]["enable_gqa"] and sdpa_calls[-1]["kv_heads"] == num_kv
+    monkeypatch.setattr(attention, "_SDPA_HAS_GQA", False)
+    repeated = causal_attention(q, k, v, 0.3, None, q_offset)
+    assert "enable_gqa" not in sdpa_calls[-1] and sdpa_calls[-1]["kv_heads"] == num_heads
+    torch.testing.assert_close(repeated, native, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(repeated, attend_reference(q, k, v, 0.3, None, q_offset), atol=ATOL, rtol=RTOL)

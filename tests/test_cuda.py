@@ -1,4 +1,5 @@
-"""The CUDA paths: pinned host pool, asynchronous copies with events, the offload method, recall on the GPU.
+"""The CUDA paths: pinned host pool, asynchronous copies with events, the offload method, recall on the GPU (the
+page table's dense plan and the copy kernel reading the pinned host pool), FreeKV and SpeCache decoding on the GPU.
 
 Skipped without a CUDA device. The bodies take the device as an argument so that the same checks can be
 read against the CPU path; the tests themselves always run on "cuda".
@@ -12,7 +13,9 @@ import torch
 import kvtier
 from kvtier.link import Link
 from kvtier.models import tiny_random_model
-from kvtier.store import DevicePool, HostPool, to_pages
+from kvtier.retrieval import recall
+from kvtier.retrieval.recall import PageTable
+from kvtier.store import HostPool, to_pages
 
 pytestmark = [
     pytest.mark.cuda,
@@ -95,20 +98,21 @@ def test_mismatched_copies_raise_on_cuda():
         link.d2h(torch.empty(3, dtype=torch.float16), torch.empty(3, device="cuda"))
 
 
-def run_generate(device, method, max_new_tokens=10):
+def run_generate(device, method, max_new_tokens=10, length=21, **options):
     model = tiny_random_model("llama", device=device)
     torch.manual_seed(0)
-    ids = torch.randint(3, 256, (2, 21), device=device)
+    ids = torch.randint(3, 256, (2, length), device=device)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # left padding
-    cache = kvtier.KVCache(model, method=method)
-    out = kvtier.generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, cache=cache)
-    return out, cache.stats()
+    cache = kvtier.KVCache(model, method=method, **options)
+    out = kvtier.generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=-1,
+                          cache=cache)
+    return out, cache.stats(), cache
 
 
 def test_offload_generate_matches_full_on_cuda():
-    full, full_stats = run_generate("cuda", "full")
-    offload, stats = run_generate("cuda", "offload")
+    full, full_stats, _ = run_generate("cuda", "full")
+    offload, stats, _ = run_generate("cuda", "offload")
     assert full.device.type == "cuda"
     assert full.shape == (2, 31)
     assert torch.equal(offload, full)
@@ -120,7 +124,10 @@ def test_offload_generate_matches_full_on_cuda():
 
 
 def recall_run(device, steps=6):
-    """Fill a host pool through a Link on `device`, recall planned pages; returns (slot_k, slot_v, table, link)."""
+    """Fill a host pool through a Link on `device`, then recall planned pages as the retrieval engine does: the
+    page table's dense plan, and the copy of rows of the host pool's layer (pinned on CUDA, read by the kernel
+    in place) into one device buffer per (sequence, KV head) of `slots` pages and a trash page, on a copy lane.
+    Returns (slot keys, slot values, table, copied pages, link), on the CPU."""
     batch, heads, d, page_size, n_pages, slots = 2, 3, 16, 4, 12, 5
     link = Link(device)
     pool = HostPool(1, batch, heads, d, page_size, torch.float32, link)
@@ -128,21 +135,95 @@ def recall_run(device, steps=6):
     k = torch.randn(batch, heads, n_pages * page_size, d, generator=g)
     v = torch.randn(batch, heads, n_pages * page_size, d, generator=g)
     pool.write(0, to_pages(k.to(device), v.to(device), page_size))
-    dev = DevicePool(batch, heads, d, page_size, slots, torch.float32, torch.device(device))
+    assert pool.pages[0].is_pinned() == (device == "cuda")
+    table = PageTable(batch, heads, slots, torch.device(device))
+    buf_k = torch.zeros(batch, heads, (slots + 1) * page_size, d, device=device)
+    buf_v = torch.zeros_like(buf_k)
+    seq_head = torch.arange(batch * heads, device=device).view(batch, heads, 1)
+    slot_rows, trash_rows = seq_head * (slots + 1), seq_head * (slots + 1) + slots
+    host = pool.pages[0].view(-1, 2, page_size * d)
+    copied = 0
     for step in range(steps):
         kk = [5, 3, 5, 1, 4, 5][step]
         wanted = torch.stack([torch.randperm(n_pages, generator=g)[:kk] for _ in range(batch * heads)])
         wanted = wanted.view(batch, heads, kk).to(device)
-        scores = torch.randn(batch, heads, n_pages, generator=g).to(device)
-        dev.recall(pool, 0, link, *dev.table.plan(wanted, scores))
-    return dev.slot_k.cpu(), dev.slot_v.cpu(), dev.table.slot_page.cpu(), link
+        scores = torch.rand(batch, heads, n_pages, generator=g).to(device)
+        pages, slot = table.plan(wanted, scores)
+        copy = pages >= 0
+        src = torch.where(copy, pages * (batch * heads) + seq_head, -1).flatten()
+        dst = torch.where(copy, slot_rows + slot, trash_rows).flatten()
+        copied += int(copy.sum())
+        event = link.async_rows(recall.copy_rows, host, buf_k.view(-1, page_size * d), buf_v.view(-1, page_size * d),
+                                src, dst, lane=step)
+        link.wait(event)
+    n = slots * page_size
+    if device == "cuda":
+        torch.cuda.synchronize()
+    # every slot holds its page's tokens, at the positions the table gives
+    pos = table.positions(page_size).cpu()
+    present = pos >= 0
+    idx = pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d)
+    got_k, got_v = buf_k[:, :, :n].cpu(), buf_v[:, :, :n].cpu()
+    assert torch.equal(got_k[present], k.gather(2, idx)[present])
+    assert torch.equal(got_v[present], v.gather(2, idx)[present])
+    assert not got_k[~present].any() and not got_v[~present].any()
+    return got_k, got_v, table.slot_page.cpu(), copied, link
 
 
-def test_device_pool_recall_cuda_matches_cpu():
-    cpu_k, cpu_v, cpu_table, cpu_link = recall_run("cpu")
-    cuda_k, cuda_v, cuda_table, cuda_link = recall_run("cuda")
+def test_recall_cuda_matches_cpu(monkeypatch):
+    calls = []
+    original = recall.kernels.copy_rows
+
+    def recorded(*args):
+        calls.append(args[0].is_pinned())  # the source: the host pool itself
+        return original(*args)
+
+    monkeypatch.setattr(recall.kernels, "copy_rows", recorded)
+    monkeypatch.setenv("KVTIER_KERNELS", "auto")
+    cpu_k, cpu_v, cpu_table, cpu_copied, cpu_link = recall_run("cpu")
+    assert calls == []  # the CPU reference
+    cuda_k, cuda_v, cuda_table, cuda_copied, cuda_link = recall_run("cuda")
+    assert calls == [True] * 6  # the kernel, reading the pinned host pool in place
     assert torch.equal(cuda_table, cpu_table)
     assert torch.equal(cuda_k, cpu_k)
     assert torch.equal(cuda_v, cpu_v)
+    assert cuda_copied == cpu_copied > 0
     assert cuda_link.counters() == cpu_link.counters()
-    assert cuda_link.h2d_copies == cpu_link.h2d_copies > 0
+
+
+RETRIEVAL = [
+    ("freekv", dict(budget=32, page_size=4, sink=8, window=8)),
+    ("freekv", dict(budget=32, page_size=4, sink=8, window=8, speculative=False)),
+    ("freekv", dict(budget=32, page_size=4, sink=8, window=8, scorer="lowbit", score_group=8, rest="lowbit")),
+    ("specache", dict(group_size=8, residual=8, topk=4)),
+    ("specache", dict(group_size=8, residual=8, topk=4, speculative=False)),
+]
+
+
+@pytest.mark.parametrize("method, options", RETRIEVAL)
+def test_retrieval_decode_on_cuda_through_the_kernels_matches_torch(monkeypatch, method, options):
+    """A whole batched, left-padded decode on the GPU: kernels (the default there) give the PyTorch path's tokens;
+    pages are recalled from the pinned host pool into device buffers."""
+    monkeypatch.setenv("KVTIER_KERNELS", "torch")
+    expected, _, _ = run_generate("cuda", method, max_new_tokens=16, length=45, **options)
+    monkeypatch.setenv("KVTIER_KERNELS", "auto")
+    out, stats, cache = run_generate("cuda", method, max_new_tokens=16, length=45, **options)
+    assert out.device.type == "cuda" and out.shape == (2, 61)
+    assert torch.equal(out, expected)
+    assert stats["recalled_pages"] > 0 and stats["h2d_bytes"] > 0
+    engine = cache.method
+    layers = [st for st in engine.layers if st is not None]
+    assert layers and all(st.k.is_cuda and st.table.slot_page.is_cuda for st in layers)
+    assert all(p.is_pinned() for p in engine.pool.pages if p is not None)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("freekv", dict(budget=256, page_size=4, sink=8, window=8)),
+    ("freekv", dict(budget=256, page_size=4, sink=8, window=8, scorer="lowbit", score_group=8, rest="lowbit")),
+    ("specache", dict(group_size=8, residual=8, topk=512)),
+])
+def test_retrieval_covering_the_context_is_identical_to_full_on_cuda(method, options):
+    full, _, _ = run_generate("cuda", "full", max_new_tokens=16, length=45)
+    out, stats, _ = run_generate("cuda", method, max_new_tokens=16, length=45, **options)
+    assert torch.equal(out, full)
+    assert stats["recalled_pages"] > 0, "pages left the window and had to be recalled"

@@ -9,9 +9,9 @@ from transformers import DynamicCache
 
 import kvtier
 from kvtier.quant import LowBitKeys, LowBitValues, quantize_keys, quantize_values
-from kvtier.select import (group_page_probs, lowbit_page_probs, page_digest, page_scores, query_similarity,
-                           select_pages, top_pages)
 from kvtier.link import nbytes
+from kvtier.retrieval.scorer import DigestScorer, LowBitScorer
+from kvtier.select import group_page_probs, page_digest, page_scores, query_similarity
 from kvtier.store import from_pages
 
 SMALL = dict(page_size=4, sink=8, window=8)
@@ -56,17 +56,19 @@ def test_group_probabilities_average_each_query_heads_softmax():
     torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2))
 
 
-def test_select_pages_returns_each_kv_heads_top_pages_with_offset():
+def test_digest_scorer_ranks_pages_of_its_range_only():
     torch.manual_seed(3)
     keys = torch.randn(1, 2, 40, 8)
-    q = torch.randn(1, 4, 8)
+    q = torch.randn(1, 4, 2, 8)  # two query tokens: each gets its own row
+    scorer = DigestScorer(keys, pages=12, page_size=4)  # capacity beyond the 10 pages written
+    scorer.add_pages(0, keys)
+    probs = scorer.page_probs(q, lo=3, hi=9, scaling=0.35)
+    assert probs.shape == (1, 2, 2, 12)
     dmax, dmin = page_digest(keys, 4)
-    pages, probs = select_pages(q, dmax, dmin, k=3, scaling=0.35, first_page=5)
-    assert pages.shape == (1, 2, 3)
-    assert torch.equal(pages - 5, probs.topk(3, dim=-1).indices)
-    assert bool(((pages >= 5) & (pages < 15)).all())
-    few, _ = select_pages(q, dmax[:, :, :2], dmin[:, :, :2], k=3, scaling=0.35)
-    assert few.shape == (1, 2, 2), "k is capped by the pages available"
+    for t in range(2):
+        expected = group_page_probs(page_scores(q[:, :, t], dmax[:, :, 3:9], dmin[:, :, 3:9]), 0.35)
+        torch.testing.assert_close(probs[:, :, t, 3:9], expected)
+    assert not probs[..., :3].any() and not probs[..., 9:].any(), "pages outside the range get nothing"
 
 
 def _page_mass(q, keys, page_size, scaling):
@@ -77,20 +79,19 @@ def _page_mass(q, keys, page_size, scaling):
     return torch.softmax(logits, -1).unflatten(-1, (-1, page_size)).sum(-1).mean(2)
 
 
-def test_lowbit_page_probs_are_page_attention_mass_of_the_dequantized_keys():
+def test_lowbit_scorer_page_probs_are_page_attention_mass_of_the_dequantized_keys():
     torch.manual_seed(5)
-    q, keys = torch.randn(2, 6, 16), torch.randn(2, 2, 52, 16)  # 48 quantized (3 groups of 16) + 4 pending
-    store = LowBitKeys(bits=2, group_size=16)
-    for chunk in keys.split([20, 4, 28], dim=2):  # how keys arrive does not matter
-        store.append(chunk)
-    assert (store.quantized_tokens, store.tokens) == (48, 52)
-    dequantized = torch.cat((quantize_keys(keys[:, :, :48], 2, 16).dequantize(), keys[:, :, 48:]), dim=2)
-    probs = lowbit_page_probs(q, store.quantized(), store.pending, 4, first_page=2, last_page=13, scaling=0.25)
-    assert probs.shape == (2, 2, 11)
-    torch.testing.assert_close(probs, _page_mass(q, dequantized[:, :, 8:52], 4, 0.25))
-    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2))
-    with pytest.raises(ValueError, match="cover 52 tokens"):
-        lowbit_page_probs(q, store.quantized(), store.pending, 4, first_page=0, last_page=14, scaling=0.25)
+    q, keys = torch.randn(2, 6, 1, 16), torch.randn(2, 2, 48, 16)
+    scorer = LowBitScorer(bits=2, group=16, page_size=4, capacity=64)
+    for chunk in keys.split([16, 32], dim=2):  # whole groups, in order
+        scorer.add_tokens(chunk)
+    dequantized = quantize_keys(keys, 2, 16).dequantize()
+    probs = scorer.page_probs(q, 2, 12, scaling=0.25)
+    assert probs.shape == (2, 2, 1, 16)
+    torch.testing.assert_close(probs[:, :, 0, 2:12], _page_mass(q[:, :, 0], dequantized[:, :, 8:48], 4, 0.25))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 1))
+    raw = scorer.token_scores(q, 0.25)  # the raw scores, computed once, give the same
+    torch.testing.assert_close(scorer.page_probs(q, 2, 12, 0.25, raw), probs)
 
 
 def test_lowbit_scoring_finds_the_page_a_query_points_at():
@@ -99,16 +100,17 @@ def test_lowbit_scoring_finds_the_page_a_query_points_at():
     torch.manual_seed(6)
     d, page = 16, 4
     keys = 0.1 * torch.randn(1, 1, 40, d)
-    q = torch.zeros(1, 1, d)
+    q = torch.zeros(1, 1, 1, d)
     q[..., :8] = 1.0
     keys[:, :, 20:24, :8] += 1.0  # page 5: every key aligned with q
     keys[:, :, 33, 0] += 10.0  # page 8: one key with one large channel
-    store = LowBitKeys(bits=2, group_size=8)
-    store.append(keys)
-    probs = lowbit_page_probs(q, store.quantized(), store.pending, page, 0, 10, scaling=d ** -0.5)
-    assert top_pages(probs, 1).item() == 5
-    pages, _ = select_pages(q, *page_digest(keys, page), 1, d ** -0.5)
-    assert pages.item() == 8, "the digest bound prefers the outlier page: the case low-bit scoring fixes"
+    lowbit = LowBitScorer(bits=2, group=8, page_size=page, capacity=40)
+    lowbit.add_tokens(keys)
+    assert lowbit.page_probs(q, 0, 10, d ** -0.5).argmax().item() == 5
+    digest = DigestScorer(keys, 10, page)
+    digest.add_pages(0, keys)
+    assert digest.page_probs(q, 0, 10, d ** -0.5).argmax().item() == 8, \
+        "the digest bound prefers the outlier page: the case low-bit scoring fixes"
 
 
 def test_lowbit_keys_grow_and_count_what_they_hold():
@@ -207,27 +209,36 @@ def test_recall_bookkeeping_no_page_lost_or_duplicated(tiny, scorer):
     for _ in run_steps(model, cache, ids, 12):
         for layer in range(2):
             st = method.layers[layer]
-            resident = st.slots.table.slot_page
+            resident = st.table.slot_page
             for row in resident.flatten(0, 1).tolist():
                 pages = [p for p in row if p >= 0]
                 assert len(pages) == len(set(pages)), "a page sits in two slots"
-            # every selected page is resident, and each slot holds its page's exact data
+            # every wanted page is resident, and each slot holds its page's exact data at its positions
             for s in range(2):
                 for h in range(model.config.num_key_value_heads):
-                    assert set(st.selected[s, h].tolist()) <= set(resident[s, h].tolist())
+                    assert set(st.wanted[s, h].tolist()) <= set(resident[s, h].tolist())
                     for j, page in enumerate(resident[s, h].tolist()):
+                        rows = slice(st.slot_start + j * 4, st.slot_start + (j + 1) * 4)
                         if page < 0:
+                            assert (st.pos[s, h, rows] == -1).all()
                             continue
                         k_host, v_host = from_pages(method.pool.pages[layer][page:page + 1, s:s + 1, h:h + 1])
-                        assert torch.equal(st.slots.slot_k[s, h, j * 4:(j + 1) * 4], k_host[0, 0])
-                        assert torch.equal(st.slots.slot_v[s, h, j * 4:(j + 1) * 4], v_host[0, 0])
-        recalled = method.recalled_pages
+                        assert torch.equal(st.k[s, h, rows], k_host[0, 0])
+                        assert torch.equal(st.v[s, h, rows], v_host[0, 0])
+                        assert st.pos[s, h, rows].tolist() == list(range(page * 4, page * 4 + 4))
+                    # what the next step attends (the window will have moved: the next selection may already
+                    # hold the page about to leave it) holds every position at most once
+                    start = method._next_start(st, method.lengths[layer] + 1)
+                    pos = st.pos[s, h].tolist()
+                    seen = [p for i, p in enumerate(pos) if p >= 0 and (i < st.ring_start or p >= start)]
+                    assert len(seen) == len(set(seen)) and max(seen) < method.lengths[layer]
+        recalled = cache.stats()["recalled_pages"]
         assert recalled >= recalled_before
         recalled_before = recalled
     # resident pages are reused: far fewer copies than slots x heads x layers x steps
-    assert method.recalled_pages < 12 * 2 * 2 * 2 * method.num_slots
+    assert recalled < 12 * 2 * 2 * 2 * method.o.slots
     for st in method.layers:  # one scorer's state only: the other is neither built nor held
-        assert (st.digest_max.shape[2] == 0) == (scorer == "lowbit") and (st.lowbit is None) == (scorer == "digest")
+        assert isinstance(st.scorer, LowBitScorer if scorer == "lowbit" else DigestScorer)
 
 
 def test_rest_lowbit_reads_every_token_once(tiny):
@@ -241,31 +252,22 @@ def test_rest_lowbit_reads_every_token_once(tiny):
     for _ in run_steps(model, cache, ids, 10):
         n = method.lengths[1]
         st = method.layers[1]
-        k, v, mask = method._resident(st, n, None)
-        pos = torch.cat([torch.arange(min(n, 8)).expand(2, 2, -1), st.slots.slot_positions(),
-                         torch.arange(st.recent_start, n).expand(2, 2, -1), torch.arange(8, st.recent_start)
-                         .expand(2, 2, -1)], dim=-1)
+        resident = st.table.resident(st.capacity // 4)
         written_k, written_v = from_pages(method.pool.layer_block(1))
-        whole = written_k.shape[2] // 8 * 8  # key groups of 8 tokens; the rest waits at full precision
-        low_k = torch.cat((quantize_keys(written_k[:, :, :whole], 2, 8).dequantize(), written_k[:, :, whole:]), 2)
-        low_v = quantize_values(written_v, 2, 16).dequantize()  # per token, head_dim 16 in one group
-        slots = st.slots.slot_positions()
+        scored = st.scored
+        low_k = quantize_keys(written_k[:, :, :scored], 2, 8).dequantize()
+        low_v = quantize_values(written_v[:, :, :scored], 2, 16).dequantize()  # per token, head_dim 16: one group
+        torch.testing.assert_close(st.scorer.quantized().dequantize()[:, :, :scored], low_k)
+        torch.testing.assert_close(st.values.quantized().dequantize(), low_v)
+        start = method._next_start(st, n + 1)  # as the next step will see it (see the bookkeeping test)
         for s in range(2):
             for h in range(2):
-                seen = pos[s, h][mask[s, h, 0]]
-                assert sorted(seen.tolist()) == list(range(n)), "a position is missing or counted twice"
-                rest = torch.arange(8, st.recent_start)
-                recalled = set(slots[s, h].tolist())
-                exact = torch.tensor([int(p) in recalled for p in rest])
-                got_k = k[s, h, -len(rest):]
-                got_v = v[s, h, -len(rest):]
-                torch.testing.assert_close(got_k[~exact], low_k[s, h, rest[~exact]])
-                torch.testing.assert_close(got_v[~exact], low_v[s, h, rest[~exact]])
-                assert not mask[s, h, 0, -len(rest):][exact].any()
+                exact = [p for i, p in enumerate(st.pos[s, h].tolist()) if p >= 0 and (i < st.ring_start or p >= start)]
+                rest = [p for p in range(8, start) if not resident[s, h, p // 4]]
+                assert sorted(exact + rest) == list(range(n)), "a position is missing or counted twice"
     # the low-bit values are counted on the device with the rest of the layer's state
-    held = sum(nbytes(t) for t in (st.sink_k, st.sink_v, st.recent_buf_k, st.recent_buf_v))
-    assert method.ledger.held["layer1"] == held + st.lowbit.nbytes() + st.lowbit_values.nbytes()
-    assert st.lowbit_values.nbytes() > 0
+    assert method.ledger.held["layer1"] == sum(nbytes(t) for t in st.tensors())
+    assert st.values.nbytes() > 0
 
 
 def test_host_pool_holds_the_whole_cache(tiny):
@@ -296,7 +298,7 @@ def test_correction_triggers_by_threshold(tiny, tau, expect):
     list(run_steps(model, cache, ids, 6))
     stats = cache.stats()
     method = cache.method
-    checks = sum(method.checks)
+    checks = method.checks
     assert checks == 5 * 2 * model.config.num_key_value_heads  # every step after the first, every layer, head
     if expect == "all":
         # cosine similarity of distinct queries is below 1: every head is corrected
@@ -336,8 +338,8 @@ def test_dense_layers_keep_everything_on_device(tiny):
 ])
 def test_sink_and_window_scale_with_the_budget(tiny, options, sink, window):
     method = kvtier.KVCache(tiny("llama"), method="freekv", **options).method
-    assert (method.sink, method.window) == (sink, window)
-    assert method.num_slots == (method.options["budget"] - sink - window) // method.page_size
+    assert (method.o.sink, method.o.window) == (sink, window)
+    assert method.o.slots == (method.options["budget"] - sink - window) // method.o.page_size
 
 
 @pytest.mark.parametrize("bad", [dict(budget=16, **SMALL), dict(page_size=4, sink=6, window=8),
@@ -391,3 +393,32 @@ def test_chunked_prefill_reads_the_whole_cache(tiny_pair, monkeypatch, length):
     expected = kvtier.generate(ref, ids, method="full", max_new_tokens=8, eos_token_id=-1)
     out = kvtier.generate(model, ids, method="freekv", budget=256, max_new_tokens=8, eos_token_id=-1, **SMALL)
     assert torch.equal(out, expected)
+
+
+def test_pages_chosen_by_the_speculative_token_is_an_option(tiny_pair):
+    """A combination neither paper has: FreeKV's pages selected by kvtier.generate's speculative next token
+    (SpeCache's query source). With a budget covering the context it is exact; it reports its hit rate."""
+    ref, model = tiny_pair("qwen2")
+    ids, mask = batch_prompt(2, length=45, pad=9)
+    expected = kvtier.generate(ref, ids, attention_mask=mask, method="full", max_new_tokens=30, eos_token_id=-1)
+    cache = kvtier.KVCache(model, method="freekv", budget=128, query="speculative", **SMALL)
+    assert cache.method.supports_speculation
+    out = kvtier.generate(model, ids, attention_mask=mask, cache=cache, max_new_tokens=30, eos_token_id=-1)
+    assert torch.equal(out, expected)
+    stats = cache.stats()
+    assert stats["query"] == "speculative" and 0.0 <= stats["prefetch_hit_rate"] <= 1.0
+
+
+@pytest.mark.parametrize("options", [dict(), dict(scorer="lowbit", score_group=8, rest="lowbit")])
+def test_the_ledger_counts_every_buffer_and_the_step_workspace(tiny, options):
+    model = tiny("llama", num_hidden_layers=2)
+    ids, _ = batch_prompt(1, length=60)
+    cache = kvtier.KVCache(model, method="freekv", budget=32, dense_layers=0, **SMALL, **options)
+    list(run_steps(model, cache, ids, 6))
+    method = cache.method
+    held = method.ledger.held
+    for layer, st in enumerate(method.layers):
+        assert held[f"layer{layer}"] == sum(nbytes(t) for t in st.tensors())
+    assert held["step_workspace"] > 0, "the transient scores of a step are device memory too"
+    assert method.ledger.peak >= sum(held.values())
+    assert cache.stats()["device_kv_bytes"] == method.ledger.peak

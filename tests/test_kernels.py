@@ -16,11 +16,14 @@ pytest.importorskip("triton")
 import kvtier  # noqa: E402
 from kvtier import kernels  # noqa: E402
 from kvtier.attention import attend  # noqa: E402
-from kvtier.kernels import decode, dequant_score, digest_score, gather  # noqa: E402
+from kvtier.kernels import decode, dequant_score, digest_score, gather, mixed_decode  # noqa: E402
 from kvtier.link import Link  # noqa: E402
-from kvtier.quant import LowBitKV, quantize_keys  # noqa: E402
-from kvtier.select import page_digest, select_pages  # noqa: E402
-from kvtier.store import DevicePool, HostPool, to_pages  # noqa: E402
+from kvtier.quant import LowBitKeys, quantize_keys  # noqa: E402
+from kvtier.retrieval import recall  # noqa: E402
+from kvtier.retrieval.recall import PageTable, copy_rows_reference  # noqa: E402
+from kvtier.retrieval.scorer import DigestScorer  # noqa: E402
+from kvtier.select import page_digest, page_scores  # noqa: E402
+from kvtier.store import HostPool, to_pages  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (rtol, atol relative to the reference's largest magnitude): the kernels accumulate in float32 where the
@@ -95,50 +98,125 @@ def test_page_scores_and_probs(b, kv, group, pages, d, dtype):
     torch.testing.assert_close(probs.sum(-1), torch.ones(b, kv, device=DEVICE))
 
 
-def test_select_pages_takes_the_fused_path(monkeypatch):
-    q, keys = randn(2, 8, 64, seed=3), randn(2, 2, 31 * 4, 64, seed=4)
+def test_page_scores_and_the_digest_scorer_take_the_fused_path(monkeypatch):
+    q, keys = randn(2, 8, 1, 64, seed=3), randn(2, 2, 31 * 4, 64, seed=4)
     dmax, dmin = page_digest(keys, 4)
-    expected = select_pages(q, dmax, dmin, 5, 0.125, first_page=3)
+    scorer = DigestScorer(keys, 31, 4)
+    scorer.add_pages(0, keys)
+    expected_scores = page_scores(q[:, :, 0], dmax, dmin)
+    expected = scorer.page_probs(q, 3, 28, 0.125)
     monkeypatch.setenv("KVTIER_KERNELS", "triton")
     calls = []
-    spy(monkeypatch, digest_score, "page_probs", calls)
-    pages, probs = select_pages(q, dmax, dmin, 5, 0.125, first_page=3)
-    assert calls == ["page_probs"]
-    assert torch.equal(pages, expected[0])
-    assert_close(probs, expected[1])
+    spy(monkeypatch, digest_score, "page_scores", calls)
+    assert_close(page_scores(q[:, :, 0], dmax, dmin), expected_scores)
+    assert calls == ["page_scores"]
+    probs = scorer.page_probs(q, 3, 28, 0.125)
+    assert calls == ["page_scores"] * 2
+    assert_close(probs, expected)
+    assert not probs[..., :3].any() and not probs[..., 28:].any()  # pages outside [lo, hi) get nothing
+    assert torch.equal(probs.topk(5, dim=-1).indices, expected.topk(5, dim=-1).indices)
 
 
-# -- gather ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("page_size, d, dtype",
-                         [(4, 64, torch.float32), (1, 128, torch.bfloat16), (3, 64, torch.float16)])
-def test_gather_pages(page_size, d, dtype):
-    b, h, n, k = 2, 3, 11, 5
-    src = randn(n, b, h, 2, page_size, d, dtype=dtype, seed=5)
-    index = torch.randint(0, n, (b, h, k), generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    assert torch.equal(gather.gather_pages(src, index), gather.gather_pages_reference(src, index))
+# -- recall copy ---------------------------------------------------------------------------------------------------
+def random_rows_plan(n_src, n_dst, n, seed):
+    """A plan of n entries into distinct rows of [0, n_dst), about a third skipped (source -1, destination the
+    trash row n_dst, as the engine points them); returns (src_rows, dst_rows) on DEVICE."""
+    gen = torch.Generator().manual_seed(seed)
+    src_rows = torch.randint(0, n_src, (n,), generator=gen)
+    dst_rows = torch.randperm(n_dst, generator=gen)[:n]
+    skip = torch.rand(n, generator=gen) < 0.35
+    skip[0], skip[-1] = True, False  # at least one of each
+    src_rows[skip], dst_rows[skip] = -1, n_dst
+    return src_rows.to(DEVICE), dst_rows.to(DEVICE)
+
+
+@pytest.mark.parametrize("n_src, n_dst, n, elems, dtype", [
+    (11, 9, 6, 4 * 64, torch.float32),
+    (7, 12, 12, 128, torch.bfloat16),
+    (20, 15, 9, 3 * 64, torch.float16),  # a partial tile
+    (5, 6, 4, 4400, torch.float32),  # more than one block of columns
+])
+def test_copy_rows(n_src, n_dst, n, elems, dtype):
+    src = randn(n_src, 2, elems, dtype=dtype, seed=5)
+    src_rows, dst_rows = random_rows_plan(n_src, n_dst, n, seed=6)
+    dst_k, dst_v = randn(n_dst + 1, elems, dtype=dtype, seed=7), randn(n_dst + 1, elems, dtype=dtype, seed=8)
+    ref_k, ref_v = dst_k.clone(), dst_v.clone()
+    copy_rows_reference(src, ref_k, ref_v, src_rows, dst_rows)
+    old_trash = dst_k[n_dst].clone(), dst_v[n_dst].clone()
+    gather.copy_rows(src, dst_k, dst_v, src_rows, dst_rows)
+    # every row but the trash row the reference writes; the kernel leaves that one alone
+    assert torch.equal(dst_k[:n_dst], ref_k[:n_dst]) and torch.equal(dst_v[:n_dst], ref_v[:n_dst])
+    assert torch.equal(dst_k[n_dst], old_trash[0]) and torch.equal(dst_v[n_dst], old_trash[1])
     if torch.cuda.is_available():  # straight from pinned host memory, as a host pool is held
         host = src.cpu().pin_memory()
-        assert torch.equal(gather.gather_pages(host, index), gather.gather_pages_reference(src, index))
+        dst_k2, dst_v2 = randn(n_dst + 1, elems, dtype=dtype, seed=7), randn(n_dst + 1, elems, dtype=dtype, seed=8)
+        gather.copy_rows(host, dst_k2, dst_v2, src_rows, dst_rows)
+        torch.cuda.synchronize()
+        assert torch.equal(dst_k2, dst_k) and torch.equal(dst_v2, dst_v)
+
+
+def test_copy_rows_into_strided_rows_and_all_skipped():
+    elems = 96
+    src = randn(6, 2, elems, seed=9)
+    wide = randn(2, 8, elems + 7, seed=10)  # rows of one buffer, keys and values side by side, padded rows
+    dst_k, dst_v = wide[0, :, :elems], wide[1, :, 3:3 + elems]
+    src_rows, dst_rows = random_rows_plan(6, 7, 7, seed=11)
+    ref = wide.clone()
+    copy_rows_reference(src, ref[0, :, :elems], ref[1, :, 3:3 + elems], src_rows, dst_rows)
+    before = wide.clone()
+    gather.copy_rows(src, dst_k, dst_v, src_rows, dst_rows)
+    assert torch.equal(wide[:, :7], ref[:, :7])
+    assert torch.equal(wide[:, 7], before[:, 7])  # the trash row
+    # a plan with nothing to copy changes nothing, and an empty plan launches nothing
+    before = wide.clone()
+    gather.copy_rows(src, dst_k, dst_v, torch.full_like(src_rows, -1), dst_rows)
+    empty = src_rows[:0]
+    gather.copy_rows(src, dst_k, dst_v, empty, empty)
+    assert torch.equal(wide, before)
+    with pytest.raises(ValueError, match="source"):
+        gather.copy_rows(src[:, :1], dst_k, dst_v, src_rows, dst_rows)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_recall_pages_matches_device_pool_recall(dtype):
+def test_copy_rows_matches_the_reference_through_a_page_table(monkeypatch, dtype):
+    """The engine's use: pages of a host pool layer into slots of one device buffer per (sequence, KV head) with a
+    trash page, by the dense plan; the library's copy_rows takes the kernel when kernels are on."""
     b, h, d, p, slots, pages = 2, 3, 16, 4, 4, 10
     link = Link(DEVICE)
     pool = HostPool(2, b, h, d, p, dtype, link)
-    k, v = randn(b, h, pages * p, d, dtype=dtype, seed=7), randn(b, h, pages * p, d, dtype=dtype, seed=8)
+    k, v = randn(b, h, pages * p, d, dtype=dtype, seed=12), randn(b, h, pages * p, d, dtype=dtype, seed=13)
     pool.write(1, to_pages(k, v, p))
     link.synchronize()
-    ref, ours = (DevicePool(b, h, d, p, slots, dtype, DEVICE) for _ in range(2))
-    gen = torch.Generator().manual_seed(9)
-    for _ in range(2):  # the second round evicts and overwrites some slots
-        wanted = torch.stack([torch.randperm(pages, generator=gen)[:slots] for _ in range(b * h)]).view(b, h, slots)
-        plan = ref.table.plan(wanted.to(DEVICE))
-        assert torch.equal(ours.table.plan(wanted.to(DEVICE))[2], plan[2])
-        gather.recall_pages_reference(ref, pool, 1, link, *plan)
-        gather.recall_pages(pool.pages[1], ours.slot_k, ours.slot_v, *plan)
-        link.synchronize()
-        assert torch.equal(ours.slot_k, ref.slot_k) and torch.equal(ours.slot_v, ref.slot_v)
+    host = pool.pages[1].view(-1, 2, p * d)
+    table = PageTable(b, h, slots, DEVICE)
+    seq_head = torch.arange(b * h, device=DEVICE).view(b, h, 1)
+    slot_rows, trash_rows = seq_head * (slots + 1), seq_head * (slots + 1) + slots
+    ref_k, ref_v = (torch.zeros(b, h, (slots + 1) * p, d, dtype=dtype, device=DEVICE) for _ in range(2))
+    our_k, our_v = ref_k.clone(), ref_v.clone()
+    monkeypatch.setenv("KVTIER_KERNELS", "triton")
+    calls = []
+    spy(monkeypatch, gather, "copy_rows", calls)
+    gen = torch.Generator().manual_seed(14)
+    for step in range(3):  # later rounds hit resident pages (-1 entries) and evict others
+        wanted = torch.stack([torch.randperm(pages, generator=gen)[:slots - step] for _ in range(b * h)])
+        planned, slot = table.plan(wanted.view(b, h, -1).to(DEVICE), torch.rand(b, h, pages).to(DEVICE))
+        copy = planned >= 0
+        src = torch.where(copy, planned * (b * h) + seq_head, -1).flatten()
+        dst = torch.where(copy, slot_rows + slot, trash_rows).flatten()
+        copy_rows_reference(host, ref_k.view(-1, p * d), ref_v.view(-1, p * d), src, dst)
+        recall.copy_rows(host, our_k.view(-1, p * d), our_v.view(-1, p * d), src, dst)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        n = slots * p
+        assert torch.equal(our_k[:, :, :n], ref_k[:, :, :n]) and torch.equal(our_v[:, :, :n], ref_v[:, :, :n])
+        assert not our_k[:, :, n:].any() and not our_v[:, :, n:].any()  # the kernel never writes the trash page
+    assert calls == ["copy_rows"] * 3
+    # and the slots hold their pages' tokens
+    pos = table.positions(p)
+    idx = pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d)
+    present = pos >= 0
+    assert torch.equal(our_k[:, :, :slots * p][present], k.gather(2, idx)[present])
+    assert torch.equal(our_v[:, :, :slots * p][present], v.gather(2, idx)[present])
 
 
 # -- dequantize and score ----------------------------------------------------------------------------------------
@@ -159,15 +237,20 @@ def test_dequant_scores(kv, group, t, n, d, bits, group_size, dtype):
     assert_close(scores, dequant_score.dequant_scores_reference(q, qk, d ** -0.5).to(dtype))
 
 
-def test_dequant_scores_over_a_lowbit_copy_equal_attention_scores_of_its_dequantized_keys():
-    # SpeCache's use: the low-bit prefix of a LowBitKV, one chunk per flush
-    low = LowBitKV(bits=2, group_size=16, residual=16, cache_dequantized=False)
+@pytest.mark.parametrize("reserve", [0, 96])
+def test_dequant_scores_over_lowbit_keys_equal_attention_scores_of_their_dequantized_keys(reserve):
+    # the low-bit scorer's use: the quantized prefix of a LowBitKeys store, views into buffers that grow with a
+    # margin (or were reserved once), so not contiguous once they hold fewer rows than they have room for
+    keys = LowBitKeys(bits=2, group_size=16)
+    keys.reserve(reserve)
     for i, t in enumerate((40, 1, 9)):
-        low.append(randn(1, 2, t, 64, seed=12 + i), randn(1, 2, t, 64, seed=20 + i))
+        keys.append(randn(1, 2, t, 64, seed=12 + i))
+    qk = keys.quantized()
+    assert qk.shape == (1, 2, 48, 64)
     q = randn(1, 6, 1, 64, seed=30)
-    scores = torch.cat([dequant_score.dequant_scores(q, qk) for qk, _ in low.chunks], dim=-1)
-    k_hat, _ = low.dequantized()
-    assert_close(scores, torch.matmul(q.view(1, 2, 3, 64), k_hat.transpose(-1, -2)))
+    scores = dequant_score.dequant_scores(q, qk)
+    assert_close(scores, torch.matmul(q.view(1, 2, 3, 64), qk.dequantize().transpose(-1, -2)))
+    assert_close(scores, dequant_score.dequant_scores_reference(q, qk))
 
 
 # -- decode attention --------------------------------------------------------------------------------------------
@@ -227,11 +310,14 @@ def test_generate_through_the_kernels_gives_the_torch_tokens(tiny, monkeypatch, 
     monkeypatch.setenv("KVTIER_KERNELS", "triton")
     calls = []
     spy(monkeypatch, decode, "decode_attention", calls)
-    spy(monkeypatch, digest_score, "page_probs", calls)
+    spy(monkeypatch, digest_score, "page_scores", calls)
     spy(monkeypatch, dequant_score, "dequant_scores", calls)
+    spy(monkeypatch, mixed_decode, "decode_attention_mixed", calls)
+    spy(monkeypatch, gather, "copy_rows", calls)
     out = kvtier.generate(tiny("llama").to(DEVICE), ids, method=method, max_new_tokens=6, eos_token_id=-1, **options)
     assert torch.equal(out, expected)
-    assert "decode_attention" in calls
-    if method == "freekv":
-        scorer = "dequant_scores" if options.get("scorer") == "lowbit" else "page_probs"
-        assert scorer in calls, "no page selection went through the kernel"
+    # SpeCache reads the pages not recalled at low precision (rest="lowbit"): the mixed decode kernel
+    assert ("decode_attention_mixed" if method == "specache" else "decode_attention") in calls
+    scorer = "page_scores" if method == "freekv" and options.get("scorer") != "lowbit" else "dequant_scores"
+    assert scorer in calls, "no page selection went through the kernel"
+    assert "copy_rows" in calls, "no recall went through the kernel"

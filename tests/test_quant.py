@@ -1,11 +1,13 @@
-"""Low-bit quantization (kvtier.quant): packing, the 1/2/4-bit rules, KIVI grouping, LowBitKV (CPU)."""
+"""Low-bit quantization (kvtier.quant): packing, the 1/2/4-bit rules, KIVI grouping, the low-bit key and value
+stores (CPU)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvtier.quant import LowBitKV, QTensor, pack, packed_size, quantize, quantize_keys, quantize_values, unpack
+from kvtier.quant import (LowBitKeys, LowBitValues, QTensor, pack, packed_size, quantize, quantize_keys, quantize_values,
+                          unpack)
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -218,7 +220,9 @@ def test_bad_bits(bits):
     with pytest.raises(ValueError, match="bits must be one of"):
         pack(torch.zeros(8, dtype=torch.uint8), bits)
     with pytest.raises(ValueError, match="bits must be one of"):
-        LowBitKV(bits, 64, 64)
+        LowBitKeys(bits, 64)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        LowBitValues(bits, 64)
 
 
 def test_bad_groups_and_inputs():
@@ -237,122 +241,40 @@ def test_bad_groups_and_inputs():
         quantize_keys(x[0], 2, 8)
     with pytest.raises(ValueError, match="cannot hold exactly"):
         unpack(torch.zeros(3, dtype=torch.uint8), 2, 8)
-    with pytest.raises(ValueError, match="value_group 64 does not divide head_dim 24"):
-        LowBitKV(2, 64, 64, value_group=64).append(x, x)
-    with pytest.raises(ValueError, match="residual"):
-        LowBitKV(2, 64, -1)
+    with pytest.raises(ValueError, match="value group_size 64 does not divide head_dim 24"):
+        LowBitValues(2, 64).append(x)
+    for store in (LowBitKeys, LowBitValues):
+        with pytest.raises(ValueError, match="group_size must be a positive int"):
+            store(2, 0)
 
 
-# -- LowBitKV ----------------------------------------------------------------------------------------------
-
-def feed(cache, k, v, sizes):
-    start = 0
-    for s in sizes:
-        cache.append(k[:, :, start:start + s], v[:, :, start:start + s])
-        start += s
-    assert start == k.shape[2]
-    return cache
-
-
-@pytest.mark.parametrize("bits", [1, 2])
-@pytest.mark.parametrize("residual", [0, 16, 24])
-def test_lowbit_token_by_token_equals_block(bits, residual):
-    b, h, n, d, group = 2, 3, 150, 32, 16
-    k, v = randn(b, h, n, d, seed=12), randn(b, h, n, d, seed=13)
-    one = LowBitKV(bits, group, residual)
-    block = feed(LowBitKV(bits, group, residual), k, v, [n])
-    mixed = feed(LowBitKV(bits, group, residual), k, v, [37, 1, 0, 50, 62])
-    for t in range(n):
-        one.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
-        r = one.residual_tokens
-        assert one.quantized_tokens + r == one.tokens == t + 1
-        assert min(t + 1, residual) <= r < residual + group
-        assert one.quantized_tokens % group == 0
-        if t % 10 == 0:
-            one.dequantized()  # interleaved reads exercise the incremental cache
-    for other in (block, mixed):
-        assert other.tokens == one.tokens and other.quantized_tokens == one.quantized_tokens
-        for a, c in zip(one.dequantized() + one.residual_kv(), other.dequantized() + other.residual_kv()):
-            assert torch.equal(a, c)
-        assert other.bytes_split() == one.bytes_split()
-    nq = one.quantized_tokens
-    assert nq == max(0, (n - residual) // group) * group
-    # the residual is the full-precision tail at positions [nq, n)
-    rk, rv = one.residual_kv()
-    assert torch.equal(rk, k[:, :, nq:]) and torch.equal(rv, v[:, :, nq:])
-
+# -- LowBitKeys / LowBitValues -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
-def test_lowbit_error_bounded_by_group_scale(bits):
-    b, h, n, d, group = 1, 2, 200, 64, 32
-    k, v = randn(b, h, n, d, seed=14), randn(b, h, n, d, seed=15)
-    k[..., 3] *= 20.0  # an outlier channel, as in real keys
-    cache = feed(LowBitKV(bits, group, residual=40), k, v, [70, 1, 1, 128])
-    nq = cache.quantized_tokens
-    assert nq == 160
-    kh, vh = cache.dequantized()
-    assert kh.shape == vh.shape == (b, h, nq, d)
-    assert cache.value_group == 32
+def test_lowbit_stores_do_not_depend_on_how_tokens_were_split(bits):
+    b, h, n, d, group = 2, 3, 150, 32, 16
+    k, v = randn(b, h, n, d, seed=12), randn(b, h, n, d, seed=13)
+    outs = []
+    for sizes in ([n], [37, 1, 0, 50, 62], [1] * n):
+        keys, values = LowBitKeys(bits, group), LowBitValues(bits, group)
+        start = 0
+        for size in sizes:
+            keys.append(k[:, :, start:start + size])
+            values.append(v[:, :, start:start + size])
+            start += size
+        assert keys.tokens == values.tokens == n
+        assert keys.quantized_tokens == n // group * group
+        assert torch.equal(keys.pending, k[:, :, keys.quantized_tokens:])
+        outs.append((keys.quantized(), values.quantized()))
+    for qk, qv in outs[1:]:
+        for a, c in ((qk, outs[0][0]), (qv, outs[0][1])):
+            assert torch.equal(a.packed, c.packed) and torch.equal(a.scale, c.scale)
+            assert torch.equal(a.zero, c.zero)
+    # the error bound of the group's scale, per channel for keys and per token for values
+    qk, qv = outs[0]
+    nq = qk.shape[2]
     k_bound = group_range(k[:, :, :nq], 2, group) / (2 * LEVELS[bits]) + 1e-5
-    v_bound = group_range(v[:, :, :nq], 3, cache.value_group) / (2 * LEVELS[bits]) + 1e-5
-    assert ((kh - k[:, :, :nq]).abs() <= k_bound).all()
-    assert ((vh - v[:, :, :nq]).abs() <= v_bound).all()
-    # and the bound is not vacuous: there is quantization error
-    assert (kh != k[:, :, :nq]).any()
-
-
-def test_lowbit_bytes_add_up():
-    b, h, n, d, group, residual = 2, 4, 300, 128, 64, 64
-    k, v = randn(b, h, n, d, seed=16, dtype=torch.float16), randn(b, h, n, d, seed=17, dtype=torch.float16)
-    cache = feed(LowBitKV(1, group, residual), k, v, [100, 200])
-    lowbit, res = cache.bytes_split()
-    nq, nr = cache.quantized_tokens, cache.residual_tokens
-    assert (nq, nr) == (192, 108)
-    assert lowbit + res == cache.nbytes() == sum(t.numel() * t.element_size() for t in cache.tensors())
-    assert res == 2 * b * h * nr * d * 2
-    # what is counted is what is held: no tensor is a view pinning a larger block
-    for t in cache.tensors():
-        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    assert lowbit == 2 * b * h * nq * d * 1.5 / 8  # 1.5 bits/element for keys and values alike
-    # the dequantized cache is real memory but not part of the low-bit footprint
-    cache.dequantized()
-    assert cache.cache_bytes() >= 2 * b * h * nq * d * 2
-    assert cache.nbytes() == lowbit + res
-
-
-def test_lowbit_cache_off_matches_cache_on_and_views_are_fresh():
-    k, v = randn(1, 2, 130, 16, seed=18), randn(1, 2, 130, 16, seed=19)
-    on = feed(LowBitKV(2, 16, 8), k, v, [50, 80])
-    off = feed(LowBitKV(2, 16, 8, cache_dequantized=False), k, v, [50, 80])
-    for a, c in zip(on.dequantized(), off.dequantized()):
-        assert torch.equal(a, c)
-    assert off.cache_bytes() == 0 and off.cache_tensors() == ()
-    # more tokens after a read: the cache picks up only the new groups, and still matches
-    on.dequantized()
-    extra_k, extra_v = randn(1, 2, 70, 16, seed=20), randn(1, 2, 70, 16, seed=21)
-    on.append(extra_k, extra_v)
-    off.append(extra_k, extra_v)
-    for a, c in zip(on.dequantized(), off.dequantized()):
-        assert torch.equal(a, c)
-
-
-def test_lowbit_value_group_defaults():
-    k = randn(1, 1, 8, 96)
-    cache = LowBitKV(2, 64, 0)
-    cache.append(k, k)
-    assert cache.value_group == 32  # gcd(64, 96)
-    small = LowBitKV(2, 64, 0)
-    small.append(k[..., :16], k[..., :16])
-    assert small.value_group == 16  # head smaller than a group: one group per token
-
-
-def test_lowbit_rejects_mismatched_appends():
-    cache = LowBitKV(2, 16, 16)
-    with pytest.raises(ValueError, match="nothing has been appended"):
-        cache.dequantized()
-    k = randn(1, 2, 4, 16)
-    cache.append(k, k)
-    with pytest.raises(ValueError, match="does not match"):
-        cache.append(randn(1, 2, 4, 8), randn(1, 2, 4, 8))
-    with pytest.raises(ValueError, match="must both be"):
-        cache.append(k, k[:, :, :2])
+    v_bound = group_range(v, 3, group) / (2 * LEVELS[bits]) + 1e-5
+    assert ((qk.dequantize() - k[:, :, :nq]).abs() <= k_bound).all()
+    assert ((qv.dequantize() - v).abs() <= v_bound).all()
+    assert (qk.dequantize() != k[:, :, :nq]).any()

@@ -55,8 +55,10 @@ def _kvtier_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 def _kvtier_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
-    """The padding mask over the kv_length positions [kv_offset, kv_offset + kv_length), or None if none pads."""
-    if attention_mask is None or bool(attention_mask.all()):
+    """The padding mask over the kv_length positions [kv_offset, kv_offset + kv_length), or None without one.
+
+    A mask of all ones is passed on too: checking would read it back to the host in every decode step."""
+    if attention_mask is None:
         return None
     mask = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
     if mask.shape[1] != kv_length:

@@ -137,6 +137,7 @@ EXAMPLES = {
   kvtier profile --device cpu --out runs/profile.json --force""",
     "bench": """examples:
   kvtier bench --model-config tiny-llama --contexts 1k --decode-steps 4
+  kvtier bench --model embedded --contexts 2k --methods full,freekv,hf-dynamic
   kvtier bench --model-config llama-3.1-8b --random-weights --contexts 8k,32k --batch 1,4 --out bench/results""",
     "needle": """examples:
   kvtier eval needle --methods full,freekv:budget=0.25 --lengths 1k,2k --depths 0.25,0.75 --out runs/eval
@@ -210,10 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", type=Path, default=None, help="also write the profile as JSON to this file")
     prof.add_argument("--force", action="store_true", help="measure again even when a cached profile exists")
 
-    bench = command(sub, "bench", "decode speed and memory of every method beside Hugging Face's caches, on a "
-                    "random-weight model of a real shape", EXAMPLES["bench"])
-    bench.add_argument("--model-config", required=True, help="real shapes: llama-3.1-8b, llama-2-7b, qwen2.5-7b "
+    bench = command(sub, "bench", "decode speed, memory, aten ops and host syncs per step of every method beside "
+                    "Hugging Face's caches, on a random-weight model of a real shape or the embedded model",
+                    EXAMPLES["bench"])
+    bench.add_argument("--model-config", default=None, help="real shapes: llama-3.1-8b, llama-2-7b, qwen2.5-7b "
                        "(need --random-weights); CPU harness checks: tiny-llama, tiny-mha")
+    bench.add_argument("--model", default=None, help="embedded: the embedded SmolLM2-135M, its own weights, with "
+                       "real prose as the prompt (instead of --model-config; contexts up to its 8192 positions)")
     bench.add_argument("--random-weights", action="store_true",
                        help="build the shape with random weights (nothing is ever downloaded)")
     bench.add_argument("--contexts", default="1k", type=_items("lengths", _length), help="prompt lengths: 8k,32k")
@@ -223,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: full,offload,kvpr,freekv,specache,hf-dynamic,hf-offload)")
     bench.add_argument("--decode-steps", type=_positive, default=16, help="timed decode steps")
     bench.add_argument("--warmup", type=_nonnegative, default=4, help="untimed decode steps before them")
+    bench.add_argument("--count-steps", type=_nonnegative, default=2, help="untimed decode steps after them on "
+                       "which aten ops and host syncs are counted (0: none)")
     bench.add_argument("--prefill-chunk", type=_positive, default=None,
                        help="prefill chunk in tokens (default: 2048)")
     bench.add_argument("--profile", default=None, help="hardware profile JSON (from kvtier profile --out); "
@@ -553,6 +559,8 @@ def cmd_bench(args) -> int:
     from kvtier.eval.common import check_output_dir
     from kvtier.models import resolve_device
 
+    if args.model is None and args.model_config is None:
+        raise UsageError("give --model-config (a random-weight shape) or --model embedded")
     device = resolve_device(args.device)
     if args.dtype is not None:
         from kvtier.models import resolve_dtype
@@ -561,7 +569,8 @@ def cmd_bench(args) -> int:
     if args.profile is not None and not Path(args.profile).expanduser().is_file():
         raise UsageError(f"--profile {args.profile}: file not found (write one with kvtier profile --out FILE)")
     check_output_dir(args.out, "--out")
-    result = bench.run(args.model_config, contexts=args.contexts, batches=args.batch,
+    result = bench.run(args.model_config, model=args.model, count_steps=args.count_steps,
+                       contexts=args.contexts, batches=args.batch,
                        methods=args.methods or bench.DEFAULT_METHODS, decode_steps=args.decode_steps,
                        warmup=args.warmup, dtype=args.dtype, device=args.device, out=args.out,
                        random_weights=args.random_weights, seed=args.seed, prefill_chunk=args.prefill_chunk,

@@ -78,8 +78,7 @@ def _positions(attention_mask, start: int, stop: int, device) -> torch.Tensor:
 
 def speculates(cache) -> bool:
     """Whether kvtier.generate decodes through `cache` with the two-token speculative step (SpeCache's)."""
-    return isinstance(cache, KVCache) and cache.method.supports_speculation and \
-        bool(cache.method.options.get("speculative"))
+    return isinstance(cache, KVCache) and cache.method.supports_speculation
 
 
 def _decode_step(model, cache, token, mask, position):

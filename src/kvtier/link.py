@@ -55,6 +55,24 @@ class Link:
         dst.record_stream(stream)
         return event
 
+    def async_rows(self, copy, *args, lane: int = 0):
+        """Run `copy(*args)`, a device-side copy that reads host memory itself (a zero-copy kernel), on copy
+        lane `lane`, ordered after the compute work queued so far and the last write-back. Returns the event to
+        wait on before reading what it wrote (None on CPU, where it runs at once). Its bytes are counted by the
+        caller, which alone knows on the device how many rows were real."""
+        if not self.cuda:
+            copy(*args)
+            return None
+        stream = self.h2d_streams[lane % len(self.h2d_streams)]
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        if self._last_d2h is not None:
+            stream.wait_event(self._last_d2h)
+        with torch.cuda.stream(stream):
+            copy(*args)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
     def d2h(self, dst: torch.Tensor, src: torch.Tensor):
         """Write device `src` into host `dst` (pinned for a truly asynchronous copy). Returns an event or None."""
         _check_pair(dst, src)

@@ -1,4 +1,5 @@
-"""Low-bit quantization of KV (KIVI-style): quantize, pack, dequantize, and a growing per-layer low-bit copy.
+"""Low-bit quantization of KV (KIVI-style): quantize, pack, dequantize, and growing per-layer low-bit stores
+of keys and of values.
 
 Asymmetric min/max quantization in groups. Keys are quantized per channel (a group is `group_size` tokens of
 one channel: key outliers live in a few channels, so a channel must not share a scale with the others);
@@ -10,7 +11,6 @@ This module knows nothing of storage, links or models.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +103,52 @@ class QTensor:
         return self.packed, self.scale, self.zero
 
 
+# (bits, device) -> float32 [256, 8 // bits]: the codes of every byte value, for `unpack_float`
+_CODE_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def unpack_float(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
+    """packed uint8 [..., ceil(d*bits/8)] -> float32 codes [..., d], as `unpack` lays them out.
+
+    One table lookup per byte: fewer torch ops than shifting, masking and converting (this runs every decode
+    step), and the codes come out as floats, ready to be scaled.
+    """
+    table = _CODE_TABLES.get((bits, packed.device))
+    if table is None:
+        shifts = torch.arange(0, 8, bits)
+        table = ((torch.arange(256)[:, None] >> shifts) & ((1 << bits) - 1)).float().to(packed.device)
+        _CODE_TABLES[bits, packed.device] = table
+    codes = torch.nn.functional.embedding(packed.int(), table).flatten(-2)
+    return codes if codes.shape[-1] == d else codes[..., :d]
+
+
+def dequantize_key_range(keys: QTensor, lo: int, hi: int) -> torch.Tensor:
+    """Tokens [lo, hi) of per-channel keys [b, h, N, d] as [b * h, hi - lo, d], rounded once as
+    QTensor.dequantize does.
+
+    Whole key groups are dequantized (their scale then broadcasts over the group's tokens without a copy) and
+    the result is cut to [lo, hi): at most two partial groups of extra work.
+    """
+    size, d = keys.group_size, keys.shape[-1]
+    first, last = lo // size, -(-hi // size)
+    codes = unpack_float(keys.packed[:, :, first * size:last * size], keys.bits, d)
+    k_hat = torch.addcmul(keys.zero[:, :, first:last, None], codes.unflatten(2, (last - first, size)),
+                          keys.scale[:, :, first:last, None]).view(-1, (last - first) * size, d)
+    if lo > first * size or hi < last * size:
+        k_hat = k_hat[:, lo - first * size:hi - first * size]
+    return k_hat.to(keys.dtype)
+
+
+def dequantize_value_range(values: QTensor, lo: int, hi: int) -> torch.Tensor:
+    """Tokens [lo, hi) of per-token values [b, h, N, d] as [b * h, hi - lo, d], rounded once as
+    QTensor.dequantize does."""
+    d = values.shape[-1]
+    codes = unpack_float(values.packed[:, :, lo:hi], values.bits, d)
+    v_hat = torch.addcmul(values.zero[:, :, lo:hi, :, None], codes.unflatten(3, (-1, values.group_size)),
+                          values.scale[:, :, lo:hi, :, None])
+    return v_hat.view(-1, hi - lo, d).to(values.dtype)
+
+
 def quantize(x: torch.Tensor, bits: int, dim: int, group_size: int) -> QTensor:
     """Quantize x to `bits` bits in groups of `group_size` consecutive elements along `dim`.
 
@@ -147,156 +193,10 @@ def quantize_keys(k: torch.Tensor, bits: int, group_size: int) -> QTensor:
 
 def quantize_values(v: torch.Tensor, bits: int, group_size: int) -> QTensor:
     """Values [b, h, n, d], per token: groups of `group_size` channels along d (must divide d; callers
-    with a small head pass min(group_size, d), or a divisor of d, as `LowBitKV` does)."""
+    with a small head pass min(group_size, d), or a divisor of d)."""
     if v.dim() != 4:
         raise ValueError(f"values must be [b, h, n, d], got shape {tuple(v.shape)}")
     return quantize(v, bits, 3, group_size)
-
-
-class LowBitKV:
-    """One layer's low-bit copy of the KV, growing token by token or in blocks.
-
-    Tokens arrive in a full-precision residual; the newest `residual` tokens always stay there, and whenever
-    `group_size` older tokens have accumulated they are quantized as one key group (per channel over those
-    tokens) and `group_size` value tokens (per token, channel groups of `value_group`). So the residual holds
-    between min(tokens, residual) and residual + group_size - 1 tokens. Positions: the quantized prefix is
-    [0, quantized_tokens), the residual [quantized_tokens, tokens).
-
-    Quantization never depends on how tokens were split into appends, so token-by-token and block appends
-    give identical codes, dequantized values and byte counts.
-
-    `value_group` defaults to gcd(group_size, d): group_size when it divides d, d when d is smaller and
-    divides it, and otherwise the largest group that tiles the head (e.g. 32 for d = 96, group 64).
-
-    With `cache_dequantized`, `dequantized()` keeps the dequantized prefix in a growing full-precision
-    buffer and only dequantizes the chunks added since the last call. That buffer is as large as the
-    prefix at full precision, so it is NOT part of `nbytes()` (the low-bit footprint); it is reported by
-    `cache_bytes()` / `cache_tensors()` for whoever must count it.
-    """
-
-    def __init__(self, bits: int = 2, group_size: int = 64, residual: int = 64, value_group: int | None = None,
-                 cache_dequantized: bool = True):
-        _check_bits(bits)
-        if not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-        if not isinstance(residual, int) or residual < 0:
-            raise ValueError(f"residual must be a non-negative int, got {residual!r}")
-        if value_group is not None and (not isinstance(value_group, int) or value_group < 1):
-            raise ValueError(f"value_group must be a positive int, got {value_group!r}")
-        self.bits, self.group_size, self.residual = bits, group_size, residual
-        self.value_group = value_group
-        self.cache_dequantized = cache_dequantized
-        # one (keys, values) pair of QTensors per flush; a flush covers a whole number of groups
-        self.chunks: list[tuple[QTensor, QTensor]] = []
-        self.quantized_tokens = 0
-        self.res_k: torch.Tensor | None = None
-        self.res_v: torch.Tensor | None = None
-        self._k_hat: torch.Tensor | None = None  # dequantized prefix, capacity >= quantized_tokens
-        self._v_hat: torch.Tensor | None = None
-        self._cached_chunks = 0
-        self._cached_tokens = 0
-
-    @property
-    def residual_tokens(self) -> int:
-        return 0 if self.res_k is None else self.res_k.shape[2]
-
-    @property
-    def tokens(self) -> int:
-        return self.quantized_tokens + self.residual_tokens
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append keys and values [b, h, t, d] (t may be 0)."""
-        if k.dim() != 4 or k.shape != v.shape:
-            raise ValueError(f"keys and values must both be [b, h, t, d], got {tuple(k.shape)} and "
-                             f"{tuple(v.shape)}")
-        if k.dtype != v.dtype or not k.is_floating_point():
-            raise ValueError(f"keys and values must share one floating dtype, got {k.dtype} and {v.dtype}")
-        if self.res_k is None:
-            d = k.shape[3]
-            if self.value_group is None:
-                self.value_group = math.gcd(self.group_size, d)
-            elif d % self.value_group:
-                raise ValueError(f"value_group {self.value_group} does not divide head_dim {d}")
-            self.res_k = k.new_empty((*k.shape[:2], 0, d))  # not a view: it would pin the caller's tensor
-            self.res_v = v.new_empty((*v.shape[:2], 0, d))
-        elif (k.shape[:2], k.shape[3], k.dtype) != (self.res_k.shape[:2], self.res_k.shape[3], self.res_k.dtype):
-            raise ValueError(f"appended KV {tuple(k.shape)} {k.dtype} does not match the layer's "
-                             f"{tuple(self.res_k.shape)} {self.res_k.dtype} (b, h, d and dtype must agree)")
-        res_k = torch.cat((self.res_k, k), dim=2)
-        res_v = torch.cat((self.res_v, v), dim=2)
-        # flush every whole group that is older than the newest `residual` tokens
-        flush = max(0, (res_k.shape[2] - self.residual) // self.group_size) * self.group_size
-        if flush:
-            self.chunks.append((quantize_keys(res_k[:, :, :flush], self.bits, self.group_size),
-                                quantize_values(res_v[:, :, :flush], self.bits, self.value_group)))
-            self.quantized_tokens += flush
-            # clone: a view would keep the whole concatenated block alive
-            res_k, res_v = res_k[:, :, flush:].clone(), res_v[:, :, flush:].clone()
-        self.res_k, self.res_v = res_k, res_v
-
-    def _require(self) -> None:
-        if self.res_k is None:
-            raise ValueError("nothing has been appended to this LowBitKV yet")
-
-    def residual_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The full-precision tail [b, h, tokens - quantized_tokens, d]."""
-        self._require()
-        return self.res_k, self.res_v
-
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized keys and values of the quantized prefix [b, h, quantized_tokens, d].
-
-        With the cache on these are views of the cache: clone before writing into them (e.g. to overwrite
-        fetched positions with full-precision values), or the cache is corrupted.
-        """
-        self._require()
-        if not self.cache_dequantized:
-            if not self.chunks:
-                return self.res_k[:, :, :0], self.res_v[:, :, :0]
-            return (torch.cat([qk.dequantize() for qk, _ in self.chunks], dim=2),
-                    torch.cat([qv.dequantize() for _, qv in self.chunks], dim=2))
-        n = self.quantized_tokens
-        if self._k_hat is None or self._k_hat.shape[2] < n:
-            capacity = 0 if self._k_hat is None else self._k_hat.shape[2]
-            capacity = max(n, capacity + capacity // 4 + self.group_size)  # grow with a margin, as HostPool
-            b, h, _, d = self.res_k.shape
-            k_hat = self.res_k.new_empty((b, h, capacity, d))
-            v_hat = self.res_v.new_empty((b, h, capacity, d))
-            if self._cached_tokens:
-                k_hat[:, :, : self._cached_tokens] = self._k_hat[:, :, : self._cached_tokens]
-                v_hat[:, :, : self._cached_tokens] = self._v_hat[:, :, : self._cached_tokens]
-            self._k_hat, self._v_hat = k_hat, v_hat
-        for qk, qv in self.chunks[self._cached_chunks:]:
-            start, end = self._cached_tokens, self._cached_tokens + qk.shape[2]
-            self._k_hat[:, :, start:end] = qk.dequantize()
-            self._v_hat[:, :, start:end] = qv.dequantize()
-            self._cached_tokens = end
-        self._cached_chunks = len(self.chunks)
-        return self._k_hat[:, :, :n], self._v_hat[:, :, :n]
-
-    def bytes_split(self) -> tuple[int, int]:
-        """(lowbit_bytes, residual_bytes): packed codes + scales + zeros of every group; the residual's KV."""
-        lowbit = sum(qk.nbytes + qv.nbytes for qk, qv in self.chunks)
-        residual = 0 if self.res_k is None else nbytes(self.res_k) + nbytes(self.res_v)
-        return lowbit, residual
-
-    def nbytes(self) -> int:
-        """Exact device bytes of the low-bit copy and the residual (the dequantized cache is not included)."""
-        return sum(self.bytes_split())
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The tensors of the low-bit copy and the residual (what `nbytes` counts)."""
-        out = [t for qk, qv in self.chunks for t in (*qk.tensors(), *qv.tensors())]
-        if self.res_k is not None:
-            out += [self.res_k, self.res_v]
-        return tuple(out)
-
-    def cache_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The dequantized-prefix cache buffers (full precision, at their allocated capacity)."""
-        return tuple(t for t in (self._k_hat, self._v_hat) if t is not None)
-
-    def cache_bytes(self) -> int:
-        return sum(nbytes(t) for t in self.cache_tensors())
 
 
 class _Reserved:
@@ -315,7 +215,7 @@ class _Reserved:
 
 
 class LowBitKeys(_Reserved):
-    """One layer's growing low-bit copy of keys alone, for scoring (FreeKV's `scorer="lowbit"`).
+    """One layer's growing low-bit copy of keys alone, for scoring (the retrieval engine's `scorer="lowbit"`).
 
     Keys arrive in blocks; every whole group of `group_size` tokens is quantized per channel (as
     `quantize_keys`) into buffers that grow with a margin, and the remainder waits in full precision until
@@ -387,7 +287,8 @@ class LowBitKeys(_Reserved):
 
 
 class LowBitValues(_Reserved):
-    """One layer's growing low-bit copy of values alone (FreeKV's `rest="lowbit"`, beside `LowBitKeys`).
+    """One layer's growing low-bit copy of values alone (the retrieval engine's `rest="lowbit"`, beside
+    `LowBitKeys`).
 
     Values are quantized per token (as `quantize_values`, groups of `group_size` channels), so every appended
     block is quantized at once, with no full-precision remainder, into buffers that grow with a margin.

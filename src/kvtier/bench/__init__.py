@@ -3,12 +3,18 @@
 Models are random-weight instances of real shapes (`llama-3.1-8b`, `llama-2-7b`, `qwen2.5-7b`), built from a
 config on the target device: nothing is downloaded, and speed does not depend on weight values. Small shapes
 (`tiny-llama`, `tiny-mha`) run the same harness on CPU; CPU times are harness checks, never speed results.
+`model="embedded"` runs the embedded SmolLM2-135M instead, on real text: selective methods pick tokens by
+attention scores, and random weights on random ids give scores no real model would, so what they load per
+step is only representative with real weights and text.
 
 Per (context, batch, method): prefill seconds; decode ms/token (median over timed steps after warm-up, CUDA
 events on CUDA); peak device memory (CUDA); device and host KV bytes; host->device bytes per decode step and
 the link bandwidth that achieved; and two limits: the roofline step time (weights + the KV that attention
 reads, at measured device-memory bandwidth) and the pure-transfer time (the step's host->device bytes at the
-measured pinned bandwidth). A row that runs out of device memory says "does not fit" and the run goes on.
+measured pinned bandwidth). Then, on a few more untimed steps: aten ops per step (kernel launches on a GPU)
+and host-synchronizing calls per step, and on CUDA whether the step passes torch's sync debug mode; a step
+that launches many small kernels or waits on the device is slow however few bytes it moves. A row that runs
+out of device memory says "does not fit" and the run goes on.
 """
 
 from __future__ import annotations
@@ -29,14 +35,17 @@ from ..cache import HFBaselineCache, KVCache
 from ..eval.common import MethodSpec, parse_length, parse_methods, write_json
 from ..generate import _decode_step, _lookahead, _positions, _speculative_step, prefill, speculates
 from ..methods import METHOD_REGISTRY
-from ..models import environment_summary, resolve_dtype
+from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, environment_summary, resolve_dtype
 from ..profile import device_name, load_profile, measure_memory_bandwidth
+from ..stepcheck import StepCounter
 from .report import CPU_LABEL, format_table, plot, short_length
 from .shapes import REAL_SHAPES, SHAPES, TINY_SHAPES, build_model, kv_bytes, model_config, parameter_count, \
     weight_bytes_per_step
 
 HF_BASELINES = {"hf-dynamic": False, "hf-offload": True}  # name -> DynamicCache(offloading=...)
 DEFAULT_METHODS = "full,offload,kvpr,freekv,specache,hf-dynamic,hf-offload"
+SYNC_DEBUG_STEPS = 2  # CUDA only: steps run under torch.cuda.set_sync_debug_mode("error")
+ROW_OFFSET = 512  # embedded model: row i of a batch starts i * ROW_OFFSET tokens into the text, so rows differ
 NOTES = {
     "decode_ms_per_token": "median time of one decode step (one new token for every sequence of the batch) over "
                            "the timed steps, warm-up excluded; CUDA events on CUDA, perf_counter on CPU",
@@ -51,6 +60,16 @@ NOTES = {
                        "hf-offload: two layers (the one running and the one prefetched), an estimate",
     "peak_device_bytes": "torch.cuda.max_memory_allocated over prefill and decode, weights included; None on CPU "
                          "(not measured there)",
+    "aten_ops_per_step": "aten ops dispatched per decode step (each one a kernel launch on a GPU), counted with a "
+                         "TorchDispatchMode over count_steps more decode steps after the timed ones (never timed); "
+                         "Triton kernels launched directly are not aten ops and are not counted",
+    "host_syncs_per_step": "calls per decode step that make the host wait for the device (.item, bool/int/float of "
+                           "a tensor, .tolist, .cpu, nonzero, unique, boolean-mask indexing, ...), on the same "
+                           "steps; on CPU they are counted where a GPU would wait (kvtier.stepcheck)",
+    "host_syncs_by_call": "host_syncs_per_step by call",
+    "ops_vs_hf_dynamic": "aten_ops_per_step / that of hf-dynamic at the same context and batch (None without it)",
+    "sync_debug": f"CUDA only: {SYNC_DEBUG_STEPS} more decode steps under torch.cuda.set_sync_debug_mode('error'): "
+                  "'passed', or 'failed: ' and the first line of the error; None on CPU",
 }
 
 
@@ -159,13 +178,44 @@ def _kv_placement(cache) -> tuple[int, int, dict]:
     return 2 * max(cache.layer_bytes(i) for i in range(len(cache.layers))), total, {}
 
 
+def _count(step, steps: int) -> dict:
+    """aten ops and host syncs per step, over `steps` more steps (slowed by the counting: never timed)."""
+    if steps < 1:
+        return {"aten_ops_per_step": None, "host_syncs_per_step": None, "host_syncs_by_call": None}
+    with StepCounter() as counter:
+        for _ in range(steps):
+            step()
+    return {"aten_ops_per_step": counter.ops / steps, "host_syncs_per_step": counter.total_syncs / steps,
+            "host_syncs_by_call": {name: n / steps for name, n in sorted(counter.syncs.items())}}
+
+
+def _sync_debug(step, device: torch.device) -> str | None:
+    """CUDA's own check of the same question: does a step make the host wait? Last, as a failure leaves the
+    step half done."""
+    if device.type != "cuda":
+        return None
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(SYNC_DEBUG_STEPS):
+            step()
+    except RuntimeError as err:
+        return "failed: " + next(iter(str(err).strip().splitlines()), type(err).__name__)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize(device)
+    return "passed"
+
+
 @torch.inference_mode()
-def _measure(model, spec: MethodSpec, ids, steps: int, warmup: int, hardware, chunk, progress) -> dict:
+def _measure(model, spec: MethodSpec, ids, steps: int, warmup: int, hardware, chunk, progress,
+             count_steps: int = 2) -> dict:
     device = ids.device
     batch, n = ids.shape
     cache = _make_cache(model, spec, hardware)
     if isinstance(cache, KVCache):
-        cache.reserve(n + warmup + steps + 1)
+        cache.reserve(n + warmup + steps + max(count_steps, 0) + SYNC_DEBUG_STEPS + 1)
     _sync(device)
     start = time.perf_counter()
     logits = prefill(model, cache, ids, chunk=chunk, progress=progress)
@@ -187,7 +237,7 @@ def _measure(model, spec: MethodSpec, ids, steps: int, warmup: int, hardware, ch
     h2d1, d2h1 = _traffic(cache)
     device_kv, host_kv, stats = _kv_placement(cache)
     h2d_total = h2d1 - h2d0
-    return {
+    row = {
         "status": "ok", "prefill_s": prefill_s, "decode_ms_per_token": statistics.median(step_ms),
         "step_ms": step_ms, "device_kv_bytes": device_kv, "host_kv_bytes": host_kv,
         "h2d_bytes_per_token": h2d_total / steps, "d2h_bytes_per_token": (d2h1 - d2h0) / steps,
@@ -195,6 +245,9 @@ def _measure(model, spec: MethodSpec, ids, steps: int, warmup: int, hardware, ch
         "exact": METHOD_REGISTRY[spec.method].exact if spec.method in METHOD_REGISTRY else True,
         "stats": stats,
     }
+    row.update(_count(step, count_steps))
+    row["sync_debug"] = _sync_debug(step, device)
+    return row
 
 
 def _does_not_fit(err: BaseException) -> bool:
@@ -202,28 +255,77 @@ def _does_not_fit(err: BaseException) -> bool:
 
 
 # -- the run -------------------------------------------------------------------------------------------------
-def run(model_config_name: str = "tiny-llama", contexts=("1k",), batches=(1,), methods=DEFAULT_METHODS,
+def _embedded_name(model: str) -> str:
+    name = DEFAULT_MODEL if model == "embedded" else model
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"the benchmark runs the embedded model (model 'embedded' or one of "
+                         f"{', '.join(EMBEDDED_MODELS)}) or a --model-config shape, never a downloaded one; "
+                         f"got {model!r}")
+    return name
+
+
+def _embedded_config(name: str):
+    """The embedded model's config alone (its GGUF header), so limits are checked before any loading."""
+    from transformers import AutoConfig
+
+    from ..models import embedded_model_file
+
+    path = embedded_model_file(name)
+    return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _prose_ids(tokenizer, n: int, batch: int) -> torch.Tensor:
+    """[batch, n] tokens of real prose (kvtier.eval.common.prose_text), row i from token i * ROW_OFFSET."""
+    from ..eval.common import prose_text
+
+    need, text = n + (batch - 1) * ROW_OFFSET, prose_text()
+    chars = 6 * need
+    while True:  # tokenize only as much text as needed; the last token may be a cut word, so one more
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) > need or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < need:
+        raise ValueError(f"the prose text has {len(ids)} tokens, {need} are needed for context {n} x batch {batch}")
+    return torch.tensor([ids[i * ROW_OFFSET:i * ROW_OFFSET + n] for i in range(batch)])
+
+
+def run(model_config_name: str | None = None, contexts=("1k",), batches=(1,), methods=DEFAULT_METHODS,
         decode_steps: int = 16, warmup: int = 4, dtype=None, device=None, out=None, random_weights: bool = False,
         seed: int = 0, prefill_chunk: int | None = None, profile=None, command: str | None = None,
-        progress: bool = True) -> dict:
-    """Every method x context x batch on one random-weight model; returns JSON-ready results and, when `out`
-    is given, writes bench-<model>-<device>-<date>.json and a PNG there.
+        progress: bool = True, model: str | None = None, count_steps: int = 2) -> dict:
+    """Every method x context x batch on one model; returns JSON-ready results and, when `out` is given,
+    writes bench-<model>-<grid>-<device>-<date>.json and a PNG there.
 
-    Named real shapes need `random_weights=True` (weights are never downloaded). `profile` is passed to
-    `kvtier.profile.load_profile` (None: the cached or freshly measured one for this device).
+    The model is a named shape with random weights and random prompt ids (`model_config_name`, tiny-llama
+    when neither is given), or `model="embedded"`: the embedded model, its own weights, and the first
+    `context` tokens of real prose as every prompt. Named real shapes need `random_weights=True` (weights are
+    never downloaded). `profile` is passed to `kvtier.profile.load_profile` (None: the cached or freshly
+    measured one for this device). `count_steps` more decode steps per row are counted (aten ops, host syncs).
     """
-    if model_config_name in REAL_SHAPES and not random_weights:
-        raise ValueError(f"{model_config_name} is a real model shape; the benchmark never downloads weights: "
-                         "pass --random-weights (random_weights=True) to build it with random weights")
-    config = model_config(model_config_name)
+    if model is not None and model_config_name is not None:
+        raise ValueError("give either a random-weight shape (--model-config) or the embedded model "
+                         "(--model embedded), not both")
+    if model is not None:
+        if random_weights:
+            raise ValueError("random weights apply to --model-config shapes; the embedded model runs its own")
+        load_name = _embedded_name(model)
+        label, what = model, "embedded model"
+    else:
+        model_config_name, load_name = model_config_name or "tiny-llama", None
+        if model_config_name in REAL_SHAPES and not random_weights:
+            raise ValueError(f"{model_config_name} is a real model shape; the benchmark never downloads weights: "
+                             "pass --random-weights (random_weights=True) to build it with random weights")
+        label, what = model_config_name, "shape"
     specs = parse_bench_methods(methods)
     contexts = [parse_length(c) for c in contexts]
     batches = [int(b) for b in batches]
-    if decode_steps < 1 or warmup < 0 or not batches or min(batches) < 1:
-        raise ValueError("decode_steps >= 1, warmup >= 0 and batch sizes >= 1 are needed")
-    longest = max(contexts) + warmup + decode_steps + 2
-    if longest > config.max_position_embeddings:
-        raise ValueError(f"context {max(contexts)} + {warmup + decode_steps} steps exceeds the shape's "
+    if decode_steps < 1 or warmup < 0 or count_steps < 0 or not batches or min(batches) < 1:
+        raise ValueError("decode_steps >= 1, warmup >= 0, count_steps >= 0 and batch sizes >= 1 are needed")
+    config = _embedded_config(load_name) if model is not None else model_config(model_config_name)
+    steps = warmup + decode_steps + count_steps + SYNC_DEBUG_STEPS
+    if max(contexts) + steps + 2 > config.max_position_embeddings:
+        raise ValueError(f"context {max(contexts)} + {steps} decode steps exceeds the {what}'s "
                          f"{config.max_position_embeddings} positions")
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
@@ -232,17 +334,27 @@ def run(model_config_name: str = "tiny-llama", contexts=("1k",), batches=(1,), m
     hardware = load_profile(profile, device=device, dtype=dtype, hidden_size=config.hidden_size,
                             kv_width=config.num_key_value_heads * head_dim)
     memory_bw = measure_memory_bandwidth(device)
-    model = build_model(model_config_name, device, dtype, seed)
-    weight_bytes = weight_bytes_per_step(model)
+    if model is not None:
+        from ..models import load
+
+        lm, tokenizer = load(load_name, device=device, dtype=dtype)
+        config = lm.config
+        text_ids = _prose_ids(tokenizer, max(contexts), max(batches))
+    else:
+        lm = build_model(model_config_name, device, dtype, seed)
+    weight_bytes = weight_bytes_per_step(lm)
     rows = []
     cells = [(n, b, s) for n in contexts for b in batches for s in specs]
-    for n, b, spec in tqdm(cells, desc=f"bench {model_config_name}", disable=not progress):
-        ids = torch.randint(0, config.vocab_size, (b, n), generator=torch.Generator().manual_seed(seed + n + b))
+    for n, b, spec in tqdm(cells, desc=f"bench {label}", disable=not progress):
+        if model is not None:
+            ids = text_ids[:b, :n]
+        else:
+            ids = torch.randint(0, config.vocab_size, (b, n), generator=torch.Generator().manual_seed(seed + n + b))
         row = {"method": spec.label, "context": n, "batch": b}
         _release(device)
         try:
-            row.update(_measure(model, spec, ids.to(device), decode_steps, warmup, hardware, prefill_chunk,
-                                progress))
+            row.update(_measure(lm, spec, ids.to(device), decode_steps, warmup, hardware, prefill_chunk,
+                                progress, count_steps=count_steps))
             if device.type == "cuda":
                 row["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
         except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
@@ -257,8 +369,10 @@ def run(model_config_name: str = "tiny-llama", contexts=("1k",), batches=(1,), m
     _compare(rows)
     env = environment_summary()
     result = {
-        "bench": "decode", "model_config": model_config_name, "random_weights": True,
-        "parameters": sum(p.numel() for p in model.parameters()), "weight_bytes_per_step": weight_bytes,
+        "bench": "decode", "model_config": model_config_name, "model": model,
+        "model_name": load_name, "random_weights": model is None,
+        "prompt": "prose" if model is not None else "random ids",
+        "parameters": sum(p.numel() for p in lm.parameters()), "weight_bytes_per_step": weight_bytes,
         "config": {k: getattr(config, k, None) for k in ("model_type", "hidden_size", "intermediate_size",
                                                          "num_hidden_layers", "num_attention_heads",
                                                          "num_key_value_heads", "head_dim", "vocab_size",
@@ -269,16 +383,16 @@ def run(model_config_name: str = "tiny-llama", contexts=("1k",), batches=(1,), m
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else " ".join(["kvtier", *sys.argv[1:]]),
         "contexts": contexts, "batches": batches, "methods": [s.label for s in specs],
-        "decode_steps": decode_steps, "warmup": warmup, "seed": seed,
+        "decode_steps": decode_steps, "warmup": warmup, "count_steps": count_steps, "seed": seed,
         "profile": hardware.to_dict(), "device_memory_bytes_per_s": memory_bw, "notes": NOTES, "rows": rows,
     }
-    del model
+    del lm
     _release(device)
     if out is not None:
         slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
         Path(out).mkdir(parents=True, exist_ok=True)
         grid = "-".join(short_length(n) for n in contexts) + "-b" + "-".join(str(b) for b in batches)
-        stem = f"bench-{model_config_name}-{grid}-{slug}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        stem = f"bench-{label}-{grid}-{slug}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         result["json"] = str(Path(out) / f"{stem}.json")
         result["plot"] = plot(result, Path(out) / f"{stem}.png")
         write_json(result, out, f"{stem}.json")
@@ -298,13 +412,21 @@ def _limits(row, config, dtype, weight_bytes, memory_bw, link_bw, extra_tokens):
 
 
 def _compare(rows):
-    """Decode time and device KV of every row relative to `full` at the same context and batch."""
+    """Decode time and device KV of every row relative to `full`, and aten ops per step relative to
+    `hf-dynamic` (the launches a plain transformers decode makes), at the same context and batch."""
+
+    def reference(method, row):
+        return next((r for r in rows if r["method"] == method and r["context"] == row["context"]
+                     and r["batch"] == row["batch"] and r["status"] == "ok"), None)
+
     for row in rows:
-        ref = next((r for r in rows if r["method"] == "full" and r["context"] == row["context"]
-                    and r["batch"] == row["batch"] and r["status"] == "ok"), None)
+        ref = reference("full", row)
         ok = row["status"] == "ok" and ref is not None
         row["ms_vs_full"] = row["decode_ms_per_token"] / ref["decode_ms_per_token"] if ok else None
         row["device_kv_vs_full"] = row["device_kv_bytes"] / max(ref["device_kv_bytes"], 1) if ok else None
+        hf = reference("hf-dynamic", row)
+        ops, hf_ops = row.get("aten_ops_per_step"), hf and hf.get("aten_ops_per_step")
+        row["ops_vs_hf_dynamic"] = ops / hf_ops if row["status"] == "ok" and ops is not None and hf_ops else None
 
 
 __all__ = ["CPU_LABEL", "DEFAULT_METHODS", "HF_BASELINES", "REAL_SHAPES", "SHAPES", "TINY_SHAPES", "build_model",

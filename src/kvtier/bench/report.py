@@ -13,16 +13,26 @@ def short_length(tokens: int) -> str:
     return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
 
 
+def model_label(result: dict) -> str:
+    """The benchmarked model as the table and plot name it: the shape, or the embedded model and its name."""
+    if result.get("model"):
+        name = result.get("model_name")
+        return result["model"] if name in (None, result["model"]) else f"{result['model']} ({name})"
+    return result["model_config"]
+
+
 def format_table(result: dict) -> str:
-    """One line per row, decode time and device KV set against full; rows that failed say why."""
+    """One line per row, decode time and device KV set against full, the step's aten ops set against
+    hf-dynamic and its host syncs; rows that failed say why, and each sync is named under the table."""
     mib = 1 << 20
     cpu = result["device_type"] == "cpu"
     w = max(8, *(len(r["method"]) + 2 for r in result["rows"]))
     head = (f"{'method':<{w}}{'ctx':>7}{'b':>4}  {'ms/tok':>9}{'ms x full':>10}{'prefill s':>10}"
             f"{'peak MiB':>10}{'dev KV MiB':>11}{'KV x full':>10}{'h2d MiB/tok':>12}{'link GB/s':>10}"
-            f"{'roofline ms':>12}{'transfer ms':>12}")
-    lines = [f"{result['model_config']} ({result['parameters'] / 1e9:.3g}B params, {result['dtype']}) on "
+            f"{'roofline ms':>12}{'transfer ms':>12}{'ops/step':>10}{'x hf':>6}{'syncs/step':>11}")
+    lines = [f"{model_label(result)} ({result['parameters'] / 1e9:.3g}B params, {result['dtype']}) on "
              f"{result['device']}" + (f"  [{CPU_LABEL}]" if cpu else ""), head]
+    notes, failed = [], []
 
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
@@ -36,7 +46,18 @@ def format_table(result: dict) -> str:
         lines.append(start + f"{r['decode_ms_per_token']:>9.3f}{num(r['ms_vs_full'], '.2f'):>10}"
                      f"{r['prefill_s']:>10.2f}{peak:>10}{r['device_kv_bytes'] / mib:>11.1f}"
                      f"{num(r['device_kv_vs_full'], '.3f'):>10}{r['h2d_bytes_per_token'] / mib:>12.2f}"
-                     f"{r['link_bytes_per_s'] / 1e9:>10.2f}{r['roofline_ms']:>12.3f}{r['transfer_ms']:>12.3f}")
+                     f"{r['link_bytes_per_s'] / 1e9:>10.2f}{r['roofline_ms']:>12.3f}{r['transfer_ms']:>12.3f}"
+                     f"{num(r.get('aten_ops_per_step'), '.0f'):>10}{num(r.get('ops_vs_hf_dynamic'), '.2f'):>6}"
+                     f"{num(r.get('host_syncs_per_step'), '.3g'):>11}")
+        where = f"{r['method']} at {r['context']} x{r['batch']}"
+        if r.get("host_syncs_by_call"):
+            calls = ", ".join(f"{name} {n:g}" for name, n in r["host_syncs_by_call"].items())
+            notes.append(f"host syncs per step, {where}: {calls}")
+        if r.get("sync_debug") not in (None, "passed"):
+            failed.append(f"CUDA sync debug mode, {where}: {r['sync_debug'][:160]}")
+    lines += notes + failed
+    if any(r.get("sync_debug") == "passed" for r in result["rows"]):
+        lines.append(f"CUDA sync debug mode: {'the other rows' if failed else 'every row'} passed.")
     if cpu:
         lines.append("peak device memory is not measured on CPU (n/m); dev KV is the caches' own count.")
     return "\n".join(lines)
@@ -79,7 +100,7 @@ def plot(result: dict, path: Path) -> str | None:
     ax.set_xticks(range(len(groups)), [f"{short_length(n)} x{b}" for n, b in groups])
     ax.set_xlabel("context x batch")
     ax.set_ylabel("decode ms/token (median)")
-    title = f"{result['model_config']} {result['dtype']} on {result['device']}"
+    title = f"{model_label(result)} {result['dtype']} on {result['device']}"
     if result["device_type"] == "cpu":
         title += f"\n{CPU_LABEL}"
     ax.set_title(title, fontsize=9)

@@ -6,8 +6,9 @@ CPU test-suite drives the very launchers the GPU runs, through triton's interpre
 a launcher is first used: importing kvtier never needs it, and the kernel modules may import the library
 modules whose references they implement without an import cycle.
 
-Launchers (see each module): page_scores, page_probs (digest_score); gather_pages, recall_pages (gather);
-dequant_scores (dequant_score); decode_attention (decode).
+Launchers (see each module): page_scores, page_probs (digest_score); copy_rows (gather);
+dequant_scores (dequant_score); decode_attention (decode);
+decode_attention_mixed (mixed_decode).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import torch
 _LAUNCHERS = {
     "page_scores": "digest_score",
     "page_probs": "digest_score",
-    "gather_pages": "gather",
-    "recall_pages": "gather",
+    "copy_rows": "gather",
     "dequant_scores": "dequant_score",
     "decode_attention": "decode",
+    "decode_attention_mixed": "mixed_decode",
 }
 
 # Query rows (group size x query tokens) one decode-attention program holds in registers.
@@ -57,10 +58,16 @@ def decode_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
     return k.shape[2] > 0 and num_heads // k.shape[1] * t <= DECODE_MAX_ROWS
 
 
+def mixed_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `decode_attention_mixed` serves attend_mixed(q [b, H, t, d], k [b, H_kv, L, d]): the query group
+    fits one program's registers (no key is needed: the low-bit tokens may be all there is)."""
+    return q.shape[1] // k.shape[1] * q.shape[2] <= DECODE_MAX_ROWS
+
+
 def __getattr__(name: str):
     if name in _LAUNCHERS:
         return getattr(importlib.import_module(f".{_LAUNCHERS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["available", "enabled", "decode_fits", "DECODE_MAX_ROWS", *_LAUNCHERS]
+__all__ = ["available", "enabled", "decode_fits", "mixed_fits", "DECODE_MAX_ROWS", *_LAUNCHERS]

@@ -1,11 +1,9 @@
-"""Top-k gather: selected pages (or tokens: pages of one) of each KV head, from a host-pool layer to the device.
+"""Recall copy: rows of one KV head's page (keys then values) from the host pool into device buffers.
 
-The source is a `store.HostPool` layer, [pages, b, h_kv, 2 (key, value), P, d], where one KV head's page is one
-contiguous block; on CUDA it may be the pinned host tensor itself, which the kernel reads over the link
-(zero-copy: no staging buffer, one launch for every head's pages). Two launchers share one kernel:
-`gather_pages` packs the pages named by index [b, h_kv, k] into a contiguous [b, h_kv, k, 2, P, d] buffer
-(SpeCache's fetch, with P = 1), and `recall_pages` writes planned pages straight into `DevicePool` slots
-(FreeKV's recall; the reference is `DevicePool.recall`).
+The source is a `store.HostPool` layer viewed as rows `[rows, 2, P*d]`; on CUDA it is the pinned host tensor
+itself, which the kernel reads over the link (zero-copy: no staging buffer, one launch for every head's pages).
+The grid is fixed by the plan's size; an entry whose source row is -1 copies nothing, so a plan padded with -1
+needs no host-side compaction. The reference is `retrieval.recall.copy_rows_reference`.
 """
 
 from __future__ import annotations
@@ -14,63 +12,36 @@ import torch
 import triton
 import triton.language as tl
 
-from ..store import DevicePool
-
-
-def gather_pages_reference(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """src [n, b, h, 2, P, d], index [b, h, k] -> src[index[s, j, i], s, j] as [b, h, k, 2, P, d]."""
-    b, h, _ = index.shape
-    seq, head = torch.arange(b, device=src.device), torch.arange(h, device=src.device)
-    return src[index.to(src.device), seq.view(b, 1, 1), head.view(1, h, 1)]
-
-
-recall_pages_reference = DevicePool.recall
+from ..retrieval.recall import copy_rows_reference  # noqa: F401  (the function this one equals)
 
 
 @triton.jit
-def _copy_pages_kernel(src_ptr, dst_k_ptr, dst_v_ptr, seq_ptr, head_ptr, page_ptr, slot_ptr,
-                       ss_page, ss_b, ss_h, ss_kv, sd_b, sd_h, sd_slot, page_elems, BLOCK: tl.constexpr):
-    # one program per (copy, block of the page); the int64 indices keep host-pool offsets from overflowing
+def _copy_rows_kernel(src_ptr, dst_k_ptr, dst_v_ptr, src_rows_ptr, dst_rows_ptr, row_elems, s_row, s_kv,
+                      sd_k, sd_v, BLOCK: tl.constexpr):
     i = tl.program_id(0)
-    seq = tl.load(seq_ptr + i)
-    head = tl.load(head_ptr + i)
-    src = src_ptr + tl.load(page_ptr + i) * ss_page + seq * ss_b + head * ss_h
-    dst = seq * sd_b + head * sd_h + tl.load(slot_ptr + i) * sd_slot
+    src_row = tl.load(src_rows_ptr + i)
+    dst_row = tl.load(dst_rows_ptr + i)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = e < page_elems
-    tl.store(dst_k_ptr + dst + e, tl.load(src + e, mask=inside), mask=inside)
-    tl.store(dst_v_ptr + dst + e, tl.load(src + ss_kv + e, mask=inside), mask=inside)
+    ok = e < tl.where(src_row >= 0, row_elems, 0)  # a skipped entry (row -1) masks every element
+    src = src_ptr + src_row * s_row + e
+    tl.store(dst_k_ptr + dst_row * sd_k + e, tl.load(src, mask=ok), mask=ok)
+    tl.store(dst_v_ptr + dst_row * sd_v + e, tl.load(src + s_kv, mask=ok), mask=ok)
 
 
-def _copy(src, dst_k, dst_v, seq, head, page, slot, dst_strides):
-    """Copy src[page, seq, head, 0/1] (a contiguous P*d block) to dst_k / dst_v at seq, head, slot."""
-    if src.dim() != 6 or src.stride(5) != 1 or src.stride(4) != src.shape[5]:
-        raise ValueError(f"source must be [n, b, h, 2, P, d] with each (P, d) block contiguous, got shape "
-                         f"{tuple(src.shape)} strides {src.stride()}")
-    page_elems = src.shape[4] * src.shape[5]
-    index = [x.to(device=dst_k.device, dtype=torch.int64).contiguous() for x in (seq, head, page, slot)]
-    if index[0].numel():
-        blk = min(4096, triton.next_power_of_2(page_elems))
-        grid = (index[0].numel(), triton.cdiv(page_elems, blk))
-        _copy_pages_kernel[grid](src, dst_k, dst_v, *index, *src.stride()[:4], *dst_strides, page_elems, BLOCK=blk)
-
-
-def gather_pages(src: torch.Tensor, index: torch.Tensor, device=None) -> torch.Tensor:
-    """The pages index [b, h, k] names for each (sequence, KV head) of src [n, b, h, 2, P, d], contiguous
-    [b, h, k, 2, P, d] on `device` (default: index's device). Indices are not bounds-checked (that would sync)."""
-    b, h, k = index.shape
-    device = index.device if device is None else torch.device(device)
-    out = torch.empty((b, h, k, *src.shape[3:]), dtype=src.dtype, device=device)
-    grid_index = torch.arange(b * h * k, device=device)
-    seq, head, slot = grid_index // (h * k), grid_index // k % h, grid_index % k
-    _copy(src, out[:, :, :, 0], out[:, :, :, 1], seq, head, index.reshape(-1), slot, out.stride()[:3])
-    return out
-
-
-def recall_pages(src: torch.Tensor, slot_k: torch.Tensor, slot_v: torch.Tensor, seq, head, slot, page) -> None:
-    """FreeKV recall: src[page[i], seq[i], head[i]] into slot slot[i] of slot_k / slot_v [b, h, slots*P, d],
-    for the (seq, head, slot, page) plan of `PageTable.plan`. Slot tensors must be contiguous (as DevicePool's)."""
-    if not (slot_k.is_contiguous() and slot_v.is_contiguous()):
-        raise ValueError("slot tensors must be contiguous")
-    p = src.shape[4]
-    _copy(src, slot_k, slot_v, seq, head, page, slot, (slot_k.stride(0), slot_k.stride(1), slot_k.stride(2) * p))
+def copy_rows(src: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor, src_rows: torch.Tensor,
+              dst_rows: torch.Tensor) -> None:
+    """src [rows, 2, E] (each E-row contiguous); dst_k, dst_v [rows', E] contiguous rows; src_rows, dst_rows
+    int64 [n] on dst's device: dst[dst_rows[i]] = src[src_rows[i]], skipped where src_rows[i] < 0. Rows are not
+    bounds-checked (that would sync)."""
+    if src.dim() != 3 or src.shape[1] != 2 or src.stride(2) != 1:
+        raise ValueError(f"source must be [rows, 2, E] with contiguous rows, got {tuple(src.shape)} {src.stride()}")
+    if dst_k.stride(1) != 1 or dst_v.stride(1) != 1:
+        raise ValueError("destination rows must be contiguous")
+    n, elems = src_rows.numel(), src.shape[2]
+    if n == 0:
+        return
+    blk = min(4096, triton.next_power_of_2(elems))
+    grid = (n, triton.cdiv(elems, blk))
+    _copy_rows_kernel[grid](src, dst_k, dst_v, src_rows.to(torch.int64).contiguous(),
+                            dst_rows.to(torch.int64).contiguous(), elems, src.stride(0), src.stride(1),
+                            dst_k.stride(0), dst_v.stride(0), BLOCK=blk)

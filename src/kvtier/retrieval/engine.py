@@ -1,0 +1,398 @@
+"""One retrieval engine for FreeKV and SpeCache: parts chosen by `EngineOptions`, a decode step with no host sync.
+
+Per retrieval layer the device holds one KV buffer `[b, h_kv, sink + slots*P + ring + P, d]` (sink, recalled-page
+slots, the recent window as a ring, and a trash page the reference copy writes skipped entries to) with the
+position of every row (-1: nothing there), so attention reads one buffer under one mask, and recall writes into
+it in place. The host pool holds every page. The scorer keeps, per page written, what ranks it; `rest="lowbit"`
+also keeps low-bit values so attention reads pages not recalled at low precision.
+
+A decode step of one layer (positions are Python ints, every device value stays on the device):
+1. the query source decides the wanted pages: this query's top-k (`current`); the previous step's, with the
+   heads whose query drifted (cosine < tau) reselected (`previous`); or the speculative token's from the step
+   before, with the heads whose guess caught less than `correct` of the real top-k reselected (`speculative`);
+2. a dense plan `[b, h_kv, k]` (page -1: resident) copies only missing pages, into the lowest-scoring slots;
+3. attention over the buffer (and the low-bit rest), one softmax;
+4. `previous` and `speculative` select for the next step at once and start that copy (a side stream on CUDA).
+Counters (corrections, hits, recalled pages) are device tensors read only by `stats()`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from ..attention import RestRange, attend, attend_mixed, causal_attention
+from ..link import nbytes
+from ..methods.base import Method
+from ..methods.full import Full
+from ..quant import LowBitValues
+from ..select import query_similarity
+from ..store import HostPool, from_pages, to_pages
+from .options import EngineOptions
+from .recall import PageTable, copy_rows
+from .scorer import DigestScorer, LowBitScorer
+
+CAPACITY_MARGIN = 256  # tokens added past the prompt when no length was reserved (then growth by a quarter)
+
+
+class _Layer:
+    """Device state of one retrieval layer, sized once for `capacity` tokens."""
+
+    def __init__(self, o: EngineOptions, k: torch.Tensor, capacity: int):
+        b, h, _, d = k.shape
+        p = o.page_size
+        self.capacity = capacity
+        self.slot_start = o.sink
+        self.ring_start = o.sink + o.slots * p
+        self.ring = o.ring
+        length = self.ring_start + self.ring + p  # the last page is the reference copy's trash
+        self.k = k.new_zeros((b, h, length, d))
+        self.v = k.new_zeros((b, h, length, d))
+        self.pos = torch.full((b, h, length), -1, dtype=torch.long, device=k.device)
+        self.table = PageTable(b, h, o.slots, k.device)
+        self.scorer = (LowBitScorer(o.bits, o.key_group, p, capacity) if o.scorer == "lowbit"
+                       else DigestScorer(k, capacity // p, p))
+        self.values = None
+        if o.rest == "lowbit":
+            self.values = LowBitValues(o.bits, o.value_group)
+            self.values.reserve(capacity)
+        self.recent_start = o.sink  # positions [recent_start, n) are in the ring
+        self.scored = 0  # tokens the scorer (and the low-bit values) have taken
+        self.wanted: torch.Tensor | None = None  # [b, h, k] pages the next attention reads
+        self.previous_q: torch.Tensor | None = None
+        self.pending = None  # event of a recall in flight
+        rows_per_seq_head = length // p
+        seq_head = torch.arange(b * h, device=k.device).view(b, h, 1)
+        self.slot_rows = seq_head * rows_per_seq_head + o.sink // p  # + slot
+        self.trash_rows = (seq_head + 1) * rows_per_seq_head - 1
+        self.pool_rows = seq_head  # + page * b * h
+        self.pool_stride = torch.tensor(b * h, device=k.device)  # host rows of one page
+        # token positions of every page, and a last row of -1s that pages[...] == -1 picks
+        self.page_positions = torch.arange(capacity + p, device=k.device).view(-1, p)
+        self.page_positions[-1] = -1
+        self.row_k = self.k.view(-1, p * d)
+        self.row_v = self.v.view(-1, p * d)
+        self.pos_rows = self.pos.view(-1, p)
+        self.recalled = self.corrections = self.hits = None  # views of the engine's counters
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        held = (self.k, self.v, self.pos, self.table.slot_page, *self.scorer.tensors())
+        return held + (self.values.tensors() if self.values is not None else ())
+
+    def ring_slices(self, start: int, stop: int):
+        """Buffer slices holding positions [start, stop) of the ring (two where it wraps), with their positions."""
+        out, pos = [], start
+        while pos < stop:
+            i = pos % self.ring
+            take = min(stop - pos, self.ring - i)
+            out.append((slice(self.ring_start + i, self.ring_start + i + take), pos, pos + take))
+            pos += take
+        return out
+
+
+class RetrievalEngine(Method):
+    """Base of the retrieval presets: subclasses set `name`, `options_class` (a dataclass with `engine()`)."""
+
+    exact = False
+    options_class: type = None
+
+    def __init__(self, spec, **options):
+        super().__init__(spec, **options)
+        self.user_options = self.options_class(**options)
+        self.o = self.user_options.engine(spec.head_dim, spec.num_layers)
+        self.options.update({k: getattr(self.user_options, k) for k in self.defaults})
+        self.supports_speculation = self.o.query == "speculative"
+        self.dense = Full(spec)
+        self.dense.ledger = self.ledger  # one ledger: the peak covers dense and retrieval layers together
+        self.pool: HostPool | None = None
+        self.layers: list[_Layer | None] = [None] * spec.num_layers
+        self.fresh: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self.reserved = 0
+        self.selections = 0
+        self.checks = 0
+        self.hit_checks = 0
+        self._counters: torch.Tensor | None = None  # [layers, 3]: recalled pages, corrections, hits
+
+    def reserve(self, tokens: int) -> None:
+        self.dense.reserve(tokens)
+        self.reserved = max(self.reserved, tokens)
+
+    def _is_dense(self, layer: int) -> bool:
+        return layer < self.o.dense_layers
+
+    # -- storing ----------------------------------------------------------------------------------------
+    def _capacity(self, tokens: int) -> int:
+        unit = self.o.key_group if self.o.scorer == "lowbit" else self.o.page_size
+        want = self.reserved if self.reserved >= tokens else tokens + max(CAPACITY_MARGIN, tokens // 4)
+        return -(-want // unit) * unit
+
+    def _layer(self, layer: int, k: torch.Tensor, tokens: int) -> _Layer:
+        st = self.layers[layer]
+        if self.pool is None:
+            s = self.spec
+            self.pool = HostPool(s.num_layers, k.shape[0], s.num_kv_heads, s.head_dim, self.o.page_size, s.dtype,
+                                 self.link)
+            self._counters = torch.zeros((s.num_layers, 3), dtype=torch.long, device=k.device)
+        if st is None:
+            st = self.layers[layer] = _Layer(self.o, k, self._capacity(tokens))
+            st.recalled, st.corrections, st.hits = self._counters[layer].unbind()
+        elif tokens > st.capacity:  # past the reserved length: grow by a quarter (reserve() avoids this)
+            p = self.o.page_size
+            st.capacity = self._capacity(tokens)
+            st.scorer.grow(st.capacity if st.scorer.lowbit else st.capacity // self.o.page_size)
+            if st.values is not None:
+                st.values.reserve(st.capacity)
+            st.page_positions = torch.arange(st.capacity + p, device=k.device).view(-1, p)
+            st.page_positions[-1] = -1
+        self.pool.reserve(layer, st.capacity // self.o.page_size)
+        return st
+
+    def _append(self, layer, k, v):
+        if self._is_dense(layer):  # kept whole; a speculative token is attended, not stored
+            keep = self.stored_count(k.shape[2])
+            if keep:
+                self.dense._append(layer, k[:, :, :keep], v[:, :, :keep])
+                self.dense.lengths[layer] += keep
+            self.fresh[layer] = (k[:, :, keep:], v[:, :, keep:], self.lengths[layer])
+            return
+        o, p = self.o, self.o.page_size
+        n_old, t = self.lengths[layer], k.shape[2]
+        n_new = n_old + self.stored_count(t)
+        st = self._layer(layer, k, n_new + 1)
+        self.fresh[layer] = (k, v, n_old)
+        # whole pages to the host pool, and what scores them (and the low-bit values) to the device
+        written = self.pool.num_pages[layer]
+        if n_new // p > written:
+            pk, pv = self._span(st, k, v, n_old, written * p, n_new // p * p)
+            self.pool.write(layer, to_pages(pk, pv, p))
+            if not st.scorer.lowbit:
+                st.scorer.add_pages(written, pk)
+        if st.scorer.lowbit:
+            g = o.key_group
+            if n_new // g * g > st.scored:
+                gk, gv = self._span(st, k, v, n_old, st.scored, n_new // g * g)
+                st.scorer.add_tokens(gk)
+                if st.values is not None:
+                    st.values.append(gv)
+                st.scored = n_new // g * g
+        # the window moves a unit at a time and never past what the scorer has taken
+        start = (n_new - o.window) // o.window_unit * o.window_unit
+        if st.scorer.lowbit:
+            start = min(start, st.scored)
+        start = max(st.recent_start, o.sink, start)
+        for piece, _, _ in st.ring_slices(st.recent_start, min(start, n_old)):
+            st.pos[:, :, piece] = -1
+        st.recent_start = start
+        # the fed tokens that stay on the device: the sink, and the window (a speculative token sits there too)
+        if n_old < o.sink:
+            stop = min(o.sink, n_old + t)
+            st.k[:, :, n_old:stop] = k[:, :, :stop - n_old]
+            st.v[:, :, n_old:stop] = v[:, :, :stop - n_old]
+            st.pos[:, :, n_old:stop] = torch.arange(n_old, stop, device=k.device)
+        first = max(n_old, o.sink, start)
+        for piece, a, b in st.ring_slices(first, n_old + t):
+            st.k[:, :, piece] = k[:, :, a - n_old:b - n_old]
+            st.v[:, :, piece] = v[:, :, a - n_old:b - n_old]
+            if b - a == 1:  # a decode step: one position, no tensor made for it
+                st.pos[:, :, piece].fill_(a)
+            else:
+                st.pos[:, :, piece] = torch.arange(a, b, device=k.device)
+        self.ledger.hold(f"layer{layer}", *st.tensors())
+        self.ledger.hold_bytes("step_workspace", max(self.ledger.held.get("step_workspace", 0),
+                                                     self._workspace(st, k, t)))
+
+    def _workspace(self, st: _Layer, k: torch.Tensor, t: int) -> int:
+        """Bytes of the transient tensors one decode step of a layer makes on the device (they live one layer at
+        a time): the scorer's per-token or per-page scores and, where no kernel reads the low-bit copy in
+        place, its dequantized keys and values."""
+        b, h, _, d = k.shape
+        rows = self.spec.num_heads // h * max(t, 2)  # a speculative step has two query tokens
+        elem = k.element_size()
+        pages = st.capacity // self.o.page_size
+        if not st.scorer.lowbit:  # the page bound, per query row, page and channel, then the page scores
+            return 4 * b * h * rows * pages * (d + 2)
+        size = 4 * b * h * rows * st.capacity * 2  # raw token scores and their softmax
+        if not kernels.enabled(k):
+            size += elem * b * h * st.capacity * d * (2 if st.values is not None else 1)
+        return size
+
+    def _span(self, st: _Layer, k, v, n_old: int, start: int, stop: int):
+        """Keys and values of positions [start, stop): from the sink, the ring, or this forward's new tokens."""
+        ks, vs = [], []
+        pos = start
+        if pos < min(stop, n_old, self.o.sink):
+            end = min(stop, n_old, self.o.sink)
+            ks.append(st.k[:, :, pos:end])
+            vs.append(st.v[:, :, pos:end])
+            pos = end
+        if pos < min(stop, n_old):
+            if pos < st.recent_start:
+                raise RuntimeError(f"position {pos} left the device window before it was stored")
+            for piece, _, _ in st.ring_slices(pos, min(stop, n_old)):
+                ks.append(st.k[:, :, piece])
+                vs.append(st.v[:, :, piece])
+            pos = min(stop, n_old)
+        if pos < stop:
+            ks.append(k[:, :, pos - n_old:stop - n_old])
+            vs.append(v[:, :, pos - n_old:stop - n_old])
+        if len(ks) <= 1:
+            return (ks[0], vs[0]) if ks else (k[:, :, :0], v[:, :, :0])
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+    # -- selecting and recalling ------------------------------------------------------------------------
+    def _recall(self, layer: int, st: _Layer, wanted: torch.Tensor, page_probs: torch.Tensor, wait: bool) -> None:
+        """Plan the copy of the wanted pages [b, h, k] that are not resident, and copy them."""
+        p = self.o.page_size
+        pages, slots = st.table.plan(wanted, page_probs)
+        copy = pages >= 0
+        src = torch.where(copy, st.pool_rows.addcmul(pages, st.pool_stride), -1).view(-1)
+        dst = torch.where(copy, st.slot_rows + slots, st.trash_rows).view(-1)
+        # the positions of the rows written; a skipped entry copies the table's last row, -1s, to the trash row
+        st.pos_rows.index_copy_(0, dst, st.page_positions[pages.view(-1)])  # index -1 is the last row
+        st.recalled.add_(copy.sum())
+        host = self.pool.pages[layer].view(-1, 2, p * self.spec.head_dim)
+        event = self.link.async_rows(copy_rows, host, st.row_k, st.row_v, src, dst, lane=layer)
+        if wait:
+            self.link.wait(event)
+        else:
+            st.pending = event
+        st.wanted = wanted
+        self.selections += 1
+
+    def _top(self, probs: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Each KV head's most probable pages in [lo, hi): [b, h, min(slots, hi - lo)]."""
+        return probs[..., lo:hi].topk(min(self.o.slots, hi - lo), dim=-1).indices + lo
+
+    # -- attending --------------------------------------------------------------------------------------
+    def _attend(self, layer, q, valid, scaling):
+        if self._is_dense(layer):
+            extra_k, extra_v, _ = self.fresh.pop(layer)
+            if self.feed_mode == "store":
+                return self.dense._attend(layer, q, valid, scaling)
+            n = self.dense.lengths[layer]
+            keys = torch.cat((self.dense.keys[layer][:, :, :n], extra_k), dim=2)
+            values = torch.cat((self.dense.values[layer][:, :, :n], extra_v), dim=2)
+            return causal_attention(q, keys, values, scaling, valid, q_offset=keys.shape[2] - q.shape[2])
+        st = self.layers[layer]
+        k_new, v_new, n_old = self.fresh.pop(layer)
+        t = q.shape[2]
+        if n_old == 0 and self.feed_mode == "store":  # prefill of an empty cache: over the prompt itself
+            return causal_attention(q, k_new, v_new, scaling, valid, q_offset=0)
+        if (t > 1 and self.feed_mode == "store") or self.in_prefill:
+            k, v = self._whole_cache(layer, st, k_new, v_new, n_old)
+            return causal_attention(q, k, v, scaling, valid, q_offset=n_old)
+        o, p = self.o, self.o.page_size
+        n = self.lengths[layer]
+        lo, hi = o.sink // p, st.recent_start // p
+        next_start = self._next_start(st, n + 1)
+        if st.pending is not None:
+            self.link.wait(st.pending)
+            st.pending = None
+        raw = st.scorer.token_scores(q, scaling) if st.scorer.lowbit and hi > lo else None
+        query = o.query if self.feed_mode != "store" or o.query != "speculative" else "current"
+        if hi > lo:
+            probs = st.scorer.page_probs(q, lo, hi, scaling, raw)  # [b, h, t, pages]
+            mine = self._top(probs[:, :, 0], lo, hi)  # this query's own choice
+            if st.wanted is None or query == "current" or st.wanted.shape != mine.shape:
+                self._recall(layer, st, mine, probs[:, :, 0], wait=True)
+            elif query == "previous":
+                drift = query_similarity(q[:, :, 0], st.previous_q, self.spec.num_kv_heads) < o.tau
+                self._correct(layer, st, drift, mine, probs[:, :, 0])
+            else:  # speculative: how much of the real token's choice did the guess catch?
+                hit = (st.wanted.unsqueeze(-1) == mine.unsqueeze(-2)).any(-1)
+                st.hits.add_(hit.sum())
+                self.hit_checks += hit.numel()
+                if o.correct > 0:
+                    self._correct(layer, st, hit.float().mean(-1) < o.correct, mine, probs[:, :, 0])
+        out = self._attention(st, q, valid, scaling, raw, n - self.stored_count(t), t)
+        speculates = query == "speculative" and self.feed_mode == "speculative"
+        if query == "previous":
+            st.previous_q = q[:, :, 0]
+        if (query == "previous" or speculates) and next_start // p > lo:
+            # select for the next step now (the window will have moved by then) and recall in the background
+            row, next_hi = (1 if speculates else 0), next_start // p
+            if next_hi != hi:
+                probs = st.scorer.page_probs(q[:, :, row:row + 1], lo, next_hi, scaling,
+                                             None if raw is None else self._rows(raw, t, row))
+                row = 0
+            same = next_hi == hi and not speculates
+            choice = mine if same else self._top(probs[:, :, row], lo, next_hi)
+            self._recall(layer, st, choice, probs[:, :, row], wait=False)
+        return out
+
+    @staticmethod
+    def _rows(raw: torch.Tensor, t: int, token: int) -> torch.Tensor:
+        """The rows of query token `token` in raw scores grouped as (head in group) * t + token."""
+        b, h, rows, n = raw.shape
+        return raw.view(b, h, rows // t, t, n)[:, :, :, token]
+
+    def _correct(self, layer, st, heads, mine, probs) -> None:
+        """Reselect the KV heads in `heads` [b, h] with this query; recall what they miss before attention."""
+        self.checks += heads.numel()
+        st.corrections.add_(heads.sum())
+        self._recall(layer, st, torch.where(heads.unsqueeze(-1), mine, st.wanted), probs, wait=True)
+
+    def _next_start(self, st: _Layer, n: int) -> int:
+        o = self.o
+        start = (n - o.window) // o.window_unit * o.window_unit
+        if st.scorer.lowbit:  # pages the scorer has not taken yet stay in the window one step more
+            start = min(start, st.scored)
+        return max(st.recent_start, o.sink, start)
+
+    def _attention(self, st: _Layer, q, valid, scaling, raw, past: int, t: int) -> torch.Tensor:
+        """One softmax over sink + slots + window (and the low-bit rest), rows masked by position."""
+        b, h, length = st.pos.shape
+        pos = st.pos.unsqueeze(2)
+        if t == 1:
+            mask = pos >= 0
+        else:  # the real token must not see the speculative one after it
+            q_pos = torch.arange(past, past + t, device=q.device).view(1, 1, t, 1)
+            mask = (pos >= 0) & (pos <= q_pos)
+        if valid is not None:
+            mask = mask & valid.gather(1, st.pos.clamp(min=0).view(b, -1)).view(b, h, 1, length)
+        lo, hi = self.o.sink, st.recent_start
+        if st.values is None or hi <= lo:
+            return attend(q, st.k, st.v, scaling, mask)
+        rest = RestRange(lo, hi, st.table.resident(st.capacity // self.o.page_size), self.o.page_size, valid=valid)
+        return attend_mixed(q, st.k, st.v, mask, st.scorer.quantized(), st.values.quantized(), rest, scaling,
+                            scores=raw)
+
+    def _whole_cache(self, layer: int, st: _Layer, k_new, v_new, n_old: int):
+        """All tokens on the device (multi-token forwards): host pages, then the tail not in a whole page."""
+        n = self.lengths[layer]
+        written = self.pool.num_pages[layer]
+        src = self.pool.layer_block(layer)
+        block = torch.empty(src.shape, dtype=src.dtype, device=st.k.device)
+        self.link.wait(self.link.h2d(block, src))
+        k, v = from_pages(block)
+        tail_k, tail_v = self._span(st, k_new, v_new, n_old, written * self.o.page_size, n)
+        return torch.cat((k, tail_k), dim=2), torch.cat((v, tail_v), dim=2)
+
+    # -- reporting --------------------------------------------------------------------------------------
+    def host_bytes(self) -> int:
+        return 0 if self.pool is None else self.pool.used_bytes()
+
+    def method_stats(self) -> dict:
+        counts = [0, 0, 0] if self._counters is None else self._counters.sum(0).tolist()
+        per_layer = [0] * self.spec.num_layers if self._counters is None else self._counters[:, 1].tolist()
+        recalled, corrections, hits = counts
+        page_bytes = 2 * self.o.page_size * self.spec.head_dim * torch.empty((), dtype=self.spec.dtype).element_size()
+        retrieval_layers = self.spec.num_layers - self.o.dense_layers
+        checks_per_layer = self.checks / max(1, retrieval_layers)
+        layers = [st for st in self.layers if st is not None]
+        lowbit = sum(nbytes(x) for st in layers for x in st.tensors()[4:]) if self.o.scorer == "lowbit" else 0
+        return {
+            "h2d_bytes": self.link.h2d_bytes + recalled * page_bytes,
+            "fetched_tokens": recalled * self.o.page_size,
+            "device_buffer_bytes": sum(nbytes(st.k) + nbytes(st.v) for st in layers),
+            "device_lowbit_bytes": lowbit,
+            "slots_per_head": self.o.slots,
+            "page_size": self.o.page_size,
+            "query": self.o.query,
+            "recalled_pages": recalled,
+            "selections": self.selections,
+            "corrections": corrections,
+            "correction_rate": corrections / self.checks if self.checks else None,
+            "correction_rate_per_layer": [c / checks_per_layer if checks_per_layer else 0.0 for c in per_layer],
+            "prefetch_hit_rate": hits / self.hit_checks if self.hit_checks else None,
+        }

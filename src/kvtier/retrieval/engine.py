@@ -198,15 +198,14 @@ class RetrievalEngine(Method):
             else:
                 st.pos[:, :, piece] = torch.arange(a, b, device=k.device)
         self.ledger.hold(f"layer{layer}", *st.tensors())
-        self.ledger.hold_bytes("step_workspace", max(self.ledger.held.get("step_workspace", 0),
-                                                     self._workspace(st, k, t)))
+        self.ledger.hold_bytes("step_workspace", max(self.ledger.held.get("step_workspace", 0), self._workspace(st, k)))
 
-    def _workspace(self, st: _Layer, k: torch.Tensor, t: int) -> int:
+    def _workspace(self, st: _Layer, k: torch.Tensor) -> int:
         """Bytes of the transient tensors one decode step of a layer makes on the device (they live one layer at
         a time): the scorer's per-token or per-page scores and, where no kernel reads the low-bit copy in
         place, its dequantized keys and values."""
         b, h, _, d = k.shape
-        rows = self.spec.num_heads // h * max(t, 2)  # a speculative step has two query tokens
+        rows = self.spec.num_heads // h * 2  # a decode step has one query token, a speculative one two
         elem = k.element_size()
         pages = st.capacity // self.o.page_size
         if not st.scorer.lowbit:  # the page bound, per query row, page and channel, then the page scores
@@ -251,13 +250,25 @@ class RetrievalEngine(Method):
         st.pos_rows.index_copy_(0, dst, st.page_positions[pages.view(-1)])  # index -1 is the last row
         st.recalled.add_(copy.sum())
         host = self.pool.pages[layer].view(-1, 2, p * self.spec.head_dim)
-        event = self.link.async_rows(copy_rows, host, st.row_k, st.row_v, src, dst, lane=layer)
+        event = self.link.async_rows(copy_rows, host, st.row_k, st.row_v, src, dst, self._staging(src, host),
+                                     lane=layer)
         if wait:
             self.link.wait(event)
         else:
             st.pending = event
         st.wanted = wanted
         self.selections += 1
+
+    def _staging(self, rows: torch.Tensor, host: torch.Tensor) -> torch.Tensor | None:
+        """The reference copy's buffer of gathered rows, one for every layer (None where a kernel copies)."""
+        if kernels.enabled(rows) or rows.device != host.device:
+            return None
+        shape = (rows.numel(), *host.shape[1:])
+        staging = self.__dict__.get("staging")
+        if staging is None or staging.shape != shape:
+            staging = self.staging = host.new_empty(shape)
+            self.ledger.hold("recall_staging", staging)
+        return staging
 
     def _top(self, probs: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Each KV head's most probable pages in [lo, hi): [b, h, min(slots, hi - lo)]."""

@@ -63,18 +63,21 @@ class PageTable:
 
 
 def copy_rows_reference(src: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor, src_rows: torch.Tensor,
-                        dst_rows: torch.Tensor) -> None:
+                        dst_rows: torch.Tensor, staging: torch.Tensor | None = None) -> None:
     """src [rows, 2, E] (key row then value row); dst_k, dst_v [rows', E]: dst[dst_rows[i]] = src[src_rows[i]],
-    nothing where src_rows[i] is -1 (the reference copies a null row to the trash row dst_rows[i] names)."""
+    nothing where src_rows[i] is -1 (the reference copies a null row to the trash row dst_rows[i] names).
+    staging: a [n, 2, E] buffer for the gathered rows, reused from step to step (fresh memory costs page faults)."""
     rows = src_rows.clamp(min=0)
-    picked = src.index_select(0, rows if src.device == rows.device else rows.to(src.device))  # (a sync off CPU)
-    picked = picked.to(dst_k.device)
+    if staging is not None and src.device == rows.device:
+        picked = torch.index_select(src, 0, rows, out=staging)
+    else:
+        picked = src.index_select(0, rows.to(src.device)).to(dst_k.device)  # (off CPU: a sync, without kernels)
     dst_k.index_copy_(0, dst_rows, picked[:, 0])
     dst_v.index_copy_(0, dst_rows, picked[:, 1])
 
 
-def copy_rows(src, dst_k, dst_v, src_rows, dst_rows) -> None:
+def copy_rows(src, dst_k, dst_v, src_rows, dst_rows, staging=None) -> None:
     if kernels.enabled(dst_k):
         kernels.copy_rows(src, dst_k, dst_v, src_rows, dst_rows)
     else:
-        copy_rows_reference(src, dst_k, dst_v, src_rows, dst_rows)
+        copy_rows_reference(src, dst_k, dst_v, src_rows, dst_rows, staging)

@@ -70,7 +70,9 @@ def test_traffic_counters(result):
     assert rows["hf-offload"]["h2d_bytes_per_token"] == expected
     assert rows["offload"]["h2d_bytes_per_token"] == pytest.approx(expected, rel=0.02)
     # device KV: full holds it all, the selective methods less; roofline reads less for them too
-    assert rows[freekv]["device_kv_vs_full"] < 1 and rows["specache"]["device_kv_vs_full"] < 0.5
+    # (SpeCache's device share is tested at 4k in test_specache: at this short context its full-precision window
+    # and slots, and the CPU reference's workspace, hold about as much as full)
+    assert rows[freekv]["device_kv_vs_full"] < 1
     assert rows["specache"]["roofline_ms"] < rows["full"]["roofline_ms"]
 
 

@@ -396,6 +396,9 @@ class RetrievalEngine(Method):
             "h2d_bytes": self.link.h2d_bytes + recalled * page_bytes,
             "fetched_tokens": recalled * self.o.page_size,
             "device_buffer_bytes": sum(nbytes(st.k) + nbytes(st.v) for st in layers),
+            # within device_kv_bytes: a step's transient scores, and where no kernel runs (CPU), the dequantized
+            # low-bit copy of one layer and the recall's gather buffer
+            "device_workspace_bytes": sum(self.ledger.held.get(k, 0) for k in ("step_workspace", "recall_staging")),
             "device_lowbit_bytes": lowbit,
             "slots_per_head": self.o.slots,
             "page_size": self.o.page_size,

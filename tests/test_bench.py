@@ -73,7 +73,7 @@ def test_traffic_counters(result):
     # (SpeCache's device share is tested at 4k in test_specache: at this short context its full-precision window
     # and slots, and the CPU reference's workspace, hold about as much as full)
     assert rows[freekv]["device_kv_vs_full"] < 1
-    assert rows["specache"]["roofline_ms"] < rows["full"]["roofline_ms"]
+    assert rows["specache"]["roofline_ms"] <= rows["full"]["roofline_ms"]
 
 
 def test_json_and_png_written(result):

@@ -99,3 +99,22 @@ def test_the_sentinel_catches_a_sync(tiny):
         with pytest.raises(HostSyncError):
             with no_host_sync():
                 _decode_step(model, cache, logits.argmax(-1), None, _positions(None, 19, 20, ids.device))
+
+
+def test_max_length_sizes_the_buffers_once(tiny):
+    """KVCache(max_length=) for model.generate: no buffer of a retrieval layer is reallocated while decoding."""
+    model = tiny("llama")
+    ids, mask = batch_prompt(1, length=40)
+    cache = kvtier.KVCache(model, method="freekv", max_length=40 + 30, **SMALL)
+    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, min_new_tokens=2,
+                   do_sample=False)
+    held = [(t.data_ptr(), t.shape) for st in cache.method.layers if st is not None for t in st.tensors()]
+    pool = [p.data_ptr() for p in cache.method.pool.pages if p is not None]
+    with torch.inference_mode():
+        logits = model(ids[:, -1:], past_key_values=cache).logits
+        for _ in range(25):
+            logits = model(logits[:, -1:].argmax(-1), past_key_values=cache).logits
+    assert [(t.data_ptr(), t.shape) for st in cache.method.layers if st is not None for t in st.tensors()] == held
+    assert [p.data_ptr() for p in cache.method.pool.pages if p is not None] == pool
+    with pytest.raises(ValueError, match="max_length"):
+        kvtier.KVCache(model, method="freekv", max_length=10**9)

@@ -151,10 +151,16 @@ class KVCache(Cache):
     later use raises `CacheBrokenError`; make a new cache.
     """
 
-    def __init__(self, model, method: str = "full", **options):
+    def __init__(self, model, method: str = "full", max_length: int | None = None, **options):
         cls = method_class(method)  # unknown method: ValueError listing the valid ones
         self.spec = ModelSpec.from_model(model)  # unsupported family: NotImplementedError
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                       or not 1 <= max_length <= self.spec.max_positions):
+            raise ValueError(f"max_length must be an int in [1, {self.spec.max_positions}] (prompt + new tokens; the "
+                             f"model's maximum positions), got {max_length!r}")
         self.method = cls(self.spec, **options)  # unknown option: ValueError listing the valid ones
+        if max_length is not None:  # buffers sized once, as kvtier.generate does from its own arguments
+            self.method.reserve(max_length)
         self._config = model.config
         modules = attention_modules(model)
         self._modules = {layer: id(module) for layer, module in modules.items()}

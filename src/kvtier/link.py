@@ -44,15 +44,8 @@ class Link:
         if not self.cuda:
             dst.copy_(src)
             return None
-        stream = self.h2d_streams[lane % len(self.h2d_streams)]
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        if self._last_d2h is not None:
-            stream.wait_event(self._last_d2h)
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
-        dst.record_stream(stream)
+        event = self.async_rows(lambda: dst.copy_(src, non_blocking=True), lane=lane)
+        dst.record_stream(self.h2d_streams[lane % len(self.h2d_streams)])
         return event
 
     def async_rows(self, copy, *args, lane: int = 0):

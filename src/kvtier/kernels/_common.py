@@ -34,3 +34,29 @@ def load_query_rows(q_ptr, b, h, group, t, d, s_b, s_h, s_t, BLOCK_M: tl.constex
     head = h * group + r // t
     ptrs = q_ptr + b * s_b + head[:, None] * s_h + (r % t)[:, None] * s_t + c[None, :]
     return tl.load(ptrs, mask=(r[:, None] < group * t) & (c[None, :] < d), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def softmax_step(m, l, acc, s, v, PRECISION: tl.constexpr):
+    """One block of online softmax: scores s [M, N] and values v [N, D] into the running max m, normalizer l
+    and unnormalized output acc."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    return m_new, l * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+
+
+@triton.jit
+def full_precision_block(q, k_base, v_base, mask_base, cols, col_ok, c, c_ok, row_ok, sk_n, sv_n, scaling, m, l,
+                         acc, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Columns `cols` of full-precision keys and values: scored (masked entries at float32 min, as `attend`;
+    columns past the range at -inf) and folded into the online softmax."""
+    kv_ok = col_ok[:, None] & c_ok[None, :]
+    k = tl.load(k_base + cols[:, None] * sk_n + c[None, :], mask=kv_ok, other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
+    if HAS_MASK:
+        keep = tl.load(mask_base + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+        s = tl.where(keep != 0, s, FLOAT32_MIN)
+    s = tl.where(col_ok[None, :], s, float("-inf"))  # past the range: no weight at all
+    v = tl.load(v_base + cols[:, None] * sv_n + c[None, :], mask=kv_ok, other=0.0).to(tl.float32)
+    return softmax_step(m, l, acc, s, v, PRECISION)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..attention import attend as decode_attention_reference  # noqa: F401  (the function this one equals)
 from . import DECODE_MAX_ROWS
-from ._common import FLOAT32_MIN, block, dot_precision, load_query_rows, rows
+from ._common import FLOAT32_MIN, block, dot_precision, full_precision_block, load_query_rows, rows
 
 BLOCK_N = 64
 MIN_SPLIT = 256  # keys per split below which splitting costs more than it buys
@@ -48,21 +48,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_ptr, l_ptr, num_kv,
     stop = tl.minimum(start + split_len, n)
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < stop
-        kv_ok = col_ok[:, None] & (c[None, :] < d)
-        k = tl.load(k_base + cols[:, None] * sk_n + c[None, :], mask=kv_ok, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
-        if HAS_MASK:
-            keep = tl.load(mask_base + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
-            s = tl.where(keep != 0, s, FLOAT32_MIN)
-        s = tl.where(col_ok[None, :], s, float("-inf"))  # past the split: no weight at all
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * sv_n + c[None, :], mask=kv_ok, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = full_precision_block(q, k_base, v_base, mask_base, cols, cols < stop, c, c < d, row_ok, sk_n,
+                                         sv_n, scaling, m, l, acc, HAS_MASK, PRECISION)
 
     # rows go back to (query token, query head): out is [b, splits, t, H, d], m and l [b, splits, t, H]
     head = h * group + r // t

@@ -21,7 +21,7 @@ from ..attention import RestRange
 from ..attention import attend_mixed as decode_attention_mixed_reference  # noqa: F401  (the function this equals)
 from ..quant import QTensor
 from . import DECODE_MAX_ROWS
-from ._common import FLOAT32_MIN, block, dot_precision, load_query_rows, rows
+from ._common import FLOAT32_MIN, block, dot_precision, full_precision_block, load_query_rows, rows, softmax_step
 from .decode import BLOCK_N, _splits
 
 
@@ -69,21 +69,8 @@ def _mixed_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr,
     fp_stop = tl.minimum(stop, n)
     for n0 in range(start, fp_stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < fp_stop
-        kv_ok = col_ok[:, None] & c_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * sk_n + c[None, :], mask=kv_ok, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
-        if HAS_MASK:
-            keep = tl.load(mask_base + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
-            s = tl.where(keep != 0, s, FLOAT32_MIN)
-        s = tl.where(col_ok[None, :], s, float("-inf"))  # past the split: no weight at all
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * sv_n + c[None, :], mask=kv_ok, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = full_precision_block(q, k_base, v_base, mask_base, cols, cols < fp_stop, c, c_ok, row_ok,
+                                         sk_n, sv_n, scaling, m, l, acc, HAS_MASK, PRECISION)
     for j0 in range(tl.maximum(start, n), stop, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         tok = lo + (j - n)
@@ -101,17 +88,12 @@ def _mixed_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr,
         k = (codes * scale.to(tl.float32) + zero.to(tl.float32)).to(scale.dtype).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
         s = tl.where(take[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
         value_params = vs_base + tok[:, None] * svs_n + (c // value_group)[None, :]
         scale = tl.load(vs_ptr + value_params, mask=ok, other=0.0)
         zero = tl.load(vz_ptr + value_params, mask=ok, other=0.0)
         codes = _codes(vp_base, tok, svp_n, c, ok, VALUE_BITS)
         v = (codes * scale.to(tl.float32) + zero.to(tl.float32)).to(scale.dtype).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = softmax_step(m, l, acc, s, v, PRECISION)
 
     # rows go back to (query token, query head): out is [b, splits, t, H, d], m and l [b, splits, t, H]
     head = h * group + r // t

@@ -427,3 +427,19 @@ def test_the_ledger_counts_every_buffer_and_the_step_workspace(tiny, options):
     assert held["step_workspace"] > 0, "the transient scores of a step are device memory too"
     assert method.ledger.peak >= sum(held.values())
     assert cache.stats()["device_kv_bytes"] == method.ledger.peak
+
+
+@pytest.mark.parametrize("options", [dict(), dict(scorer="lowbit", score_group=8, rest="lowbit")])
+def test_growing_past_the_first_capacity_stays_exact(tiny_pair, options):
+    """model.generate without max_length: the layer state starts at the prompt + a margin and grows once the
+    sequence passes it; with a budget covering the context the output stays full's."""
+    ref, model = tiny_pair("llama", num_hidden_layers=2)
+    ids, mask = batch_prompt(1, length=20)
+    new = 262  # past the 20 + 256 tokens sized at the prompt
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                            past_key_values=DynamicCache(config=ref.config))
+    cache = kvtier.KVCache(model, method="freekv", budget=512, dense_layers=0, **SMALL, **options)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         past_key_values=cache)
+    assert torch.equal(out, expected)
+    assert cache.method.layers[1].capacity > 20 + 256

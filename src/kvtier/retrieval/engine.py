@@ -241,9 +241,22 @@ class RetrievalEngine(Method):
     # -- selecting and recalling ------------------------------------------------------------------------
     def _recall(self, layer: int, st: _Layer, wanted: torch.Tensor, page_probs: torch.Tensor, wait: bool) -> None:
         """Plan the copy of the wanted pages [b, h, k] that are not resident, and copy them."""
+        self._copy(layer, st, *self._plan(st, wanted, page_probs), wait=wait)
+
+    def _plan(self, st: _Layer, wanted: torch.Tensor, page_probs: torch.Tensor):
+        """The table takes the wanted pages; returns the (pages, slots) plan [b, h, k] that makes it true."""
+        st.wanted = wanted
+        self.selections += 1
+        return st.table.plan(wanted, page_probs)
+
+    def _copy(self, layer: int, st: _Layer, pages, slots, wait: bool, heads: torch.Tensor | None = None) -> None:
+        """Copy the planned pages (only the KV heads in `heads` [b, h], when given): before attention when
+        `wait`, else in the background until the layer's next step."""
         p = self.o.page_size
-        pages, slots = st.table.plan(wanted, page_probs)
         copy = pages >= 0
+        if heads is not None:
+            copy = copy & heads.unsqueeze(-1)
+            pages = torch.where(copy, pages, -1)
         src = torch.where(copy, st.pool_rows.addcmul(pages, st.pool_stride), -1).view(-1)
         dst = torch.where(copy, st.slot_rows + slots, st.trash_rows).view(-1)
         # the positions of the rows written; a skipped entry copies the table's last row, -1s, to the trash row
@@ -256,8 +269,6 @@ class RetrievalEngine(Method):
             self.link.wait(event)
         else:
             st.pending = event
-        st.wanted = wanted
-        self.selections += 1
 
     def _staging(self, rows: torch.Tensor, host: torch.Tensor) -> torch.Tensor | None:
         """The reference copy's buffer of gathered rows, one for every layer (None where a kernel copies)."""
@@ -301,6 +312,7 @@ class RetrievalEngine(Method):
             st.pending = None
         raw = st.scorer.token_scores(q, scaling) if st.scorer.lowbit and hi > lo else None
         query = o.query if self.feed_mode != "store" or o.query != "speculative" else "current"
+        deferred = None  # a plan whose copy for some heads waits until attention has read their slots
         if hi > lo:
             probs = st.scorer.page_probs(q, lo, hi, scaling, raw)  # [b, h, t, pages]
             mine = self._top(probs[:, :, 0], lo, hi)  # this query's own choice
@@ -308,7 +320,15 @@ class RetrievalEngine(Method):
                 self._recall(layer, st, mine, probs[:, :, 0], wait=True)
             elif query == "previous":
                 drift = query_similarity(q[:, :, 0], st.previous_q, self.spec.num_kv_heads) < o.tau
-                self._correct(layer, st, drift, mine, probs[:, :, 0])
+                if next_start // p == hi:
+                    # the next step selects among the same pages with this query: one plan serves the drifted
+                    # heads now and the others after attention (their slots are still read until then)
+                    self.checks += drift.numel()
+                    st.corrections.add_(drift.sum())
+                    deferred = (*self._plan(st, mine, probs[:, :, 0]), ~drift)
+                    self._copy(layer, st, *deferred[:2], wait=True, heads=drift)
+                else:
+                    self._correct(layer, st, drift, mine, probs[:, :, 0])
             else:  # speculative: how much of the real token's choice did the guess catch?
                 hit = (st.wanted.unsqueeze(-1) == mine.unsqueeze(-2)).any(-1)
                 st.hits.add_(hit.sum())
@@ -319,7 +339,9 @@ class RetrievalEngine(Method):
         speculates = query == "speculative" and self.feed_mode == "speculative"
         if query == "previous":
             st.previous_q = q[:, :, 0]
-        if (query == "previous" or speculates) and next_start // p > lo:
+        if deferred is not None:
+            self._copy(layer, st, deferred[0], deferred[1], wait=False, heads=deferred[2])
+        elif (query == "previous" or speculates) and next_start // p > lo:
             # select for the next step now (the window will have moved by then) and recall in the background
             row, next_hi = (1 if speculates else 0), next_start // p
             if next_hi != hi:
@@ -364,9 +386,17 @@ class RetrievalEngine(Method):
         lo, hi = self.o.sink, st.recent_start
         if st.values is None or hi <= lo:
             return attend(q, st.k, st.v, scaling, mask)
-        rest = RestRange(lo, hi, st.table.resident(st.capacity // self.o.page_size), self.o.page_size, valid=valid)
+        rest = RestRange(lo, hi, self._resident(st), self.o.page_size, valid=valid)
         return attend_mixed(q, st.k, st.v, mask, st.scorer.quantized(), st.values.quantized(), rest, scaling,
                             scores=raw)
+
+    def _resident(self, st: _Layer) -> torch.Tensor:
+        """Bool [b, h, pages + 1]: the pages the slots hold now, read from the rows' positions (the page table
+        may already name pages whose copy is deferred)."""
+        p, pages = self.o.page_size, st.capacity // self.o.page_size
+        first = st.pos[:, :, st.slot_start:st.ring_start:p]  # a slot's first position, -1 if empty
+        held = torch.where(first >= 0, first // p, pages)
+        return torch.zeros((*held.shape[:2], pages + 1), dtype=torch.bool, device=held.device).scatter_(-1, held, True)
 
     def _whole_cache(self, layer: int, st: _Layer, k_new, v_new, n_old: int):
         """All tokens on the device (multi-token forwards): host pages, then the tail not in a whole page."""

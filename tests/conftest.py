@@ -130,3 +130,29 @@ def embedded():
     model, tokenizer = kvtier.load(device="cpu", dtype="float32")
     model._kvtier_tests_original_attn = model.config._attn_implementation
     return model, tokenizer
+
+
+# -- kernels against their references ------------------------------------------------------------------------
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (rtol, atol relative to the reference's largest magnitude): the kernels accumulate in float32 where the
+# references round products (or probabilities) to the input dtype first
+KERNEL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    """Seeded normal values on the kernel tests' device."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(device=KERNEL_DEVICE, dtype=dtype)
+
+
+def assert_close(actual, expected):
+    """Kernel output against its reference, within KERNEL_TOL scaled by the reference's largest magnitude."""
+    tol = KERNEL_TOL[expected.dtype]
+    scale = float(expected.float().abs().max()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * max(scale, 1.0))
+
+
+@pytest.fixture
+def torch_references(monkeypatch):
+    """Library functions take their PyTorch path, so the kernel under test is only what the test calls."""
+    monkeypatch.setenv("KVTIER_KERNELS", "torch")

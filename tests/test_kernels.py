@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICE, KERNEL_TOL, assert_close, randn
 
 pytest.importorskip("triton")
 
@@ -25,20 +26,13 @@ from kvtier.retrieval.scorer import DigestScorer  # noqa: E402
 from kvtier.select import page_digest, page_scores  # noqa: E402
 from kvtier.store import HostPool, to_pages  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (rtol, atol relative to the reference's largest magnitude): the kernels accumulate in float32 where the
-# references round products (or probabilities) to the input dtype first
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+DEVICE = KERNEL_DEVICE
+TOL = KERNEL_TOL
 
 
 @pytest.fixture(autouse=True)
-def torch_references(monkeypatch):
-    monkeypatch.setenv("KVTIER_KERNELS", "torch")
-
-
-def randn(*shape, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+def _torch_references(torch_references):
+    pass
 
 
 def spy(monkeypatch, module, name, calls):
@@ -51,11 +45,6 @@ def spy(monkeypatch, module, name, calls):
 
     monkeypatch.setattr(module, name, recorded)
 
-
-def assert_close(actual, expected):
-    tol = TOL[expected.dtype]
-    scale = float(expected.float().abs().max()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * max(scale, 1.0))
 
 
 def test_enabled_follows_device_and_environment(monkeypatch):

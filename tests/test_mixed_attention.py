@@ -15,31 +15,21 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICE, KERNEL_TOL, assert_close, randn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvtier import kernels
 from kvtier.attention import RestRange, attend, attend_mixed
 from kvtier.quant import LowBitKeys, LowBitValues, QTensor, quantize_keys, quantize_values
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (rtol, atol relative to the reference's largest magnitude), as in test_kernels.py
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+DEVICE = KERNEL_DEVICE
+TOL = KERNEL_TOL
 
 
 @pytest.fixture(autouse=True)
-def torch_references(monkeypatch):
-    monkeypatch.setenv("KVTIER_KERNELS", "torch")
+def _torch_references(torch_references):
+    pass
 
-
-def randn(*shape, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
-
-
-def assert_close(actual, expected):
-    tol = TOL[expected.dtype]
-    scale = float(expected.float().abs().max()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * max(scale, 1.0))
 
 
 def naive(q, k, v, mask, keys, values, rest, scaling):

@@ -72,6 +72,45 @@ def _splits(n: int, programs: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(n, MIN_SPLIT), triton.cdiv(2 * sms, programs)))
 
 
+def split_plan(columns: int, programs: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+    """(splits, columns per split, a whole number of blocks): no split is empty."""
+    splits = splits or _splits(columns, programs, device)
+    split_len = triton.cdiv(triton.cdiv(columns, splits), BLOCK_N) * BLOCK_N
+    return triton.cdiv(columns, split_len), split_len
+
+
+def mask_argument(mask: torch.Tensor | None, q: torch.Tensor, num_kv: int, n: int):
+    """The mask as the kernels read it (uint8 [b, h_kv, t, n] with unit-stride columns) and its strides; without a
+    mask, any tensor (never read) and zero strides."""
+    if mask is None:
+        return q, (0, 0, 0)
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    mask = mask.expand(q.shape[0], num_kv, q.shape[2], n)
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    return mask.view(torch.uint8), mask.stride()[:3]
+
+
+def split_outputs(q: torch.Tensor, splits: int):
+    """out [b, splits, t, H, d] and, with several splits, float32 running max and normalizer [b, splits, t, H]."""
+    b, num_heads, t, d = q.shape
+    if splits == 1:
+        out = torch.empty((b, 1, t, num_heads, d), dtype=q.dtype, device=q.device)
+        return out, out, out  # m and l are never written
+    out = torch.empty((b, splits, t, num_heads, d), dtype=torch.float32, device=q.device)
+    m = torch.empty((b, splits, t, num_heads), dtype=torch.float32, device=q.device)
+    return out, m, torch.empty_like(m)
+
+
+def merge_splits(out: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[b, t, H, d]: the splits rescaled to the overall max and normalized once (or the single split as is)."""
+    if out.shape[1] == 1:
+        return out[:, 0]
+    w = torch.exp(m - m.amax(dim=1, keepdim=True))
+    return ((out * w.unsqueeze(-1)).sum(1) / (l * w).sum(1).unsqueeze(-1)).to(dtype)
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                      mask: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
     """`attend` for few query tokens: q [b, H, t, d]; k, v [b, H_kv, n, d]; mask bool [b or 1, t, n] or
@@ -86,26 +125,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling:
     if n == 0 or group * t > DECODE_MAX_ROWS:
         raise ValueError(f"decode_attention needs keys and at most {DECODE_MAX_ROWS} query rows per KV head, got "
                          f"n={n}, {group} heads x {t} tokens")
-    splits = splits or _splits(n, b * num_kv, q.device)
-    split_len = triton.cdiv(triton.cdiv(n, splits), BLOCK_N) * BLOCK_N
-    splits = triton.cdiv(n, split_len)  # no empty split: each one sees at least one key
-    if mask is None:
-        mask_arg, mask_strides = q, (0, 0, 0)  # never read
-    else:
-        if mask.dim() == 3:
-            mask = mask.unsqueeze(1)
-        mask = mask.expand(b, num_kv, t, n)
-        if mask.stride(-1) != 1:
-            mask = mask.contiguous()
-        mask_arg, mask_strides = mask.view(torch.uint8), mask.stride()[:3]
+    splits, split_len = split_plan(n, b * num_kv, q.device, splits)
+    mask_arg, mask_strides = mask_argument(mask, q, num_kv, n)
+    out, m, l = split_outputs(q, splits)
     partial = splits > 1
-    if partial:
-        out = torch.empty((b, splits, t, num_heads, d), dtype=torch.float32, device=q.device)
-        m = torch.empty((b, splits, t, num_heads), dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
-    else:
-        out = torch.empty((b, 1, t, num_heads, d), dtype=q.dtype, device=q.device)
-        m = l = out  # never written
     _decode_kernel[(b * num_kv, splits)](
         q, k, v, mask_arg, out, m, l, num_kv, group, t, n, d, split_len, float(scaling),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -113,8 +136,4 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling:
         *(m.stride() if partial else (0, 0, 0, 0)),
         PARTIAL=partial, HAS_MASK=mask is not None, BLOCK_M=block(group * t), BLOCK_N=BLOCK_N,
         BLOCK_D=block(d), PRECISION=dot_precision(q.dtype))
-    if not partial:
-        return out[:, 0]
-    # merge the splits: rescale each to the overall max, then normalize once
-    w = torch.exp(m - m.amax(dim=1, keepdim=True))
-    return ((out * w.unsqueeze(-1)).sum(1) / (l * w).sum(1).unsqueeze(-1)).to(q.dtype)
+    return merge_splits(out, m, l, q.dtype)

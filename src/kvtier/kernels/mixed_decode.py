@@ -22,7 +22,7 @@ from ..attention import attend_mixed as decode_attention_mixed_reference  # noqa
 from ..quant import QTensor
 from . import DECODE_MAX_ROWS
 from ._common import FLOAT32_MIN, block, dot_precision, full_precision_block, load_query_rows, rows, softmax_step
-from .decode import BLOCK_N, _splits
+from .decode import BLOCK_N, mask_argument, merge_splits, split_outputs, split_plan
 
 
 @triton.jit
@@ -140,31 +140,15 @@ def decode_attention_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
                          f"{group} heads x {t} tokens")
     lo, rest_len = rest.lo, max(0, rest.hi - rest.lo)
     total = max(1, n + rest_len)
-    splits = splits or _splits(total, b * num_kv, q.device)
-    split_len = triton.cdiv(triton.cdiv(total, splits), BLOCK_N) * BLOCK_N
-    splits = triton.cdiv(total, split_len)  # no empty split: each one sees at least one column
-    if mask is None:
-        mask_arg, mask_strides = q, (0, 0, 0)  # never read
-    else:
-        if mask.dim() == 3:
-            mask = mask.unsqueeze(1)
-        mask = mask.expand(b, num_kv, t, n)
-        if mask.stride(-1) != 1:
-            mask = mask.contiguous()
-        mask_arg, mask_strides = mask.view(torch.uint8), mask.stride()[:3]
+    splits, split_len = split_plan(total, b * num_kv, q.device, splits)
+    mask_arg, mask_strides = mask_argument(mask, q, num_kv, n)
     key_packed, key_scale, key_zero = _params(keys)
     value_packed, value_scale, value_zero = _params(values)
     resident = rest.resident.view(torch.uint8)
     valid = rest.valid.view(torch.uint8) if rest.valid is not None else resident  # never read without a mask
     valid_strides = rest.valid.stride() if rest.valid is not None else (0, 0)
+    out, m, l = split_outputs(q, splits)
     partial = splits > 1
-    if partial:
-        out = torch.empty((b, splits, t, num_heads, d), dtype=torch.float32, device=q.device)
-        m = torch.empty((b, splits, t, num_heads), dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
-    else:
-        out = torch.empty((b, 1, t, num_heads, d), dtype=q.dtype, device=q.device)
-        m = l = out  # never written
     _mixed_kernel[(b * num_kv, splits)](
         q, k, v, mask_arg, key_packed, key_scale, key_zero, value_packed, value_scale, value_zero, resident,
         valid, out, m, l, num_kv, group, t, n, d, lo, rest_len, keys.group_size, values.group_size, rest.page_size,
@@ -173,8 +157,4 @@ def decode_attention_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         *resident.stride(), *valid_strides, *out.stride()[:4], *(m.stride() if partial else (0, 0, 0, 0)),
         PARTIAL=partial, HAS_MASK=mask is not None, HAS_VALID=rest.valid is not None, KEY_BITS=keys.bits, VALUE_BITS=values.bits,
         BLOCK_M=block(group * t), BLOCK_N=BLOCK_N, BLOCK_D=block(d), PRECISION=dot_precision(q.dtype))
-    if not partial:
-        return out[:, 0]
-    # merge the splits: rescale each to the overall max, then normalize once
-    w = torch.exp(m - m.amax(dim=1, keepdim=True))
-    return ((out * w.unsqueeze(-1)).sum(1) / (l * w).sum(1).unsqueeze(-1)).to(q.dtype)
+    return merge_splits(out, m, l, q.dtype)

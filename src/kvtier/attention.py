@@ -38,24 +38,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
            mask: torch.Tensor | None = None) -> torch.Tensor:
     """q [b, H, t, d]; k, v [b, H_kv, n, d]; mask bool [b, t, n] or [b, H_kv, t, n] (True attends), or None.
 
-    Returns [b, t, H, d], the layout transformers' attention modules expect back.
+    A row that sees no key (a padding query: nothing reads it) gets a finite output. Returns [b, t, H, d], the
+    layout transformers' attention modules expect back.
     """
     if kernels.enabled(q) and kernels.decode_fits(q, k):
         return kernels.decode_attention(q, k, v, scaling, mask)
     b, num_heads, t, d = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
-    n = k.shape[2]
+    # a KV head's query heads (and tokens) are rows of one query block, so SDPA needs no repeated KV heads
     qg = q.reshape(b, num_kv, group * t, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scaling)
     if mask is not None:
         if mask.dim() == 3:
             mask = mask.unsqueeze(1)
-        scores = scores.view(b, num_kv, group, t, n)
-        scores = scores.masked_fill(~mask.unsqueeze(2), torch.finfo(torch.float32).min)
-        scores = scores.view(b, num_kv, group * t, n)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # [b, H_kv, g*t, d]
+        if t > 1:  # rows are (head in group, token): the token's mask repeats over the group
+            mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).flatten(2, 3)
+        # additive, at the dtype's minimum: a boolean mask would give a row that sees nothing NaN
+        mask = torch.where(mask, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)  # [b, H_kv, g*t, d]
     return out.view(b, num_heads, t, d).transpose(1, 2)
 
 

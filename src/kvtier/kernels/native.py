@@ -72,6 +72,9 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         _error = "no C compiler (cc, gcc or $CC): the CPU runs the PyTorch references"
         return None
+    if not SOURCE.is_file():
+        _error = f"{SOURCE} is missing from this install: the CPU runs the PyTorch references"
+        return None
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
     target = _cache_dir() / f"native-{key}.so"
     try:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .kernels import native
-from .quant import QTensor, dequantize_key_range, dequantize_value_range
+from .quant import QTensor, as_float32, dequantize_key_range, dequantize_value_range
 
 # Mask elements per chunk of queries where causal_attention needs an explicit mask: bounds the [b, 1, t_chunk, n]
 # mask (SDPA turns a boolean mask into an additive one of the query's dtype: at most 64 MiB in float32).
@@ -120,7 +120,7 @@ def attend_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     rows, heads = num_heads // num_kv * t, b * num_kv
     # bmm over [b * H_kv, ...] views: torch.matmul of 4-d tensors adds an expand and a view per operand
     qg = q.reshape(heads, rows, d)
-    s = torch.bmm(qg, k.reshape(heads, n, d).transpose(1, 2)).float().mul_(scaling)
+    s = as_float32(torch.bmm(qg, k.reshape(heads, n, d).transpose(1, 2))).mul_(scaling)
     if mask is not None:
         if mask.dim() == 3:
             mask = mask.unsqueeze(1)
@@ -133,7 +133,7 @@ def attend_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                                            *_groups_from(keys, lo), keys.bits, keys.group_size, scaling)
             s_rest = None if s_rest is None else s_rest[..., lo % keys.group_size:].reshape(heads, rows, hi - lo)
         if s_rest is None:
-            s_rest = torch.bmm(qg, dequantize_key_range(keys, lo, hi).transpose(1, 2)).float().mul_(scaling)
+            s_rest = as_float32(torch.bmm(qg, dequantize_key_range(keys, lo, hi).transpose(1, 2))).mul_(scaling)
     else:
         s_rest = scores[..., lo:hi].reshape(heads, rows, hi - lo)
     s_rest = _drop_resident(s_rest, rest, b, num_kv)

@@ -20,6 +20,11 @@ from .link import nbytes
 BITS = (1, 2, 4)
 
 
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32; x itself when it already is (`.float()` would still dispatch an op, a step's op count)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def _check_bits(bits: int) -> None:
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits!r}")

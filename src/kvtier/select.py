@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from .quant import as_float32
 
 
 def page_digest(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,9 +30,9 @@ def page_scores(q: torch.Tensor, digest_max: torch.Tensor, digest_min: torch.Ten
         return kernels.page_scores(q, digest_max, digest_min)
     b, num_heads, d = q.shape
     num_kv, pages = digest_max.shape[1], digest_max.shape[2]
-    qg = q.reshape(b * num_kv, num_heads // num_kv, d).float()
-    upper = torch.bmm(qg.clamp(min=0), digest_max.reshape(b * num_kv, pages, d).float().transpose(1, 2))
-    upper.baddbmm_(qg.clamp(max=0), digest_min.reshape(b * num_kv, pages, d).float().transpose(1, 2))
+    qg = as_float32(q.reshape(b * num_kv, num_heads // num_kv, d))
+    upper = torch.bmm(qg.clamp(min=0), as_float32(digest_max.reshape(b * num_kv, pages, d)).transpose(1, 2))
+    upper.baddbmm_(qg.clamp(max=0), as_float32(digest_min.reshape(b * num_kv, pages, d)).transpose(1, 2))
     return upper.view(b, num_kv, num_heads // num_kv, pages)
 
 
@@ -43,5 +44,5 @@ def group_page_probs(scores: torch.Tensor, scaling: float) -> torch.Tensor:
 def query_similarity(q: torch.Tensor, previous: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """Cosine similarity of consecutive queries per query head, averaged over each KV head's group -> [b, H_kv]."""
     b, num_heads, _ = q.shape
-    cos = torch.nn.functional.cosine_similarity(q.float(), previous.float(), dim=-1)
+    cos = torch.nn.functional.cosine_similarity(as_float32(q), as_float32(previous), dim=-1)
     return cos.view(b, num_kv_heads, num_heads // num_kv_heads).mean(-1)

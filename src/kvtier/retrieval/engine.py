@@ -248,22 +248,22 @@ class RetrievalEngine(Method):
         """The table takes the wanted pages; returns the (pages, slots) plan [b, h, k] that makes it true."""
         st.wanted = wanted
         self.selections += 1
-        return st.table.plan(wanted, page_probs)
+        pages, slots = st.table.plan(wanted, page_probs)
+        st.recalled.add_((pages >= 0).sum())
+        return pages, slots
 
     def _copy(self, layer: int, st: _Layer, pages, slots, wait: bool, heads: torch.Tensor | None = None) -> None:
         """Copy the planned pages (only the KV heads in `heads` [b, h], when given): before attention when
         `wait`, else in the background until the layer's next step."""
         p = self.o.page_size
-        copy = pages >= 0
         if heads is not None:
-            copy = copy & heads.unsqueeze(-1)
-            pages = torch.where(copy, pages, -1)
-        src = torch.where(copy, st.pool_rows.addcmul(pages, st.pool_stride), -1).view(-1)
+            pages = torch.where(heads.unsqueeze(-1), pages, -1)
+        copy = pages >= 0
+        src = st.pool_rows.addcmul(pages, st.pool_stride).view(-1)  # page -1 gives a negative row: skipped
         dst = torch.where(copy, st.slot_rows + slots, st.trash_rows).view(-1)
         # the positions of the rows written; a skipped entry copies the table's last row, -1s, to the trash row
         last_row_for_skipped = pages.view(-1).remainder(st.page_positions.shape[0])  # -1 -> the row of -1s
         st.pos_rows.index_copy_(0, dst, st.page_positions.index_select(0, last_row_for_skipped))
-        st.recalled.add_(copy.sum())
         host = self.pool.pages[layer].view(-1, 2, p * self.spec.head_dim)
         event = self.link.async_rows(copy_rows, host, st.row_k, st.row_v, src, dst, self._staging(src, host),
                                      lane=layer)

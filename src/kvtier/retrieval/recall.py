@@ -66,7 +66,7 @@ class PageTable:
 def copy_rows_reference(src: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor, src_rows: torch.Tensor,
                         dst_rows: torch.Tensor, staging: torch.Tensor | None = None) -> None:
     """src [rows, 2, E] (key row then value row); dst_k, dst_v [rows', E]: dst[dst_rows[i]] = src[src_rows[i]],
-    nothing where src_rows[i] is -1 (the reference copies a null row to the trash row dst_rows[i] names).
+    nothing where src_rows[i] is negative (the reference copies a null row to the trash row dst_rows[i] names).
     staging: a [n, 2, E] buffer for the gathered rows, reused from step to step (fresh memory costs page faults)."""
     rows = src_rows.clamp(min=0)
     if staging is not None and src.device == rows.device:

@@ -17,7 +17,7 @@ import torch
 
 from .. import kernels
 from ..kernels import native
-from ..quant import LowBitKeys, QTensor, dequantize_key_range
+from ..quant import LowBitKeys, QTensor, as_float32, dequantize_key_range
 from ..select import page_digest, page_scores
 
 NEG = float("-inf")
@@ -121,7 +121,7 @@ class LowBitScorer:
         num_kv, n = keys.shape[1], keys.shape[2]
         qg = q.reshape(b * num_kv, num_heads // num_kv * t, d)
         k_hat = dequantize_key_range(keys, 0, n)  # [b * h_kv, n, d], one layer at a time (step_workspace)
-        return torch.bmm(qg, k_hat.transpose(1, 2)).float().mul_(scaling).view(b, num_kv, -1, n)
+        return as_float32(torch.bmm(qg, k_hat.transpose(1, 2))).mul_(scaling).view(b, num_kv, -1, n)
 
     def page_probs(self, q: torch.Tensor, lo: int, hi: int, scaling: float, raw=None) -> torch.Tensor:
         """q [b, H, t, d] -> [b, h_kv, t, pages]: softmax over the tokens of pages [lo, hi), summed per page."""

@@ -163,9 +163,18 @@ CAUSAL_HEADS = [(4, 4), (8, 2), (9, 3)]  # GQA groups 1, 4 and 3
 
 
 def attend_reference(q, k, v, scaling, valid, q_offset):
-    """The matmul path on float32 copies: [b, t, H, d] float32."""
-    t, n = q.shape[2], k.shape[2]
-    return attend(q.float(), k.float(), v.float(), scaling, causal_mask(valid, t, n, q_offset, "cpu"))
+    """Matmul attention on float32 copies, written out here (attend itself runs SDPA): [b, t, H, d] float32.
+    A row that sees no key gets equal weights."""
+    b, num_heads, t, d = q.shape
+    num_kv, n = k.shape[1], k.shape[2]
+    group = num_heads // num_kv
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scaling
+    mask = causal_mask(valid, t, n, q_offset, "cpu")
+    if mask is not None:
+        scores = scores.masked_fill(~mask.unsqueeze(1), torch.finfo(torch.float32).min)
+    return torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2)
 
 
 def tolerance(dtype):

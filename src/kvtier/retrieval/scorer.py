@@ -130,5 +130,5 @@ class LowBitScorer:
         num_kv, n = raw.shape[1], raw.shape[-1]
         p = self.page_size
         probs = torch.softmax(raw.masked_fill(_outside(n, lo * p, hi * p, q.device), NEG), dim=-1)
-        probs = probs.view(b, num_kv, num_heads // num_kv, t, n // p, p).sum(-1)
-        return probs.mean(2)
+        probs = probs.view(b, num_kv, num_heads // num_kv, t, n // p, p)
+        return (probs.sum(-1) if p > 1 else probs.squeeze(-1)).mean(2)  # a page of one token: nothing to sum

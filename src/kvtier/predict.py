@@ -110,8 +110,8 @@ def predict_kvpr(spec: ModelSpec, length: int, batch: int, split="auto", profile
     tables on the device, and X of every token in host memory. Each layer moves X[0:l) and KV[l:s).
 
     profile: the hardware profile the cost model reads (a dict with h2d_bytes_per_s and matmul_flops_per_s, a
-    HardwareProfile); needed only for split="auto" on models where recomputation can pay (hidden size < 2 x KV
-    width): the others never recompute."""
+    HardwareProfile, a JSON path; None: this machine's, as the method loads it); read only for split="auto" on
+    models where recomputation can pay (hidden size < 2 x KV width): the others never recompute."""
     from .schedule import plan_split
 
     base = predict_offload(spec, length, batch)
@@ -122,12 +122,11 @@ def predict_kvpr(spec: ModelSpec, length: int, batch: int, split="auto", profile
         return _replace(base, method="kvpr", options=options,
                         note="grouped-query attention: recomputation cannot pay, kvpr moves what offload moves")
     if split == "auto":
-        if profile is None:
-            raise ValueError("kvpr's split on this model depends on the machine: give profile= (a dict with "
-                             "h2d_bytes_per_s and matmul_flops_per_s), or split=")
         from .profile import load_profile
 
-        hw = load_profile(profile)
+        # as the method loads it: the override given, else this machine's cached (or freshly measured) profile
+        hw = load_profile(profile, device=spec.device, dtype=spec.dtype, hidden_size=spec.hidden_size,
+                          kv_width=kv_width)
         rates = hw.h2d_bytes_per_s, hw.matmul_flops_per_s
     else:
         rates = 1.0, 1.0  # a fixed split ignores the rates

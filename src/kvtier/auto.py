@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .models import ModelSpec
 from .predict import Prediction, engine_options, predict
+from .retrieval.options import FreeKVOptions
 from .sizes import format_bytes
 
 
@@ -74,25 +75,32 @@ def recompute_can_pay(spec: ModelSpec) -> bool:
     return spec.hidden_size < 2 * spec.num_kv_heads * spec.head_dim
 
 
+MAX_SHARE = 0.25  # of the length: the budget the fidelity bars were met at, and the most a rung is given
+
+
 def _budget_bounds(spec: ModelSpec, options: dict, length: int, min_share: float) -> tuple[int, int]:
     """Budgets (multiples of the page size) a freekv rung may take: at least min_share of the length and the
-    smallest valid one, at most what covers the whole length."""
-    p = options.get("page_size", 32)
-    lo = 3 * p  # one page each of sink, window and recalled slots
-    while True:  # the sink and window grow with the budget: step up to the first budget the options accept
+    smallest valid one, at most MAX_SHARE of it (auto reaches these rungs only when even offload's two layers do
+    not fit, and a larger budget would approach full's footprint)."""
+    p = options.get("page_size", FreeKVOptions.page_size)
+    # one page each of sink, window and recalled slots at least; the sink and window grow with the budget (up to
+    # FreeKVOptions.edge_tokens each), so step up to the first budget the options accept
+    for lo in range(3 * p, 2 * FreeKVOptions.edge_tokens + 2 * p, p):
         try:
             engine_options("freekv", {**options, "budget": lo}, spec)
             break
         except ValueError:
-            lo += p
+            continue
+    else:
+        engine_options("freekv", {**options, "budget": lo}, spec)  # raises what is wrong with the options
     lo = max(lo, -(-int(min_share * length) // p) * p)
-    hi = max(lo, -(-length // p) * p)
+    hi = max(lo, -(-int(MAX_SHARE * length) // p) * p)
     return lo, hi
 
 
 def _fit_budget(spec, rung: Rung, length, batch, device_memory, kernels) -> Prediction:
     """The freekv rung at the largest budget whose prediction fits (its smallest budget when none does)."""
-    p = rung.options.get("page_size", 32)
+    p = rung.options.get("page_size", FreeKVOptions.page_size)
     lo, hi = _budget_bounds(spec, rung.options, length, rung.min_share or 0.0)
 
     def at(budget: int) -> Prediction:

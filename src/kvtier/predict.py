@@ -230,9 +230,10 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
     if retrieval and wanted > 0 and cpu_reference:
         parts["recall_staging"] = b * h * wanted * 2 * p * d * elem
     page = b * h * 2 * p * d * elem
-    # a step recalls at most every slot once, twice where a correction and the next step's selection both copy
+    # a step recalls at most every page it selects (all slots, or all candidates when fewer) once, twice where a
+    # correction and the next step's selection both copy
     refills = 2 if o.query == "previous" or (o.query == "speculative" and o.correct > 0) else 1
-    h2d = retrieval * refills * o.slots * page
+    h2d = retrieval * refills * max(wanted, 0) * page
     return Prediction(method, dict(options), length, batch, False, sum(parts.values()),
                       retrieval * (held // p) * page, retrieval * (capacity // p) * page, h2d, False, parts,
                       f"{o.slots} slots of {p}-token pages per KV head, {o.sink}-token sink, {o.window}-token window")

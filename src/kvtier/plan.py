@@ -41,22 +41,31 @@ class ModelShape:
         return tokens * (4 * self.spec.hidden_size + 3 * self.intermediate_size) * elem + batch * self.vocab_size * 4
 
 
-def model_shape(model_config: str | None = None, model: str | None = None, dtype=torch.bfloat16,
-                device="cuda") -> ModelShape:
-    """A named shape (`kvtier.bench.shapes`: llama-3.1-8b, ...) or a model (embedded name, folder, .gguf, a Hugging
-    Face id in the local cache), built on the meta device: its config is read, no weight is."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def load_config(model_config: str | None = None, model: str | None = None):
+    """(transformers config, name) of a named shape (`kvtier.bench.shapes`: llama-3.1-8b, ...) or of a model (the
+    embedded name, a folder, a .gguf file, a Hugging Face id in the local cache). Reads the config only."""
     if model_config is not None:
         from .bench.shapes import model_config as shape_config
 
-        config, name = shape_config(model_config), model_config
-    else:
-        from .models import resolve_model
+        return shape_config(model_config), model_config
+    from transformers import AutoConfig
 
-        source, kwargs = resolve_model(model)
-        config = AutoConfig.from_pretrained(source, **kwargs)
-        name = model or "smollm2-135m"
+    from .models import DEFAULT_MODEL, resolve_model
+
+    source, kwargs = resolve_model(model)
+    return AutoConfig.from_pretrained(source, **kwargs), model or DEFAULT_MODEL
+
+
+def model_shape(model_config: str | None = None, model: str | None = None, dtype=torch.bfloat16,
+                device="cuda", config=None) -> ModelShape:
+    """A named shape or a model (see `load_config`; or its `config` as given) built on the meta device: its
+    parameters have shapes and no memory, no weight is read."""
+    from transformers import AutoModelForCausalLM
+
+    if config is None:
+        config, name = load_config(model_config, model)
+    else:
+        name = model_config or model or "smollm2-135m"
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     spec = ModelSpec.from_model(meta)  # unsupported family or sliding windows: refused here

@@ -103,3 +103,23 @@ def test_prediction_scales_to_real_shapes():
     fk = predict(spec, "freekv", {"budget": 4096}, 131072, 4)
     assert "recall_staging" not in fk.parts  # CUDA: the kernel copies from the pinned pool directly
     assert fk.device_bytes < full.device_bytes / 8  # its one dense layer is 1/32 of full
+
+
+@pytest.mark.parametrize("name", ["freekv", "freekv-lowbit-rest", "specache"])
+def test_prediction_with_kernels(tiny, monkeypatch, name):
+    """Where Triton kernels run (here through triton's interpreter) no layer is dequantized into a workspace and the
+    recall copies from the host pool without a gather buffer: the prediction follows."""
+    monkeypatch.setenv("KVTIER_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    stats, pred = check(tiny("llama"), name, prompt=130, new=3)
+    assert "recall_staging" not in pred.parts
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["full", "offload", "freekv", "freekv-lowbit-rest", "specache"])
+def test_prediction_equals_measurement_on_cuda(name):
+    from kvtier.models import tiny_random_model
+
+    model = tiny_random_model("llama", dtype=torch.bfloat16, device="cuda")
+    check(model, name, prompt=300, new=5)

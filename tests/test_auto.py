@@ -119,8 +119,13 @@ def test_planned_cache_keeps_its_batch_and_length(tiny):
         model(input_ids=ids, past_key_values=cache, use_cache=True)
     assert cache.broken is None  # refused before anything was stored
     cache = kvtier.KVCache(model, method="auto", device_memory="1MiB", max_length=20)
-    with pytest.raises(ValueError, match="max_length=20"):
+    with pytest.raises(ValueError, match="max_length=20 .* not 25"):  # refused before the prompt runs
         kvtier.generate(model, padded_batch([15], vocab_size=256)[0], cache=cache, max_new_tokens=10)
+    assert cache.stats()["tokens"] == 0
+    cache = kvtier.KVCache(model, method="auto", device_memory="1MiB", max_length=20)
+    ids = padded_batch([19], vocab_size=256)[0]
+    with pytest.raises(ValueError, match="at most 19 fed"):  # model.generate past max_length - 1 fed tokens
+        model(input_ids=torch.cat((ids, ids[:, :1]), 1), past_key_values=cache, use_cache=True)
 
 
 def test_model_on_several_devices_is_refused(tiny):

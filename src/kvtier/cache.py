@@ -401,6 +401,9 @@ class KVCache(Cache):
     def reserve(self, tokens: int) -> None:
         """Size buffers once for a sequence that will reach `tokens` tokens."""
         self.check_usable()
+        if self.device_memory is not None and tokens > self.max_length:
+            raise ValueError(f"this cache planned its device memory for max_length={self.max_length} (prompt + new "
+                             f"tokens), not {tokens}; make it with max_length={tokens}")
         self.method.reserve(tokens)
 
     def stats(self) -> dict:

@@ -55,6 +55,21 @@ def test_auto_full_when_it_fits_then_offload(tiny):
     assert stats["device_kv_bytes"] == stats["predicted_device_kv_bytes"] <= full - 1
 
 
+def test_auto_weighs_kvpr_with_a_profile_on_a_multi_head_model(tiny):
+    """Given a hardware profile, auto runs kvpr where its cost model recomputes (it then holds more than offload)."""
+    model = tiny("llama", num_key_value_heads=4, num_hidden_layers=6)  # full outgrows kvpr's two staged layers
+    profile = {"h2d_bytes_per_s": 1e9, "matmul_flops_per_s": 2e11}
+    spec = ModelSpec.from_model(model)
+    kvpr = predict(spec, "kvpr", {}, 305, 1, profile=profile)
+    assert kvpr.device_bytes > predict(spec, "offload", {}, 305, 1).device_bytes
+    cache = kvtier.KVCache(model, method="auto", device_memory=kvpr.device_bytes, max_length=305, profile=profile)
+    stats = run(model, cache)
+    assert stats["method"] == "kvpr" and stats["stores_activations"]
+    assert stats["device_kv_bytes"] == kvpr.device_bytes
+    cache = kvtier.KVCache(model, method="auto", device_memory=kvpr.device_bytes - 1, max_length=305, profile=profile)
+    assert cache.method.name == "offload"
+
+
 def test_auto_approximate_when_no_exact_method_fits(tiny):
     """12 layers at 1,500 tokens: offload's two layers of staging outgrow FreeKV with a small budget."""
     model = tiny("llama", num_hidden_layers=12)

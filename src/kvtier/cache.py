@@ -230,12 +230,16 @@ class KVCache(Cache):
             raise ValueError(f"device_memory= plans for a generation: max_length must be >= 3, got {max_length}")
         self.planned_batch = batch
         if method == AUTO:
+            profile = options.pop("profile", None)  # kvpr's hardware profile: lets auto weigh recomputation
             if options:
                 raise ValueError(f"method='auto' chooses the method's options itself; got {sorted(options)}: give a "
                                  "method by name to set them")
-            self.auto = choose(self.spec, self.device_memory, max_length, batch)
+            self.auto = choose(self.spec, self.device_memory, max_length, batch, profile=profile)
             self.predicted = self.auto.prediction
-            return self.auto.method, dict(self.auto.options)
+            chosen = dict(self.auto.options)
+            if self.auto.method == "kvpr":
+                chosen["profile"] = profile
+            return self.auto.method, chosen
         self.predicted = predict(self.spec, method, options, max_length, batch)
         if self.predicted.device_bytes > self.device_memory:
             raise ValueError(f"{self.predicted.label} needs {format_bytes(self.predicted.device_bytes)} of device KV "

@@ -674,17 +674,18 @@ def cmd_plan(args) -> int:
     if positions is not None and max(contexts) + args.new_tokens > positions:
         raise UsageError(f"--context {max(contexts)} + --new-tokens {args.new_tokens} exceeds {name}'s {positions} "
                          "positions")
-    source = "given"
+    source, profile = "given", None
     if bandwidth is None:
         if args.device == "cuda" and torch.cuda.is_available():
             from kvtier.profile import load_profile
 
-            bandwidth, source = load_profile(None, device="cuda", dtype=dtype).h2d_bytes_per_s, "measured here"
+            profile = load_profile(None, device="cuda", dtype=dtype)  # also kvpr's cost model (multi-head models)
+            bandwidth, source = profile.h2d_bytes_per_s, "measured here"
         else:
             bandwidth, source = plan.ASSUMED_BANDWIDTH, "assumed: no GPU here; give --bandwidth"
     shape = plan.model_shape(args.model_config, model, dtype, args.device, config=config)
     result = plan.plan(shape, contexts, args.batch, device_memory, new_tokens=args.new_tokens, bandwidth=bandwidth,
-                       host_memory=host_memory, utilization=args.utilization)
+                       host_memory=host_memory, utilization=args.utilization, profile=profile)
     print(plan.format_plan(result, source))
     if args.json is not None:
         path = Path(args.json).expanduser()

@@ -169,7 +169,12 @@ def plan(shape: ModelShape, contexts, batches, device_memory: int, new_tokens: i
                 case.auto_reason += (f"; but it needs {format_bytes(choice.prediction.host_reserved_bytes)} of host "
                                      f"memory and this machine has {format_bytes(host_memory)}")
             cases.append(case)
+    notes = []
+    if recompute_can_pay(spec) and profile is None:
+        notes.append("kvpr is left out: on this multi-head model its split comes from the measured profile "
+                     "(kvtier profile on the GPU), and without it auto considers offload only")
     return {"model": shape.name, "dtype": str(spec.dtype).replace("torch.", ""), "device": str(spec.device),
+            "notes": notes,
             "weight_bytes": shape.weight_bytes, "device_memory": device_memory, "utilization": utilization,
             "host_memory": host_memory, "bandwidth_bytes_per_s": bandwidth, "cases": [c.to_dict() for c in cases],
             "_cases": cases}
@@ -186,6 +191,7 @@ def format_plan(result: dict, bandwidth_source: str = "") -> str:
     out.append(f"{result['model']} ({result['dtype']} on {result['device']}): weights "
                f"{format_bytes(result['weight_bytes'])}; host memory {format_bytes(result['host_memory'])}; "
                f"link {gb_s:.1f} GB/s{f' ({bandwidth_source})' if bandwidth_source else ''}")
+    out.extend(f"note: {note}" for note in result["notes"])
     for case in result["_cases"]:
         out.append("")
         out.append(f"context {case.context} + {case.new_tokens} new tokens x batch {case.batch}: KV budget "

@@ -1,7 +1,7 @@
 """What a method will hold and move, predicted from the model's shape without running it.
 
-One function per method (`predict_full`, `predict_offload`, `predict_kvpr`, `predict_retrieval` for the two
-presets of the retrieval engine) mirrors the buffers that method allocates for a cache made with
+One function per method (`predict_full`, `predict_offload`, `predict_kvpr`, `predict_freekv`, `predict_specache`;
+the last two are presets of one engine, `predict_retrieval`) mirrors the buffers that method allocates for a cache made with
 `KVCache(model, method, max_length=length)` and driven through one generation of `length` tokens in all
 (`kvtier.generate` or `model.generate`: the cache ends holding `length - 1` tokens, because the last new token
 is returned and never fed), with at least one decode step. The figures are the ones `stats()` reports:
@@ -237,6 +237,16 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
     return Prediction(method, dict(options), length, batch, False, sum(parts.values()),
                       retrieval * (held // p) * page, retrieval * (capacity // p) * page, h2d, False, parts,
                       f"{o.slots} slots of {p}-token pages per KV head, {o.sink}-token sink, {o.window}-token window")
+
+
+def predict_freekv(spec: ModelSpec, length: int, batch: int, kernels: bool | None = None, **options) -> Prediction:
+    """`freekv` with its options (budget=..., page_size=..., ...): see `predict_retrieval`."""
+    return predict_retrieval(spec, "freekv", options, length, batch, kernels)
+
+
+def predict_specache(spec: ModelSpec, length: int, batch: int, kernels: bool | None = None, **options) -> Prediction:
+    """`specache` with its options (bits=..., topk=..., ...): see `predict_retrieval`."""
+    return predict_retrieval(spec, "specache", options, length, batch, kernels)
 
 
 def predict(spec: ModelSpec, method: str, options: dict | None = None, length: int = 4096, batch: int = 1,

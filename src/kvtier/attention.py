@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .kernels import native
 from .quant import QTensor, dequantize_key_range, dequantize_value_range
 
 # Mask elements per chunk of queries where causal_attention needs an explicit mask: bounds the [b, 1, t_chunk, n]
@@ -126,7 +127,13 @@ def attend_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         s = s.view(b, num_kv, -1, t, n).masked_fill(~mask.unsqueeze(2), torch.finfo(torch.float32).min)
         s = s.view(heads, rows, n)
     if scores is None:
-        s_rest = torch.bmm(qg, dequantize_key_range(keys, lo, hi).transpose(1, 2)).float().mul_(scaling)
+        s_rest = None
+        if kernels.native_enabled(q):
+            s_rest = native.dequant_scores(q, keys.packed[:, :, lo // keys.group_size * keys.group_size:hi],
+                                           *_groups_from(keys, lo), keys.bits, keys.group_size, scaling)
+            s_rest = None if s_rest is None else s_rest[..., lo % keys.group_size:].reshape(heads, rows, hi - lo)
+        if s_rest is None:
+            s_rest = torch.bmm(qg, dequantize_key_range(keys, lo, hi).transpose(1, 2)).float().mul_(scaling)
     else:
         s_rest = scores[..., lo:hi].reshape(heads, rows, hi - lo)
     s_rest = _drop_resident(s_rest, rest, b, num_kv)
@@ -134,9 +141,18 @@ def attend_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         pad = ~rest.valid[:, lo:hi].view(b, 1, 1, hi - lo)
         s_rest = s_rest.view(b, num_kv, rows, hi - lo).masked_fill(pad, float("-inf")).view(heads, rows, hi - lo)
     probs = torch.cat((s, s_rest), dim=-1).softmax(dim=-1).to(v.dtype)
-    out = torch.baddbmm(torch.bmm(probs[:, :, :n], v.reshape(heads, n, d)), probs[:, :, n:],
-                        dequantize_value_range(values, lo, hi))
+    out = torch.bmm(probs[:, :, :n], v.reshape(heads, n, d))
+    if not (kernels.native_enabled(q) and native.lowbit_values(
+            out, probs[:, :, n:], values.packed[:, :, lo:hi], values.scale[:, :, lo:hi], values.zero[:, :, lo:hi],
+            values.bits, values.group_size)):
+        out = out.baddbmm_(probs[:, :, n:], dequantize_value_range(values, lo, hi))
     return out.view(b, num_heads, t, d).transpose(1, 2)
+
+
+def _groups_from(keys: QTensor, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of the key groups from the one holding token lo on."""
+    first = lo // keys.group_size
+    return keys.scale[:, :, first:], keys.zero[:, :, first:]
 
 
 def causal_mask(valid: torch.Tensor | None, t: int, n: int, q_offset: int, device) -> torch.Tensor | None:

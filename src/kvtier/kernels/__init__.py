@@ -6,6 +6,9 @@ CPU test-suite drives the very launchers the GPU runs, through triton's interpre
 a launcher is first used: importing kvtier never needs it, and the kernel modules may import the library
 modules whose references they implement without an import cycle.
 
+On CPU, `native_enabled(x)` decides whether the C kernels of `native` (native.c) run instead of the PyTorch
+references: by default wherever the library builds (KVTIER_KERNELS=torch turns them off, as it does Triton).
+
 Launchers (see each module): page_scores, page_probs (digest_score); copy_rows (gather);
 dequant_scores (dequant_score); decode_attention (decode);
 decode_attention_mixed (mixed_decode).
@@ -52,6 +55,16 @@ def enabled(x: torch.Tensor) -> bool:
     return mode == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and available()
 
 
+def native_enabled(x: torch.Tensor) -> bool:
+    """Whether an operation on CPU tensor x should run its C kernel (`native`), read from the environment at
+    every call: on CPU unless KVTIER_KERNELS is "torch" (references) or "triton" (the interpreter's kernels)."""
+    if x.device.type != "cpu" or os.environ.get("KVTIER_KERNELS", "auto") not in ("auto", "native"):
+        return False
+    from . import native
+
+    return native.library() is not None
+
+
 def decode_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `decode_attention` serves attend(q [b, H, t, d], k [b, H_kv, n, d]): a few query tokens, some keys."""
     b, num_heads, t, _ = q.shape
@@ -70,4 +83,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["available", "enabled", "decode_fits", "mixed_fits", "DECODE_MAX_ROWS", *_LAUNCHERS]
+__all__ = ["available", "enabled", "native_enabled", "decode_fits", "mixed_fits", "DECODE_MAX_ROWS", *_LAUNCHERS]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..kernels import native
 from ..attention import RestRange, attend, attend_mixed, causal_attention
 from ..link import nbytes
 from ..methods.base import Method
@@ -29,7 +30,7 @@ from ..quant import LowBitValues
 from ..select import query_similarity
 from ..store import HostPool, from_pages, to_pages
 from .options import EngineOptions
-from .recall import PageTable, copy_rows
+from .recall import PageTable, copy_rows, native_copies
 from .scorer import DigestScorer, LowBitScorer
 
 CAPACITY_MARGIN = 256  # tokens added past the prompt when no length was reserved (then growth by a quarter)
@@ -208,10 +209,10 @@ class RetrievalEngine(Method):
         rows = self.spec.num_heads // h * 2  # a decode step has one query token, a speculative one two
         elem = k.element_size()
         pages = st.capacity // self.o.page_size
-        if not st.scorer.lowbit:  # the page bound, per query row, page and channel, then the page scores
-            return 4 * b * h * rows * pages * (d + 2)
+        if not st.scorer.lowbit:  # the page bounds per query row and their softmax
+            return 4 * b * h * rows * pages * 2
         size = 4 * b * h * rows * st.capacity * 2  # raw token scores and their softmax
-        if not kernels.enabled(k):
+        if not (kernels.enabled(k) or native.serves(k, rows, d)):
             size += elem * b * h * st.capacity * d * (2 if st.values is not None else 1)
         return size
 
@@ -260,7 +261,8 @@ class RetrievalEngine(Method):
         src = torch.where(copy, st.pool_rows.addcmul(pages, st.pool_stride), -1).view(-1)
         dst = torch.where(copy, st.slot_rows + slots, st.trash_rows).view(-1)
         # the positions of the rows written; a skipped entry copies the table's last row, -1s, to the trash row
-        st.pos_rows.index_copy_(0, dst, st.page_positions[pages.view(-1)])  # index -1 is the last row
+        last_row_for_skipped = pages.view(-1).remainder(st.page_positions.shape[0])  # -1 -> the row of -1s
+        st.pos_rows.index_copy_(0, dst, st.page_positions.index_select(0, last_row_for_skipped))
         st.recalled.add_(copy.sum())
         host = self.pool.pages[layer].view(-1, 2, p * self.spec.head_dim)
         event = self.link.async_rows(copy_rows, host, st.row_k, st.row_v, src, dst, self._staging(src, host),
@@ -272,7 +274,7 @@ class RetrievalEngine(Method):
 
     def _staging(self, rows: torch.Tensor, host: torch.Tensor) -> torch.Tensor | None:
         """The reference copy's buffer of gathered rows, one for every layer (None where a kernel copies)."""
-        if kernels.enabled(rows) or rows.device != host.device:
+        if kernels.enabled(rows) or rows.device != host.device or native_copies(host, rows):
             return None
         shape = (rows.numel(), *host.shape[1:])
         staging = self.__dict__.get("staging")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..kernels import native
 
 
 class PageTable:
@@ -79,5 +80,10 @@ def copy_rows_reference(src: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Ten
 def copy_rows(src, dst_k, dst_v, src_rows, dst_rows, staging=None) -> None:
     if kernels.enabled(dst_k):
         kernels.copy_rows(src, dst_k, dst_v, src_rows, dst_rows)
-    else:
+    elif not (native_copies(src, dst_k) and native.copy_rows(src, dst_k, dst_v, src_rows, dst_rows)):
         copy_rows_reference(src, dst_k, dst_v, src_rows, dst_rows, staging)
+
+
+def native_copies(src: torch.Tensor, dst: torch.Tensor) -> bool:
+    """Whether the C kernel copies (both sides in CPU memory): then no staging buffer is needed."""
+    return src.device == dst.device and kernels.native_enabled(dst)

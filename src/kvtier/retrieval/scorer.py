@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..kernels import native
 from ..quant import LowBitKeys, QTensor, dequantize_key_range
 from ..select import page_digest, page_scores
 
@@ -112,6 +113,10 @@ class LowBitScorer:
         keys = self.quantized()
         if kernels.enabled(q):
             return kernels.dequant_scores(q, keys, scaling)
+        if kernels.native_enabled(q):
+            scores = native.dequant_scores(q, keys.packed, keys.scale, keys.zero, keys.bits, keys.group_size, scaling)
+            if scores is not None:
+                return scores
         b, num_heads, t, d = q.shape
         num_kv, n = keys.shape[1], keys.shape[2]
         qg = q.reshape(b * num_kv, num_heads // num_kv * t, d)

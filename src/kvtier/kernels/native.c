@@ -1,0 +1,149 @@
+/* kvtier's CPU kernels: what the Triton kernels do on a GPU, for a CPU (see native.py).
+ *
+ * Each function equals a PyTorch reference (named beside it) up to float rounding. Pointers are to the first
+ * element; strides are in elements. Every loop over channels keeps LANES independent partial sums, so the
+ * compiler vectorizes it without reassociating a float sum.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 8
+#define MAX_ROWS 64  /* query rows (group x query tokens) one call handles; native.py checks it */
+#define MAX_DIM 512  /* channels; native.py checks it */
+
+/* retrieval.recall.copy_rows_reference: for every entry i with src_rows[i] >= 0,
+ * dst_k[dst_rows[i]] = src[src_rows[i], 0] and dst_v[dst_rows[i]] = src[src_rows[i], 1]; src is [rows, 2, E] and
+ * dst_k, dst_v are [rows', E], all contiguous; row_bytes = E * element size. Entries of -1 cost nothing. */
+void kvt_copy_rows(const char *src, char *dst_k, char *dst_v, const int64_t *src_rows, const int64_t *dst_rows,
+                   int64_t entries, int64_t row_bytes) {
+    for (int64_t i = 0; i < entries; i++) {
+        int64_t s = src_rows[i];
+        if (s < 0) continue;
+        memcpy(dst_k + dst_rows[i] * row_bytes, src + (2 * s) * row_bytes, (size_t)row_bytes);
+        memcpy(dst_v + dst_rows[i] * row_bytes, src + (2 * s + 1) * row_bytes, (size_t)row_bytes);
+    }
+}
+
+/* The codes of every byte value, for 1, 2 and 4 bits (quant.unpack's order: code j at bit j * bits). */
+static float code_table[3][256][8];
+
+__attribute__((constructor)) static void fill_tables(void) {
+    const int widths[3] = {1, 2, 4};
+    for (int w = 0; w < 3; w++) {
+        int bits = widths[w], per_byte = 8 / bits;
+        for (int v = 0; v < 256; v++)
+            for (int j = 0; j < per_byte; j++) code_table[w][v][j] = (float)((v >> (j * bits)) & ((1 << bits) - 1));
+    }
+}
+
+static const float (*table_for(int bits))[8] {
+    return code_table[bits == 1 ? 0 : bits == 2 ? 1 : 2];
+}
+
+/* Codes of one token's packed row as floats (codes has room for every code its bytes hold). The copy loop is
+ * written once per width so that it unrolls into plain moves. */
+#define UNPACK(PER)                                                                                             \
+    for (int64_t i = 0; i < bytes; i++) {                                                                     \
+        const float *e = table[packed[i]];                                                                    \
+        for (int j = 0; j < PER; j++) codes[i * PER + j] = e[j];                                              \
+    }
+static inline void unpack_row(const uint8_t *packed, int64_t d, int bits, const float (*table)[8], float *codes) {
+    int64_t bytes = (d * bits + 7) / 8;
+    if (bits == 2) { UNPACK(4) } else if (bits == 4) { UNPACK(2) } else { UNPACK(8) }
+}
+
+#define BLOCK 64  /* tokens scored together: their codes, transposed, stay in L1 */
+
+/* kernels.dequant_score.dequant_scores_reference, float32: scores of query rows against keys quantized per
+ * channel in groups of `group` tokens. q [heads][rows][d] (contiguous); packed [heads][n][bytes] at strides
+ * (sp_h, sp_n); scale, zero [heads][n / group][d] at strides (sz_h, sz_g); out [heads][rows][n] (contiguous).
+ * q . (code * scale + zero) = (q * scale) . code + q . zero: per group the query is scaled once; a block of
+ * tokens is unpacked channel-major, so each channel adds a scaled code row to every query row's scores. */
+void kvt_dequant_scores_f32(const float *q, const uint8_t *packed, const float *scale, const float *zero,
+                            float *out, int64_t heads, int64_t rows, int64_t n, int64_t d, int64_t group,
+                            int bits, float scaling, int64_t sp_h, int64_t sp_n, int64_t sz_h, int64_t sz_g) {
+    /* per thread, not on the stack: 256 KiB would not fit a small thread stack */
+    static _Thread_local float qs[MAX_ROWS][MAX_DIM], qz[MAX_ROWS], code_t[MAX_DIM][BLOCK], acc[BLOCK];
+    static _Thread_local uint8_t byte_t[MAX_DIM][BLOCK];
+    const int per_byte = 8 / bits, mask = (1 << bits) - 1;
+    const int64_t bytes = (d * bits + 7) / 8;
+    for (int64_t h = 0; h < heads; h++) {
+        const float *qh = q + h * rows * d;
+        float *oh = out + h * rows * n;
+        int64_t scaled_group = -1;
+        for (int64_t t0 = 0; t0 < n; t0 += BLOCK) {
+            int64_t width = n - t0 < BLOCK ? n - t0 : BLOCK;
+            for (int64_t j = 0; j < width; j++) {
+                const uint8_t *row = packed + h * sp_h + (t0 + j) * sp_n;
+                for (int64_t i = 0; i < bytes; i++) byte_t[i][j] = row[i];
+            }
+            for (int64_t c = 0; c < d; c++) {
+                const uint8_t *src = byte_t[c / per_byte];
+                int shift = (int)(c % per_byte) * bits;
+                for (int64_t j = 0; j < width; j++) code_t[c][j] = (float)((src[j] >> shift) & mask);
+            }
+            /* a block lies in one group when the group is a multiple of BLOCK; else token by token groups */
+            for (int64_t j0 = 0; j0 < width;) {
+                int64_t g = (t0 + j0) / group;
+                int64_t j1 = (g + 1) * group - t0;
+                if (j1 > width) j1 = width;
+                if (g != scaled_group) {
+                    const float *s = scale + h * sz_h + g * sz_g, *z = zero + h * sz_h + g * sz_g;
+                    for (int64_t m = 0; m < rows; m++) {
+                        float part[LANES] = {0}, sum = 0.0f;
+                        for (int64_t c = 0; c < d; c++) {
+                            qs[m][c] = qh[m * d + c] * s[c];
+                            part[c % LANES] += qh[m * d + c] * z[c];
+                        }
+                        for (int j = 0; j < LANES; j++) sum += part[j];
+                        qz[m] = sum;
+                    }
+                    scaled_group = g;
+                }
+                for (int64_t m = 0; m < rows; m++) {
+                    for (int64_t j = j0; j < j1; j++) acc[j] = qz[m];
+                    for (int64_t c = 0; c < d; c++) {
+                        float w = qs[m][c];
+                        const float *row = code_t[c];
+                        for (int64_t j = j0; j < j1; j++) acc[j] += w * row[j];
+                    }
+                    for (int64_t j = j0; j < j1; j++) oh[m * n + t0 + j] = acc[j] * scaling;
+                }
+                j0 = j1;
+            }
+        }
+    }
+}
+
+/* out += probs @ dequantize(values): values quantized per token in groups of `group` channels.
+ * probs [heads][rows][n] at strides (pp_h, pp_m); packed [heads][n][bytes] at strides (sp_h, sp_n); scale, zero
+ * [heads][n][d / group] at strides (sz_h, sz_n); out [heads][rows][d] (contiguous). Tokens whose probability is
+ * 0 for every row (resident pages, masked ones) are skipped. The reference is attention.attend_mixed's
+ * baddbmm over dequantize_value_range. */
+void kvt_lowbit_values_f32(const float *probs, const uint8_t *packed, const float *scale, const float *zero,
+                           float *out, int64_t heads, int64_t rows, int64_t n, int64_t d, int64_t group, int bits,
+                           int64_t pp_h, int64_t pp_m, int64_t sp_h, int64_t sp_n, int64_t sz_h, int64_t sz_n) {
+    const float (*table)[8] = table_for(bits);
+    float codes[MAX_DIM + 8], value[MAX_DIM], p[MAX_ROWS];
+    for (int64_t h = 0; h < heads; h++) {
+        float *oh = out + h * rows * d;
+        for (int64_t t = 0; t < n; t++) {
+            int any = 0;
+            for (int64_t m = 0; m < rows; m++) {
+                p[m] = probs[h * pp_h + m * pp_m + t];
+                any |= p[m] != 0.0f;
+            }
+            if (!any) continue;
+            unpack_row(packed + h * sp_h + t * sp_n, d, bits, table, codes);
+            const float *s = scale + h * sz_h + t * sz_n, *z = zero + h * sz_h + t * sz_n;
+            for (int64_t c0 = 0, g = 0; c0 < d; c0 += group, g++) {
+                float sg = s[g], zg = z[g];
+                for (int64_t c = c0; c < c0 + group; c++) value[c] = codes[c] * sg + zg;
+            }
+            for (int64_t m = 0; m < rows; m++) {
+                float pm = p[m], *o = oh + m * d;
+                for (int64_t c = 0; c < d; c++) o[c] += pm * value[c];
+            }
+        }
+    }
+}

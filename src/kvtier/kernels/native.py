@@ -1,0 +1,158 @@
+"""CPU kernels in C (native.c): on a CPU, what the Triton kernels do on a GPU.
+
+The PyTorch references are exact but pay, on a CPU, for work a GPU kernel does not do: the recall's reference
+copies a null row for every planned entry that has nothing to copy (a fixed-size plan is mostly such entries),
+and low-bit scoring and low-bit attention write a whole dequantized layer out before reading it back. The C
+functions do what the Triton kernels do instead: skip -1 entries, dequantize in registers. Like a GPU kernel
+they read the plan from memory, so nothing is read back to Python and the step stays free of host syncs.
+
+The library is compiled once per machine with the C compiler ($CC, else `cc`) into the user cache
+($KVTIER_CACHE, else ~/.cache/kvtier), named by the hash of the source and flags, and loaded with ctypes.
+Without a compiler the references run, and `status()` says why (`kvtier info` prints it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+MAX_ROWS, MAX_DIM = 64, 512  # as native.c
+_BITS = (1, 2, 4)
+
+_c_i64, _c_ptr, _c_float, _c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "kvt_copy_rows": [_c_ptr] * 5 + [_c_i64] * 2,
+    "kvt_dequant_scores_f32": [_c_ptr] * 5 + [_c_i64] * 5 + [_c_int, _c_float] + [_c_i64] * 4,
+    "kvt_lowbit_values_f32": [_c_ptr] * 5 + [_c_i64] * 5 + [_c_int] + [_c_i64] * 6,
+}
+_error: str | None = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KVTIER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kvtier")
+    return Path(root)
+
+
+def _cpu_id() -> str:
+    """The processor's model and flags: -march=native code built for one CPU may not run on another."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return os.uname().machine
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
+        os.replace(out, target)  # atomic: a concurrent process sees the old file or the whole new one
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None (and `status()` says why) where that is impossible."""
+    global _error
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        _error = "no C compiler (cc, gcc or $CC): the CPU runs the PyTorch references"
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"native-{key}.so"
+    try:
+        if not target.exists():
+            _compile(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        _error = f"could not build the CPU kernels ({err}): the CPU runs the PyTorch references"
+        return None
+    for name, args in _SIGNATURES.items():
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = None
+    return lib
+
+
+def status() -> str:
+    lib = library()
+    return "native CPU kernels loaded" if lib is not None else _error
+
+
+def copy_rows(src: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor, src_rows: torch.Tensor,
+              dst_rows: torch.Tensor) -> bool:
+    """recall.copy_rows_reference without the null-row copies; False (nothing done) where the layout is not
+    the contiguous one the C loop assumes, so the caller runs the reference."""
+    if not (src.is_contiguous() and dst_k.is_contiguous() and dst_v.is_contiguous() and src.dtype == dst_k.dtype
+            and src_rows.dtype == dst_rows.dtype == torch.long and src.shape[-1] == dst_k.shape[-1]):
+        return False
+    src_rows, dst_rows = src_rows.contiguous(), dst_rows.contiguous()
+    library().kvt_copy_rows(src.data_ptr(), dst_k.data_ptr(), dst_v.data_ptr(), src_rows.data_ptr(),
+                            dst_rows.data_ptr(), src_rows.numel(), dst_k.shape[-1] * dst_k.element_size())
+    return True
+
+
+def serves(x: torch.Tensor, rows: int, d: int) -> bool:
+    """Whether the low-bit kernels take this call: C kernels on here, float32, `rows` query rows (group x query
+    tokens) and d channels within the kernels' fixed buffers."""
+    from . import native_enabled
+
+    return native_enabled(x) and x.dtype == torch.float32 and rows <= MAX_ROWS and d <= MAX_DIM
+
+
+def _heads_view(x: torch.Tensor) -> tuple[int, int] | None:
+    """Strides of a [b, h, a, c] tensor seen as [b * h, a, c]: (head stride, row stride), or None where the last
+    dim is not dense or b and h do not merge (the engine's views into its buffers always do)."""
+    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1)):
+        return None
+    return x.stride(1), x.stride(2)
+
+
+def dequant_scores(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   group: int, scaling: float) -> torch.Tensor | None:
+    """float32 q [b, H, t, d] against keys quantized per channel ([b, h, n, bytes] codes, [b, h, n/group, d]
+    scale and zero) -> scores [b, h, g*t, n] as `dequant_scores_reference`; None where the kernel does not
+    apply (dtype, sizes, layout), so the caller runs the reference."""
+    b, num_heads, t, d = q.shape
+    num_kv, n = packed.shape[1], packed.shape[2]
+    rows = num_heads // num_kv * t
+    codes, params = _heads_view(packed), _heads_view(scale)
+    if (not serves(q, rows, d) or bits not in _BITS or codes is None or params is None
+            or zero.stride() != scale.stride() or scale.dtype != torch.float32 or zero.dtype != torch.float32):
+        return None
+    q = q.reshape(b, num_kv, rows, d).contiguous()
+    out = q.new_empty((b, num_kv, rows, n))
+    library().kvt_dequant_scores_f32(q.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                                     out.data_ptr(), b * num_kv, rows, n, d, group, bits, scaling, *codes, *params)
+    return out
+
+
+def lowbit_values(out: torch.Tensor, probs: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                  zero: torch.Tensor, bits: int, group: int) -> bool:
+    """out [b*h, rows, d] += probs [b*h, rows, n] @ dequantized values (quantized per token in groups of
+    `group` channels: codes [b, h, n, bytes], scale and zero [b, h, n, d/group]); False (nothing done) where
+    the kernel does not apply, so the caller runs the reference."""
+    heads, rows, d = out.shape
+    n = probs.shape[-1]
+    codes, params = _heads_view(packed), _heads_view(scale)
+    if (not serves(out, rows, d) or bits not in _BITS or codes is None or params is None or not out.is_contiguous()
+            or probs.dtype != torch.float32 or probs.stride(-1) != 1 or zero.stride() != scale.stride()
+            or scale.dtype != torch.float32 or zero.dtype != torch.float32 or packed.shape[2] != n or d % group):
+        return False
+    library().kvt_lowbit_values_f32(probs.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                                    out.data_ptr(), heads, rows, n, d, group, bits, probs.stride(0),
+                                    probs.stride(1), *codes, *params)
+    return True

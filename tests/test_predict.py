@@ -105,6 +105,15 @@ def test_prediction_scales_to_real_shapes():
     assert fk.device_bytes < full.device_bytes / 8  # its one dense layer is 1/32 of full
 
 
+@pytest.mark.parametrize("name", ["freekv", "freekv-lowbit-rest", "specache", "freekv-current"])
+def test_prediction_with_pytorch_references(tiny, monkeypatch, name):
+    """KVTIER_KERNELS=torch: the references dequantize a layer into the step's workspace and gather recalled rows
+    into a staging buffer; both are predicted."""
+    monkeypatch.setenv("KVTIER_KERNELS", "torch")
+    stats, pred = check(tiny("llama"), name, prompt=300, new=5)
+    assert "recall_staging" in pred.parts
+
+
 @pytest.mark.parametrize("name", ["freekv", "freekv-lowbit-rest", "specache"])
 def test_prediction_with_kernels(tiny, monkeypatch, name):
     """Where Triton kernels run (here through triton's interpreter) no layer is dequantized into a workspace and the

@@ -80,6 +80,13 @@ def kernels_on(device: torch.device) -> bool:
     return kernels.enabled(torch.empty(0, device=device))
 
 
+def native_on(device: torch.device) -> bool:
+    """Whether the C kernels run on `device` (CPU only, as `kernels.native_enabled` decides)."""
+    from . import kernels
+
+    return device.type == "cpu" and kernels.native_enabled(torch.empty(0))
+
+
 def _check(length: int, batch: int) -> None:
     for name, value, low in (("length", length, 3), ("batch", batch, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -179,14 +186,19 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
                       kernels: bool | None = None) -> Prediction:
     """`freekv` or `specache`: per retrieval layer one device buffer (sink, recalled-page slots, window ring,
     trash page) with row positions and the page table, the scorer's state (digests or low-bit keys) and the
-    low-bit values when the rest is read; dense layers whole; the transient scores of one layer; on CPU the
-    reference copy's gather buffer. Host memory holds every whole page of the retrieval layers.
+    low-bit values when the rest is read; dense layers whole; the transient scores of one layer, and where no
+    kernel reads the low-bit copy in place its dequantized layer; on CPU without the C kernels the reference
+    copy's gather buffer. Host memory holds every whole page of the retrieval layers.
 
-    kernels: whether Triton kernels run (None: as they would on the model's device)."""
+    kernels: whether Triton kernels run (None: as they would on the model's device); the C kernels run on CPU
+    wherever `kernels.native_enabled` says so."""
+    from .kernels import native
+
     _check(length, batch)
     o = engine_options(method, options, spec)
     if kernels is None:
         kernels = kernels_on(spec.device)
+    c_kernels = not kernels and native_on(spec.device)
     b, h, d, elem = batch, spec.num_kv_heads, spec.head_dim, elem_bytes(spec)
     p, lowbit = o.page_size, o.scorer == "lowbit"
     unit = o.key_group if lowbit else p
@@ -209,11 +221,13 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
             parts["lowbit_values"] = retrieval * (codes + 2 * b * h * capacity * (d // o.value_group) * elem)
     if retrieval:
         query_rows = spec.num_heads // h * 2  # a speculative step has two query tokens
-        if not lowbit:
-            workspace = 4 * b * h * query_rows * (capacity // p) * (d + 2)
+        if not lowbit:  # the page bounds per query row and their softmax
+            workspace = 4 * b * h * query_rows * (capacity // p) * 2
         else:
-            workspace = 4 * b * h * query_rows * capacity * 2
-            if not kernels:  # the PyTorch reference dequantizes one layer's low-bit copy
+            workspace = 4 * b * h * query_rows * capacity * 2  # raw token scores and their softmax
+            in_place = kernels or (c_kernels and spec.dtype == torch.float32 and query_rows <= native.MAX_ROWS
+                                   and d <= native.MAX_DIM)
+            if not in_place:  # the PyTorch reference dequantizes one layer's low-bit copy
                 workspace += elem * b * h * capacity * d * (2 if o.rest == "lowbit" else 1)
         parts["step_workspace"] = workspace
     # the last decode step selects among the pages between the sink and the window, and (previous or speculative
@@ -226,7 +240,7 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
             step = min(step, held // o.key_group * o.key_group)
         hi = max(hi, max(_window_start(o, held), o.sink, step) // p)
     wanted = min(o.slots, hi - lo)
-    cpu_reference = not kernels and spec.device.type == "cpu"
+    cpu_reference = not kernels and not c_kernels and spec.device.type == "cpu"
     if retrieval and wanted > 0 and cpu_reference:
         parts["recall_staging"] = b * h * wanted * 2 * p * d * elem
     page = b * h * 2 * p * d * elem

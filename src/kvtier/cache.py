@@ -171,6 +171,12 @@ class KVCache(Cache):
     batch of sequences; make a new cache for a new prompt. A forward pass through the cache that stops part-way
     (an exception or Ctrl-C between layer 0's update and the last layer's attention) marks it broken: every
     later use raises `CacheBrokenError`; make a new cache.
+
+    `method="auto"` with `device_memory=` ("6GiB", "40MiB", bytes) and `max_length=` chooses the method and options
+    whose device KV state fits that budget for `batch` sequences (default 1; `kvtier.auto`), and `repr` and
+    `stats()` say what and why. With a named method, `device_memory=` checks it against the budget. Either way the
+    cache then refuses a larger batch or a longer sequence than it planned for. A model spread over several
+    devices is refused.
     """
 
     def __init__(self, model, method: str = "full", max_length: int | None = None, device_memory=None,

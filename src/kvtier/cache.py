@@ -36,6 +36,28 @@ ATTN_NAME = "kvtier"
 _TAG = "_kvtier_cache"
 
 
+AUTO = "auto"  # KVCache(method=AUTO, device_memory=...): kvtier.auto chooses the method
+
+
+def check_one_device(model) -> None:
+    """kvtier keeps all of a model's KV state on one device (the one its attention reads from): a model spread over
+    several devices (accelerate's device_map, with weights on several GPUs, the CPU or disk) is refused here rather
+    than failing with a device mismatch deep in a decode step."""
+    def name(device) -> str:  # device_map values are GPU indices, "cuda:1", "cpu" or "disk"
+        device = f"cuda:{device}" if isinstance(device, int) else str(device)
+        return "cuda:0" if device == "cuda" else device
+
+    device_map = getattr(model, "hf_device_map", None)
+    if isinstance(device_map, dict) and device_map:
+        placed = {name(d) for d in device_map.values()}
+    else:
+        placed = {name(p.device) for p in model.parameters()}
+    if len(placed) > 1:
+        raise ValueError(f"this model is spread over several devices ({', '.join(sorted(placed))}); kvtier keeps "
+                         "every layer's KV state on one device. Load it on one device (device_map={'': 0} or "
+                         ".to('cuda')) and fit long contexts with method='auto', device_memory=...")
+
+
 class CacheBrokenError(RuntimeError):
     """A KVCache whose step was interrupted (or misused) refuses further use: make a new one."""
 
@@ -149,15 +171,29 @@ class KVCache(Cache):
     batch of sequences; make a new cache for a new prompt. A forward pass through the cache that stops part-way
     (an exception or Ctrl-C between layer 0's update and the last layer's attention) marks it broken: every
     later use raises `CacheBrokenError`; make a new cache.
+
+    `method="auto"` with `device_memory=` ("6GiB", "40MiB", bytes) and `max_length=` chooses the method and options
+    whose device KV state fits that budget for `batch` sequences (default 1; `kvtier.auto`), and `repr` and
+    `stats()` say what and why. With a named method, `device_memory=` checks it against the budget. Either way the
+    cache then refuses a larger batch or a longer sequence than it planned for. A model spread over several
+    devices is refused.
     """
 
-    def __init__(self, model, method: str = "full", max_length: int | None = None, **options):
-        cls = method_class(method)  # unknown method: ValueError listing the valid ones
+    def __init__(self, model, method: str = "full", max_length: int | None = None, device_memory=None,
+                 batch: int | None = None, **options):
+        if method != AUTO:
+            method_class(method)  # unknown method: ValueError listing the valid ones
         self.spec = ModelSpec.from_model(model)  # unsupported family: NotImplementedError
+        check_one_device(model)
         if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
                                        or not 1 <= max_length <= self.spec.max_positions):
             raise ValueError(f"max_length must be an int in [1, {self.spec.max_positions}] (prompt + new tokens; the "
                              f"model's maximum positions), got {max_length!r}")
+        self.auto, self.device_memory, self.predicted = None, None, None
+        self.planned_batch, self.max_length = batch, max_length
+        if method == AUTO or device_memory is not None or batch is not None:
+            method, options = self._plan(method, device_memory, max_length, batch, options)
+        cls = method_class(method)
         self.method = cls(self.spec, **options)  # unknown option: ValueError listing the valid ones
         if max_length is not None:  # buffers sized once, as kvtier.generate does from its own arguments
             self.method.reserve(max_length)
@@ -178,6 +214,59 @@ class KVCache(Cache):
         self._broken: str | None = None  # why this cache refuses further use
         super().__init__(layers=[_LayerView(self, i) for i in range(self.spec.num_layers)])
 
+    def _plan(self, method: str, device_memory, max_length, batch, options: dict) -> tuple[str, dict]:
+        """method="auto" (choose within device_memory), or an explicit method checked against device_memory."""
+        from .auto import choose
+        from .predict import predict
+        from .sizes import format_bytes, parse_bytes
+
+        what = "method='auto'" if method == AUTO else "device_memory="
+        if device_memory is None:
+            raise ValueError(f"{what} needs device_memory=, the device bytes the KV state may take (such as "
+                             "'6GiB', '40MiB' or an int of bytes)" if method == AUTO else
+                             "batch= is what device_memory= plans for: give device_memory= too, or leave batch out")
+        if max_length is None:
+            raise ValueError(f"{what} needs max_length= (prompt + new tokens) to know how much KV to plan for")
+        self.device_memory = parse_bytes(device_memory, "device_memory")
+        if batch is None:
+            batch = 1
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1 (the sequences the cache will hold), got {batch!r}")
+        if max_length < 3:
+            raise ValueError(f"device_memory= plans for a generation: max_length must be >= 3, got {max_length}")
+        self.planned_batch = batch
+        if method == AUTO:
+            profile = options.pop("profile", None)  # kvpr's hardware profile: lets auto weigh recomputation
+            if options:
+                raise ValueError(f"method='auto' chooses the method's options itself; got {sorted(options)}: give a "
+                                 "method by name to set them")
+            self.auto = choose(self.spec, self.device_memory, max_length, batch, profile=profile)
+            self.predicted = self.auto.prediction
+            chosen = dict(self.auto.options)
+            if self.auto.method == "kvpr":
+                chosen["profile"] = profile
+            return self.auto.method, chosen
+        self.predicted = predict(self.spec, method, options, max_length, batch)
+        if self.predicted.device_bytes > self.device_memory:
+            raise ValueError(f"{self.predicted.label} needs {format_bytes(self.predicted.device_bytes)} of device KV "
+                             f"state for {batch} sequence(s) of {max_length} tokens, more than device_memory="
+                             f"{format_bytes(self.device_memory)}; use method='auto', or a smaller budget or length")
+        return method, options
+
+    def _check_plan(self, batch: int, new_tokens: int) -> None:
+        """With device_memory= the cache holds what it planned for: at most `batch` sequences, and max_length - 1
+        tokens (the last new token of a generation is returned, never fed)."""
+        if self.device_memory is None:
+            return
+        if batch > self.planned_batch:
+            raise ValueError(f"this cache planned its device memory for a batch of {self.planned_batch}, got "
+                             f"{batch} sequences; make it with batch={batch}")
+        total = self.method.lengths[0] + new_tokens
+        if total >= self.max_length:
+            raise ValueError(f"this cache planned its device memory for max_length={self.max_length} (prompt + new "
+                             f"tokens, so at most {self.max_length - 1} fed), and this forward would hold {total}; "
+                             "make it with a larger max_length")
+
     # -- transformers Cache API -----------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self._enter(layer_idx)
@@ -190,6 +279,7 @@ class KVCache(Cache):
                                f"(model.set_attn_implementation('{ATTN_NAME}'))")
         if layer_idx == 0:
             self._check_length(key_states.shape[2])  # refuses before anything is stored: the cache stays usable
+            self._check_plan(key_states.shape[0], self.method.stored_count(key_states.shape[2]))
         self._pending = layer_idx  # from here on, stopping before this layer's attention breaks the cache
         with self._guard(f"storing layer {layer_idx}'s keys and values"):
             self.method.append(layer_idx, key_states, value_states)
@@ -321,15 +411,28 @@ class KVCache(Cache):
     def reserve(self, tokens: int) -> None:
         """Size buffers once for a sequence that will reach `tokens` tokens."""
         self.check_usable()
+        if self.device_memory is not None and tokens > self.max_length:
+            raise ValueError(f"this cache planned its device memory for max_length={self.max_length} (prompt + new "
+                             f"tokens), not {tokens}; make it with max_length={tokens}")
         self.method.reserve(tokens)
 
     def stats(self) -> dict:
-        """Counters: device_kv_bytes (peak), host_kv_bytes, h2d_bytes, d2h_bytes, decode_steps, tokens, ..."""
-        return self.method.stats()
+        """Counters: device_kv_bytes (peak), host_kv_bytes, h2d_bytes, d2h_bytes, decode_steps, tokens, ...; with
+        device_memory=, the budget and the predicted device bytes; with method="auto", what it chose and why."""
+        out = self.method.stats()
+        if self.device_memory is not None:
+            out["device_memory"] = self.device_memory
+            out["predicted_device_kv_bytes"] = self.predicted.device_bytes
+        if self.auto is not None:
+            out["auto_choice"] = self.auto.label
+            out["auto_reason"] = self.auto.reason
+        return out
 
     def __repr__(self):
         broken = ", broken" if self._broken is not None else ""
-        return f"KVCache(method={self.method.name!r}, tokens={self.method.lengths[0]}{broken})"
+        name = repr(self.method.name) if self.auto is None else f"'auto' -> {self.auto.label!r}"
+        auto = "" if self.auto is None else f", why={self.auto.reason!r}"
+        return f"KVCache(method={name}, tokens={self.method.lengths[0]}{broken}{auto})"
 
 
 class HFBaselineCache(DynamicCache):

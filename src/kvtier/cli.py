@@ -153,6 +153,10 @@ EXAMPLES = {
     "sweep": """examples:
   kvtier eval sweep --method freekv --values 256,512,1024 --out runs/eval
   kvtier eval sweep --method specache:group_size=32 --option topk --values 16,64 --out runs/eval""",
+    "plan": """examples:
+  kvtier plan --model-config llama-3.1-8b --context 32k,128k --batch 1,4 --device-memory 80GiB
+  kvtier plan --model-config qwen2.5-7b --context 128k --device-memory 24GiB --bandwidth 25GB/s --json plan.json
+  kvtier plan --model embedded --context 3000 --device-memory 1GiB --utilization 1""",
     "report": '''examples:
   kvtier eval report --dir runs/eval --title "my run" --command "bash run.sh"''',
 }
@@ -181,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = command(sub, "generate", "generate from a prompt file through one method", EXAMPLES["generate"])
     gen.add_argument("--prompt-file", required=True, help="a UTF-8 text file, or - to read standard input")
-    gen.add_argument("--method", default="full", help="full, offload, kvpr, freekv or specache")
+    gen.add_argument("--method", default="full", help="full, offload, kvpr, freekv, specache, or auto (with "
+                     "--device-memory: the method that fits)")
+    gen.add_argument("--device-memory", default=None, help="device bytes the KV state may take (6GiB, 40MiB, 2GB): "
+                     "--method auto chooses within it, any other method is checked against it")
     gen.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate")
     gen.add_argument("--budget", type=_positive, default=None, help="token budget (methods that have one: freekv)")
     gen.add_argument("--option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
@@ -237,6 +244,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     bench.add_argument("--out", default="runs/bench", help="folder for the JSON and PNG")
+
+    plan = command(sub, "plan", "device KV, host KV and bytes moved per decode step of every method for a model "
+                   "shape, whether each fits a device's memory, and what --method auto picks (no weights are loaded)",
+                   EXAMPLES["plan"])
+    plan.add_argument("--model-config", default=None, help="a named shape: llama-3.1-8b, llama-2-7b, qwen2.5-7b, "
+                      "tiny-llama, tiny-mha")
+    plan.add_argument("--model", default=None, help="instead of --model-config: embedded, a model folder, a .gguf "
+                      "file, or a Hugging Face id in the local cache (its config is read, not its weights)")
+    plan.add_argument("--context", default="32k", type=_items("lengths", _length), help="prompt lengths: 32k,128k")
+    plan.add_argument("--new-tokens", type=_positive, default=256, help="tokens generated after each prompt")
+    plan.add_argument("--batch", default="1", type=_items("batch sizes", _positive), help="batch sizes: 1,4")
+    plan.add_argument("--device-memory", required=True, help="the device's memory: 24GiB, 80GiB (weights and "
+                      "activations are taken out of it)")
+    plan.add_argument("--utilization", type=float, default=0.9, help="share of --device-memory kvtier may use (the "
+                      "rest: CUDA context, workspaces, fragmentation)")
+    plan.add_argument("--dtype", default="bfloat16", help="float32, float16 or bfloat16")
+    plan.add_argument("--device", default="cuda", help="the device planned for: cuda (Triton kernels) or cpu")
+    plan.add_argument("--bandwidth", default=None, help="host->device link bandwidth, such as 25GB/s (default: "
+                      "measured here on CUDA, else 25GB/s assumed)")
+    plan.add_argument("--host-memory", default=None, help="host RAM to check against (default: this machine's)")
+    plan.add_argument("--json", default=None, help="also write the plan as JSON to this file")
 
     ev = command(sub, "eval", "fidelity against full: needle grid, RULER-style tasks, decode perplexity, "
                  "next-token fidelity, budget sweep, report")
@@ -350,8 +378,17 @@ def _read_prompt(name: str) -> str:
 def _method_options(args) -> dict:
     from kvtier.eval.common import check_option_names
     from kvtier.methods import METHOD_REGISTRY
+    from kvtier.sizes import parse_bytes
 
     options = dict(args.option)
+    if args.device_memory is not None:
+        parse_bytes(args.device_memory, "--device-memory")
+    if args.method == "auto":
+        if args.device_memory is None:
+            raise UsageError("--method auto needs --device-memory (the device bytes the KV state may take: 6GiB)")
+        if options or args.budget is not None:
+            raise UsageError("--method auto chooses the method's options itself; leave out --budget and --option")
+        return options
     if args.budget is not None:
         if args.method in METHOD_REGISTRY and "budget" not in METHOD_REGISTRY[args.method].defaults:
             with_budget = [n for n, c in METHOD_REGISTRY.items() if "budget" in c.defaults]
@@ -433,7 +470,10 @@ def cmd_generate(args) -> int:
                                             add_generation_prompt=True, return_tensors="pt")
         if not hasattr(ids, "shape"):
             ids = ids["input_ids"]
-    cache = kvtier.KVCache(model, method=args.method, **options)
+    planned = {}
+    if args.device_memory is not None:  # the cache plans for this prompt and the new tokens
+        planned = {"device_memory": args.device_memory, "max_length": int(ids.shape[1]) + args.max_new_tokens}
+    cache = kvtier.KVCache(model, method=args.method, **planned, **options)
     out = kvtier.generate(model, ids.to(model.device), cache=cache, max_new_tokens=args.max_new_tokens,
                           progress=True)
     answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -582,6 +622,79 @@ def cmd_bench(args) -> int:
     return 1 if any(row["status"] == "error" for row in result["rows"]) else 0
 
 
+def _bandwidth(text: str) -> float:
+    """"25GB/s" (or "25GB", "2.5e10") -> bytes per second."""
+    from kvtier.sizes import parse_bytes
+
+    body = text.strip()
+    body = body[:-2] if body.lower().endswith("/s") else body
+    try:
+        return float(parse_bytes(body, "--bandwidth"))
+    except ValueError:
+        try:
+            value = float(body)
+        except ValueError:
+            raise UsageError(f"--bandwidth {text!r} is not a bandwidth; give bytes per second such as 25GB/s") from None
+        if value <= 0:
+            raise UsageError(f"--bandwidth must be positive, got {text!r}")
+        return value
+
+
+def cmd_plan(args) -> int:
+    from kvtier import plan
+    from kvtier.eval.common import check_output_file, parse_length
+    from kvtier.models import resolve_dtype, resolve_model
+    from kvtier.sizes import parse_bytes
+
+    if (args.model is None) == (args.model_config is None):
+        raise UsageError("give either --model-config (a named shape such as llama-3.1-8b) or --model")
+    if args.model_config is not None:
+        from kvtier.bench.shapes import SHAPES
+
+        if args.model_config not in SHAPES:
+            raise UsageError(f"--model-config {args.model_config!r} is unknown; valid: {', '.join(SHAPES)}")
+    else:
+        resolve_model(None if args.model == "embedded" else args.model)  # a missing model: before any work
+    device_memory = parse_bytes(args.device_memory, "--device-memory")
+    host_memory = None if args.host_memory is None else parse_bytes(args.host_memory, "--host-memory")
+    bandwidth = None if args.bandwidth is None else _bandwidth(args.bandwidth)
+    if not 0 < args.utilization <= 1:
+        raise UsageError(f"--utilization must be in (0, 1], got {args.utilization}")
+    if args.device not in ("cuda", "cpu"):
+        raise UsageError(f"--device {args.device!r}: plan for cuda or cpu")
+    import torch
+
+    dtype = resolve_dtype(args.dtype, torch.device(args.device))
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+    contexts = [parse_length(c) for c in args.context]
+    model = None if args.model == "embedded" else args.model
+    config, name = plan.load_config(args.model_config, model)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max(contexts) + args.new_tokens > positions:
+        raise UsageError(f"--context {max(contexts)} + --new-tokens {args.new_tokens} exceeds {name}'s {positions} "
+                         "positions")
+    source, profile = "given", None
+    if bandwidth is None:
+        if args.device == "cuda" and torch.cuda.is_available():
+            from kvtier.profile import load_profile
+
+            profile = load_profile(None, device="cuda", dtype=dtype)  # also kvpr's cost model (multi-head models)
+            bandwidth, source = profile.h2d_bytes_per_s, "measured here"
+        else:
+            bandwidth, source = plan.ASSUMED_BANDWIDTH, "assumed: no GPU here; give --bandwidth"
+    shape = plan.model_shape(args.model_config, model, dtype, args.device, config=config)
+    result = plan.plan(shape, contexts, args.batch, device_memory, new_tokens=args.new_tokens, bandwidth=bandwidth,
+                       host_memory=host_memory, utilization=args.utilization, profile=profile)
+    print(plan.format_plan(result, source))
+    if args.json is not None:
+        path = Path(args.json).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=2) + "\n")
+        print(f"JSON: {path}")
+    return 0
+
+
 # What a user's mistake raises, reported in one line with exit code 2 (OSError: a file that cannot be read or
 # written); anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, NotImplementedError, OSError)
@@ -596,7 +709,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     handlers = {"info": cmd_info, "generate": cmd_generate, "demo": cmd_demo, "profile": cmd_profile,
-                "eval": cmd_eval, "bench": cmd_bench}
+                "eval": cmd_eval, "bench": cmd_bench, "plan": cmd_plan}
     name = args.command + (f" {args.eval_command}" if args.command == "eval" else "")
     try:
         return handlers[args.command](args)

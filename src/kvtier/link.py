@@ -144,7 +144,8 @@ class StagingPair:
         self.turn = 1 - index
         buf = self.buffers[index]
         if buf is None or buf.numel() < numel:
-            capacity = max(numel, self.reserved, numel + numel // 4)
+            # the reserved size when it holds numel (sized once, no margin), else a quarter more than asked
+            capacity = self.reserved if numel <= self.reserved else numel + numel // 4
             buf = torch.empty(capacity, dtype=self.dtype, device=self.device)
             self.buffers[index] = buf
             if self.ledger is not None:

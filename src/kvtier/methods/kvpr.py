@@ -93,7 +93,7 @@ class KVPR(Offload):
         n = self.num_acts[layer]
         buf = self.acts[layer]
         if buf is None or buf.shape[0] < n + t:
-            capacity = max(n + t, self.reserved, n + t + (n + t) // 4)
+            capacity = self.reserved if n + t <= self.reserved else n + t + (n + t) // 4
             new = torch.empty((capacity, b, x.shape[2]), dtype=x.dtype, pin_memory=self.link.cuda)
             if n:
                 self.link.synchronize()
@@ -105,7 +105,7 @@ class KVPR(Offload):
     def _store_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
         n, t = self.num_rope, cos.shape[1]
         if self.cos is None or self.cos.shape[1] < n + t:
-            capacity = max(n + t, self.reserved, n + t + (n + t) // 4)
+            capacity = self.reserved if n + t <= self.reserved else n + t + (n + t) // 4
             new_cos = cos.new_empty((cos.shape[0], capacity, cos.shape[2]))
             new_sin = torch.empty_like(new_cos)
             if n:
@@ -126,6 +126,8 @@ class KVPR(Offload):
         x_block = kv_block = None
         if split:  # activations first: recomputation starts as soon as they land, while the KV tail copies
             src = self.acts[layer][:split]
+            if self.reserved:  # both buffers sized once for the whole length, as the KV staging is
+                self.x_staging.reserve(self.reserved * src.shape[1] * src.shape[2])
             x_index, flat = self.x_staging.take(src.numel(), avoid=avoid_x)
             x_block = flat.view(src.shape)
             x_event = self.link.h2d(x_block, src, lane=0)

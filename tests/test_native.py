@@ -47,7 +47,7 @@ def test_copy_rows_declines_layouts_it_does_not_handle():
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
-@pytest.mark.parametrize("group,d,tokens", [(64, 64, 1), (32, 64, 2), (16, 96, 1), (128, 128, 2)])
+@pytest.mark.parametrize("group,d,tokens", [(64, 64, 1), (32, 64, 2), (16, 96, 1), (128, 128, 2), (12, 64, 2), (8, 32, 7)])
 def test_dequant_scores_equal_the_reference(bits, group, d, tokens):
     gen = _gen(bits * 100 + d)
     b, h, n, capacity = 2, 3, group * 5, group * 8
@@ -65,7 +65,7 @@ def test_dequant_scores_equal_the_reference(bits, group, d, tokens):
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
-@pytest.mark.parametrize("group,d", [(64, 64), (32, 64), (16, 48)])
+@pytest.mark.parametrize("group,d", [(64, 64), (32, 64), (16, 48), (6, 36)])
 def test_lowbit_values_equal_the_reference(bits, group, d):
     gen = _gen(bits + d)
     b, h, n, rows = 2, 2, 70, 6

@@ -54,16 +54,38 @@ static inline void unpack_row(const uint8_t *packed, int64_t d, int bits, const 
 
 #define BLOCK 64  /* tokens scored together: their codes, transposed, stay in L1 */
 
+/* Eight floats in one vector register (GCC and Clang vector extension: AVX where the CPU has it, else pairs of
+ * SSE registers); memcpy loads and stores carry no alignment assumption and compile to single moves. */
+typedef float v8 __attribute__((vector_size(32)));
+static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+
+/* Scores of R query rows (from m0) for tokens [j0, j1) of the block, eight tokens at a time; lanes past j1
+ * belong to the next group and are dropped. The block's last eight tokens are read as its last vector. */
+#define SCORE_ROWS(R)                                                                                           \
+    for (int64_t j = j0; j < j1; j += 8) {                                                                    \
+        int64_t base = j < BLOCK - 8 ? j : BLOCK - 8;                                                         \
+        v8 acc[R];                                                                                            \
+        for (int r = 0; r < R; r++) acc[r] = (v8){0} + qz[m0 + r];                                           \
+        for (int64_t c = 0; c < d; c++) {                                                                     \
+            v8 code = load8(&code_t[c][base]);                                                                \
+            for (int r = 0; r < R; r++) acc[r] += qs[m0 + r][c] * code;                                       \
+        }                                                                                                     \
+        for (int r = 0; r < R; r++)                                                                           \
+            for (int64_t lane = j - base; lane < 8 && base + lane < j1; lane++)                               \
+                oh[(m0 + r) * n + t0 + base + lane] = acc[r][lane] * scaling;                                 \
+    }
+
 /* kernels.dequant_score.dequant_scores_reference, float32: scores of query rows against keys quantized per
  * channel in groups of `group` tokens. q [heads][rows][d] (contiguous); packed [heads][n][bytes] at strides
  * (sp_h, sp_n); scale, zero [heads][n / group][d] at strides (sz_h, sz_g); out [heads][rows][n] (contiguous).
  * q . (code * scale + zero) = (q * scale) . code + q . zero: per group the query is scaled once; a block of
- * tokens is unpacked channel-major, so each channel adds a scaled code row to every query row's scores. */
+ * tokens is unpacked channel-major, and eight query rows times eight tokens accumulate in registers. */
 void kvt_dequant_scores_f32(const float *q, const uint8_t *packed, const float *scale, const float *zero,
                             float *out, int64_t heads, int64_t rows, int64_t n, int64_t d, int64_t group,
                             int bits, float scaling, int64_t sp_h, int64_t sp_n, int64_t sz_h, int64_t sz_g) {
     /* per thread, not on the stack: 256 KiB would not fit a small thread stack */
-    static _Thread_local float qs[MAX_ROWS][MAX_DIM], qz[MAX_ROWS], code_t[MAX_DIM][BLOCK], acc[BLOCK];
+    static _Thread_local float qs[MAX_ROWS][MAX_DIM], qz[MAX_ROWS], code_t[MAX_DIM][BLOCK];
     static _Thread_local uint8_t byte_t[MAX_DIM][BLOCK];
     const int per_byte = 8 / bits, mask = (1 << bits) - 1;
     const int64_t bytes = (d * bits + 7) / 8;
@@ -80,10 +102,9 @@ void kvt_dequant_scores_f32(const float *q, const uint8_t *packed, const float *
             for (int64_t c = 0; c < d; c++) {
                 const uint8_t *src = byte_t[c / per_byte];
                 int shift = (int)(c % per_byte) * bits;
-                for (int64_t j = 0; j < width; j++) code_t[c][j] = (float)((src[j] >> shift) & mask);
+                for (int64_t j = 0; j < BLOCK; j++) code_t[c][j] = (float)((src[j] >> shift) & mask);
             }
-            /* a block lies in one group when the group is a multiple of BLOCK; else token by token groups */
-            for (int64_t j0 = 0; j0 < width;) {
+            for (int64_t j0 = 0; j0 < width;) {  /* the tokens of one key group at a time */
                 int64_t g = (t0 + j0) / group;
                 int64_t j1 = (g + 1) * group - t0;
                 if (j1 > width) j1 = width;
@@ -100,14 +121,17 @@ void kvt_dequant_scores_f32(const float *q, const uint8_t *packed, const float *
                     }
                     scaled_group = g;
                 }
-                for (int64_t m = 0; m < rows; m++) {
-                    for (int64_t j = j0; j < j1; j++) acc[j] = qz[m];
-                    for (int64_t c = 0; c < d; c++) {
-                        float w = qs[m][c];
-                        const float *row = code_t[c];
-                        for (int64_t j = j0; j < j1; j++) acc[j] += w * row[j];
+                for (int64_t m0 = 0; m0 < rows; m0 += 8) {
+                    switch (rows - m0 < 8 ? rows - m0 : 8) {  /* a constant row count unrolls into registers */
+                        case 1: SCORE_ROWS(1) break;
+                        case 2: SCORE_ROWS(2) break;
+                        case 3: SCORE_ROWS(3) break;
+                        case 4: SCORE_ROWS(4) break;
+                        case 5: SCORE_ROWS(5) break;
+                        case 6: SCORE_ROWS(6) break;
+                        case 7: SCORE_ROWS(7) break;
+                        default: SCORE_ROWS(8) break;
                     }
-                    for (int64_t j = j0; j < j1; j++) oh[m * n + t0 + j] = acc[j] * scaling;
                 }
                 j0 = j1;
             }
@@ -117,32 +141,48 @@ void kvt_dequant_scores_f32(const float *q, const uint8_t *packed, const float *
 
 /* out += probs @ dequantize(values): values quantized per token in groups of `group` channels.
  * probs [heads][rows][n] at strides (pp_h, pp_m); packed [heads][n][bytes] at strides (sp_h, sp_n); scale, zero
- * [heads][n][d / group] at strides (sz_h, sz_n); out [heads][rows][d] (contiguous). Tokens whose probability is
- * 0 for every row (resident pages, masked ones) are skipped. The reference is attention.attend_mixed's
- * baddbmm over dequantize_value_range. */
+ * [heads][n][d / group] at strides (sz_h, sz_n); out [heads][rows][d] (contiguous). Blocks of eight tokens whose
+ * probability is 0 for every row (resident pages, masked ones) are skipped. The reference is
+ * attention.attend_mixed's baddbmm over dequantize_value_range. */
 void kvt_lowbit_values_f32(const float *probs, const uint8_t *packed, const float *scale, const float *zero,
                            float *out, int64_t heads, int64_t rows, int64_t n, int64_t d, int64_t group, int bits,
                            int64_t pp_h, int64_t pp_m, int64_t sp_h, int64_t sp_n, int64_t sz_h, int64_t sz_n) {
     const float (*table)[8] = table_for(bits);
-    float codes[MAX_DIM + 8], value[MAX_DIM], p[MAX_ROWS];
+    static _Thread_local float codes[8][MAX_DIM + 8], weight[MAX_ROWS][8];
+    const int vector = group % 8 == 0;
     for (int64_t h = 0; h < heads; h++) {
         float *oh = out + h * rows * d;
-        for (int64_t t = 0; t < n; t++) {
+        for (int64_t t0 = 0; t0 < n; t0 += 8) {
+            int64_t tw = n - t0 < 8 ? n - t0 : 8;
             int any = 0;
-            for (int64_t m = 0; m < rows; m++) {
-                p[m] = probs[h * pp_h + m * pp_m + t];
-                any |= p[m] != 0.0f;
-            }
+            for (int64_t m = 0; m < rows; m++)
+                for (int64_t j = 0; j < tw; j++) any |= probs[h * pp_h + m * pp_m + t0 + j] != 0.0f;
             if (!any) continue;
-            unpack_row(packed + h * sp_h + t * sp_n, d, bits, table, codes);
-            const float *s = scale + h * sz_h + t * sz_n, *z = zero + h * sz_h + t * sz_n;
+            for (int64_t j = 0; j < tw; j++) unpack_row(packed + h * sp_h + (t0 + j) * sp_n, d, bits, table, codes[j]);
             for (int64_t c0 = 0, g = 0; c0 < d; c0 += group, g++) {
-                float sg = s[g], zg = z[g];
-                for (int64_t c = c0; c < c0 + group; c++) value[c] = codes[c] * sg + zg;
-            }
-            for (int64_t m = 0; m < rows; m++) {
-                float pm = p[m], *o = oh + m * d;
-                for (int64_t c = 0; c < d; c++) o[c] += pm * value[c];
+                for (int64_t m = 0; m < rows; m++) {  /* p * scale per token, and the zeros' share at once */
+                    float shift = 0.0f;
+                    for (int64_t j = 0; j < 8; j++) {
+                        float p = j < tw ? probs[h * pp_h + m * pp_m + t0 + j] : 0.0f;
+                        const float *sz = scale + h * sz_h + (t0 + (j < tw ? j : 0)) * sz_n + g;
+                        weight[m][j] = p * sz[0];
+                        shift += p * (zero + h * sz_h + (t0 + (j < tw ? j : 0)) * sz_n + g)[0];
+                    }
+                    for (int64_t c = c0; c < c0 + group; c++) oh[m * d + c] += shift;
+                }
+                for (int64_t m = 0; m < rows; m++) {
+                    float *o = oh + m * d;
+                    if (vector) {
+                        for (int64_t c = c0; c < c0 + group; c += 8) {
+                            v8 acc = load8(o + c);
+                            for (int64_t j = 0; j < tw; j++) acc += weight[m][j] * load8(codes[j] + c);
+                            store8(o + c, acc);
+                        }
+                    } else {
+                        for (int64_t c = c0; c < c0 + group; c++)
+                            for (int64_t j = 0; j < tw; j++) o[c] += weight[m][j] * codes[j][c];
+                    }
+                }
             }
         }
     }

@@ -137,3 +137,30 @@ def test_a_failed_build_falls_back_to_the_references_and_says_why(monkeypatch, t
         native.library.cache_clear()
     assert native.library() is not None
 
+
+
+@pytest.mark.parametrize("t,padded", [(1, False), (2, True)])
+def test_fused_mixed_attention_equals_the_reference(monkeypatch, t, padded):
+    """attend_mixed with the scorer's raw scores: the C kernel (one softmax, values dequantized in registers)
+    against the PyTorch path, with resident pages, a masked buffer row and left padding."""
+    from kvtier.kernels.dequant_score import dequant_scores_reference
+
+    gen = _gen(11 + t)
+    b, h, g, d, length, n_low, page = 2, 2, 3, 32, 40, 128, 8
+    q = torch.randn(b, h * g, t, d, generator=gen)
+    k, v = torch.randn(b, h, length, d, generator=gen), torch.randn(b, h, length, d, generator=gen)
+    keys = quantize_keys(torch.randn(b, h, n_low, d, generator=gen), 2, 16)
+    values = quantize_values(torch.randn(b, h, n_low, d, generator=gen), 2, 16)
+    mask = torch.rand(b, h, t, length, generator=gen) > 0.2
+    resident = torch.zeros(b, h, n_low // page + 1, dtype=torch.bool)
+    resident[0, 1, 2] = resident[1, 0, 7] = resident[1, 1, 3] = True
+    valid = None
+    if padded:
+        valid = torch.ones(b, n_low, dtype=torch.bool)
+        valid[1, :20] = False
+    rest = RestRange(8, 112, resident, page, valid=valid)
+    raw = dequant_scores_reference(q, keys, 0.2)
+    fused = attend_mixed(q, k, v, mask, keys, values, rest, 0.2, scores=raw)
+    monkeypatch.setenv("KVTIER_KERNELS", "torch")
+    expected = attend_mixed(q, k, v, mask, keys, values, rest, 0.2, scores=raw)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)

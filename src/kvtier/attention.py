@@ -126,6 +126,11 @@ def attend_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
             mask = mask.unsqueeze(1)
         s = s.view(b, num_kv, -1, t, n).masked_fill(~mask.unsqueeze(2), torch.finfo(torch.float32).min)
         s = s.view(heads, rows, n)
+    if scores is not None and kernels.native_enabled(q):
+        out = native.mixed_attention(s.view(b, num_kv, rows, n), v, scores, lo, hi, rest.resident, rest.page_size,
+                                     rest.valid, values)
+        if out is not None:
+            return out.view(b, num_heads, t, d).transpose(1, 2)
     if scores is None:
         s_rest = None
         if kernels.native_enabled(q):

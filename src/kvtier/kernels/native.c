@@ -59,6 +59,31 @@ static inline void unpack_row(const uint8_t *packed, int64_t d, int bits, const 
 typedef float v8 __attribute__((vector_size(32)));
 static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* e^x for eight floats, to about 2 ulp (x = k ln2 + r, |r| <= ln2 / 2; a degree-6 polynomial in r; 2^k through the
+ * exponent bits); 0 below -87.3 (so -inf and float32 min give 0). Softmax arguments are <= 0. */
+static inline v8 exp8(v8 x) {
+    const v8 magic = (v8){0} + 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
+    v8 t = x * 1.44269504088896341f + magic;
+    v8 k = t - magic;
+    v8 r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    v8 y = (v8){0} + 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    v8i keep = x >= -87.3f;  /* all ones where kept */
+    v8 scale = (v8)((((v8i)t - 0x4B400000) + 127) << 23);
+    return (v8)((v8i)(y * scale) & keep);
+}
+
+static inline float exp1(float x) {
+    v8 v = (v8){0} + x;
+    return exp8(v)[0];
+}
 
 /* Scores of R query rows (from m0) for tokens [j0, j1) of the block, eight tokens at a time; lanes past j1
  * belong to the next group and are dropped. The block's last eight tokens are read as its last vector. */
@@ -181,6 +206,111 @@ void kvt_lowbit_values_f32(const float *probs, const uint8_t *packed, const floa
                     } else {
                         for (int64_t c = c0; c < c0 + group; c++)
                             for (int64_t j = 0; j < tw; j++) o[c] += weight[m][j] * codes[j][c];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Eight floats from p[0, count), the rest `fill`. */
+static inline v8 load_part(const float *p, int64_t count, float fill) {
+    if (count >= 8) return load8(p);
+    float tmp[8];
+    for (int j = 0; j < 8; j++) tmp[j] = j < count ? p[j] : fill;
+    return load8(tmp);
+}
+
+static inline float vmax(v8 v) {
+    float best = v[0];
+    for (int j = 1; j < 8; j++) best = v[j] > best ? v[j] : best;
+    return best;
+}
+
+static inline float vsum(v8 v) {
+    float total = 0.0f;
+    for (int j = 0; j < 8; j++) total += v[j];
+    return total;
+}
+
+static inline v8 vmax8(v8 a, v8 b) {
+    v8i greater = a > b;
+    return (v8)(((v8i)a & greater) | ((v8i)b & ~greater));
+}
+
+/* attention.attend_mixed for float32, after its full-precision scores: one softmax over s_full [heads][rows][L]
+ * (scaled, masked entries at float32 min) and the low-bit tokens t in [lo, hi) that are on no resident page
+ * (resident [heads][pages] bytes at stride srs_h) and valid (valid [batch][>= hi] bytes at stride sv_b, or NULL;
+ * head h is sequence h / kv_heads), whose scores are raw [heads][rows][>= hi] at strides (sr_h, sr_m); values
+ * v_full [heads][L][d] (contiguous) and the low-bit values (codes at strides (sp_h, sp_n), scale and zero
+ * [heads][N][d / group] at strides (sz_h, sz_n)). out [heads][rows][d] (contiguous) is written. */
+void kvt_mixed_attention_f32(const float *s_full, const float *v_full, int64_t L, const float *raw, int64_t sr_h,
+                             int64_t sr_m, int64_t lo, int64_t hi, const uint8_t *resident, int64_t srs_h,
+                             int64_t page, const uint8_t *valid, int64_t sv_b, int64_t kv_heads,
+                             const uint8_t *packed, const float *scale, const float *zero, int64_t sp_h,
+                             int64_t sp_n, int64_t sz_h, int64_t sz_n, int64_t group, int bits, float *out,
+                             int64_t heads, int64_t rows, int64_t d, float *skip) {
+    /* skip: caller's scratch of hi - lo floats: 0 for a low-bit token that counts, -inf for one that does not */
+    const float (*table)[8] = table_for(bits);
+    static _Thread_local float codes[8][MAX_DIM + 8], weight[MAX_ROWS][8], top[MAX_ROWS], inv[MAX_ROWS];
+    const float NEG_INF = -__builtin_inff();
+    const int64_t n = hi - lo;
+    for (int64_t h = 0; h < heads; h++) {
+        const uint8_t *held = resident + h * srs_h;
+        const uint8_t *ok = valid ? valid + (h / kv_heads) * sv_b : NULL;
+        float *oh = out + h * rows * d;
+        for (int64_t i = 0; i < n; i++) skip[i] = held[(lo + i) / page] || (ok && !ok[lo + i]) ? NEG_INF : 0.0f;
+        for (int64_t m = 0; m < rows; m++) {  /* the row's largest score, then its exponentials' sum */
+            const float *sf = s_full + (h * rows + m) * L, *sr = raw + h * sr_h + m * sr_m + lo;
+            v8 best = (v8){0} + NEG_INF;
+            for (int64_t l = 0; l < L; l += 8) best = vmax8(best, load_part(sf + l, L - l, NEG_INF));
+            for (int64_t i = 0; i < n; i += 8)
+                best = vmax8(best, load_part(sr + i, n - i, NEG_INF) + load_part(skip + i, n - i, NEG_INF));
+            float t = vmax(best);
+            v8 total = (v8){0};
+            for (int64_t l = 0; l < L; l += 8) total += exp8(load_part(sf + l, L - l, NEG_INF) - t);
+            for (int64_t i = 0; i < n; i += 8)
+                total += exp8(load_part(sr + i, n - i, NEG_INF) + load_part(skip + i, n - i, NEG_INF) - t);
+            top[m] = t;
+            inv[m] = 1.0f / vsum(total);
+        }
+        for (int64_t m = 0; m < rows; m++) {  /* the full-precision part */
+            const float *sf = s_full + (h * rows + m) * L;
+            float *o = oh + m * d;
+            memset(o, 0, sizeof(float) * (size_t)d);
+            for (int64_t l0 = 0; l0 < L; l0 += 8) {
+                v8 w = exp8(load_part(sf + l0, L - l0, NEG_INF) - top[m]) * inv[m];
+                for (int64_t j = 0; j < 8 && l0 + j < L; j++) {
+                    if (w[j] == 0.0f) continue;
+                    const float *vl = v_full + (h * L + l0 + j) * d;
+                    for (int64_t c = 0; c < d; c++) o[c] += w[j] * vl[c];
+                }
+            }
+        }
+        /* the low-bit part, eight tokens at a time: p * scale per token and group, the zeros' share at once */
+        for (int64_t i0 = 0; i0 < n; i0 += 8) {
+            int64_t tw = n - i0 < 8 ? n - i0 : 8, t0 = lo + i0;
+            v8 none = (v8){0};
+            v8 mask = load_part(skip + i0, tw, NEG_INF);
+            for (int64_t m = 0; m < rows; m++) {
+                v8 w = exp8(load_part(raw + h * sr_h + m * sr_m + t0, tw, NEG_INF) + mask - top[m]) * inv[m];
+                store8(weight[m], w);
+                none += w;
+            }
+            if (vsum(none) == 0.0f) continue;
+            for (int64_t j = 0; j < tw; j++) unpack_row(packed + h * sp_h + (t0 + j) * sp_n, d, bits, table, codes[j]);
+            for (int64_t c0 = 0, g = 0; c0 < d; c0 += group, g++) {
+                for (int64_t m = 0; m < rows; m++) {
+                    float sw[8], shift = 0.0f;
+                    for (int64_t j = 0; j < tw; j++) {
+                        sw[j] = weight[m][j] * scale[h * sz_h + (t0 + j) * sz_n + g];
+                        shift += weight[m][j] * zero[h * sz_h + (t0 + j) * sz_n + g];
+                    }
+                    float *o = oh + m * d;
+                    for (int64_t c = c0; c < c0 + group; c++) o[c] += shift;
+                    for (int64_t j = 0; j < tw; j++) {
+                        const float *code = codes[j], w = sw[j];
+                        for (int64_t c = c0; c < c0 + group; c++) o[c] += w * code[c];
                     }
                 }
             }

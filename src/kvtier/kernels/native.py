@@ -34,6 +34,9 @@ _SIGNATURES = {
     "kvt_copy_rows": [_c_ptr] * 5 + [_c_i64] * 2,
     "kvt_dequant_scores_f32": [_c_ptr] * 5 + [_c_i64] * 5 + [_c_int, _c_float] + [_c_i64] * 4,
     "kvt_lowbit_values_f32": [_c_ptr] * 5 + [_c_i64] * 5 + [_c_int] + [_c_i64] * 6,
+    "kvt_mixed_attention_f32": ([_c_ptr] * 2 + [_c_i64] + [_c_ptr] + [_c_i64] * 4 + [_c_ptr] + [_c_i64] * 2
+                                + [_c_ptr] + [_c_i64] * 2 + [_c_ptr] * 3 + [_c_i64] * 5 + [_c_int] + [_c_ptr]
+                                + [_c_i64] * 3 + [_c_ptr]),
 }
 _error: str | None = None
 
@@ -159,3 +162,30 @@ def lowbit_values(out: torch.Tensor, probs: torch.Tensor, packed: torch.Tensor, 
                                     out.data_ptr(), heads, rows, n, d, group, bits, probs.stride(0),
                                     probs.stride(1), *codes, *params)
     return True
+
+
+def mixed_attention(s_full: torch.Tensor, v_full: torch.Tensor, raw: torch.Tensor, lo: int, hi: int,
+                    resident: torch.Tensor, page: int, valid: torch.Tensor | None, values) -> torch.Tensor | None:
+    """`attend_mixed` past its full-precision scores, for float32: one softmax over s_full [b, h, rows, L]
+    (scaled and masked) and the low-bit tokens of [lo, hi) on no resident page ([b, h, pages] bool) and valid
+    ([b, >= hi] bool or None), scored by raw [b, h, rows, >= hi]; values: the low-bit values QTensor. Returns
+    out [b * h, rows, d] = probs @ (v_full | dequantized values), or None where the kernel does not apply."""
+    b, h, rows, L = s_full.shape
+    d = v_full.shape[-1]
+    codes, params = _heads_view(values.packed), _heads_view(values.scale)
+    raw_strides = _heads_view(raw)
+    if (not serves(s_full, rows, d) or resident.dtype != torch.bool or values.bits not in _BITS or codes is None or params is None
+            or raw_strides is None or raw.dtype != torch.float32 or v_full.dtype != torch.float32
+            or values.zero.stride() != values.scale.stride() or values.scale.dtype != torch.float32
+            or d % values.group_size or not s_full.is_contiguous() or not v_full.is_contiguous()):
+        return None
+    held = resident.contiguous().view(torch.uint8)  # bool and uint8 share their bytes: no copy
+    ok = None if valid is None else valid.contiguous().view(torch.uint8)
+    out = s_full.new_empty((b * h, rows, d))
+    skip = s_full.new_empty((max(hi - lo, 1),))
+    library().kvt_mixed_attention_f32(
+        s_full.data_ptr(), v_full.data_ptr(), L, raw.data_ptr(), *raw_strides, lo, hi, held.data_ptr(),
+        held.shape[-1], page, 0 if ok is None else ok.data_ptr(), 0 if ok is None else ok.stride(0), h,
+        values.packed.data_ptr(), values.scale.data_ptr(), values.zero.data_ptr(), *codes, *params,
+        values.group_size, values.bits, out.data_ptr(), b * h, rows, d, skip.data_ptr())
+    return out

@@ -164,3 +164,19 @@ def test_fused_mixed_attention_equals_the_reference(monkeypatch, t, padded):
     monkeypatch.setenv("KVTIER_KERNELS", "torch")
     expected = attend_mixed(q, k, v, mask, keys, values, rest, 0.2, scores=raw)
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("page,tokens,group", [(1, 2, 3), (4, 1, 2), (32, 2, 4), (3, 1, 1)])
+def test_page_probs_equal_the_scorer_reference(monkeypatch, page, tokens, group):
+    from kvtier.retrieval.scorer import LowBitScorer
+
+    gen = _gen(page)
+    b, h, n = 2, 3, page * 40
+    raw = torch.randn(b, h, group * tokens, n, generator=gen) * 3
+    q = torch.zeros(b, h * group, tokens, 8)  # shapes only: page_probs reads raw
+    scorer = LowBitScorer(2, page, page, n)
+    out = scorer.page_probs(q, 3, 37, 1.0, raw)
+    monkeypatch.setenv("KVTIER_KERNELS", "torch")
+    expected = scorer.page_probs(q, 3, 37, 1.0, raw)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)

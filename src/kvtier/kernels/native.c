@@ -238,6 +238,43 @@ static inline v8 vmax8(v8 a, v8 b) {
     return (v8)(((v8i)a & greater) | ((v8i)b & ~greater));
 }
 
+/* retrieval.scorer.LowBitScorer.page_probs from raw token scores: per KV head and query token, the softmax of
+ * each query row over tokens [lo, hi), summed per page of `page` tokens and averaged over the `group` rows of
+ * that token; pages outside [lo / page, hi / page) get 0. raw [heads][group * tokens][>= hi] at strides
+ * (sr_h, sr_m) (row = head in group * tokens + token); out [heads][tokens][pages] (contiguous). */
+void kvt_page_probs_f32(const float *raw, float *out, int64_t heads, int64_t group, int64_t tokens,
+                        int64_t pages, int64_t lo, int64_t hi, int64_t page, int64_t sr_h, int64_t sr_m) {
+    const float NEG_INF = -__builtin_inff();
+    const int64_t n = hi - lo;
+    for (int64_t h = 0; h < heads; h++) {
+        for (int64_t tok = 0; tok < tokens; tok++) {
+            float *o = out + (h * tokens + tok) * pages;
+            memset(o, 0, sizeof(float) * (size_t)pages);
+            for (int64_t gi = 0; gi < group; gi++) {
+                const float *s = raw + h * sr_h + (gi * tokens + tok) * sr_m + lo;
+                v8 best = (v8){0} + NEG_INF, total = (v8){0};
+                for (int64_t i = 0; i < n; i += 8) best = vmax8(best, load_part(s + i, n - i, NEG_INF));
+                float top = vmax(best);
+                for (int64_t i = 0; i < n; i += 8) total += exp8(load_part(s + i, n - i, NEG_INF) - top);
+                float w = 1.0f / (vsum(total) * (float)group);
+                float *op = o + lo / page;
+                if (page == 1) {
+                    int64_t i = 0;
+                    for (; i + 8 <= n; i += 8) store8(op + i, load8(op + i) + exp8(load8(s + i) - top) * w);
+                    for (; i < n; i++) op[i] += exp8(load_part(s + i, 1, NEG_INF) - top)[0] * w;
+                } else {
+                    for (int64_t i0 = 0; i0 < n; i0 += page) {
+                        v8 sum = (v8){0};
+                        for (int64_t i = i0; i < i0 + page; i += 8)
+                            sum += exp8(load_part(s + i, i0 + page - i, NEG_INF) - top);
+                        op[i0 / page] += vsum(sum) * w;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /* attention.attend_mixed for float32, after its full-precision scores: one softmax over s_full [heads][rows][L]
  * (scaled, masked entries at float32 min) and the low-bit tokens t in [lo, hi) that are on no resident page
  * (resident [heads][pages] bytes at stride srs_h) and valid (valid [batch][>= hi] bytes at stride sv_b, or NULL;
@@ -255,11 +292,18 @@ void kvt_mixed_attention_f32(const float *s_full, const float *v_full, int64_t L
     static _Thread_local float codes[8][MAX_DIM + 8], weight[MAX_ROWS][8], top[MAX_ROWS], inv[MAX_ROWS];
     const float NEG_INF = -__builtin_inff();
     const int64_t n = hi - lo;
+    const int vector = group % 8 == 0;
     for (int64_t h = 0; h < heads; h++) {
         const uint8_t *held = resident + h * srs_h;
         const uint8_t *ok = valid ? valid + (h / kv_heads) * sv_b : NULL;
         float *oh = out + h * rows * d;
-        for (int64_t i = 0; i < n; i++) skip[i] = held[(lo + i) / page] || (ok && !ok[lo + i]) ? NEG_INF : 0.0f;
+        for (int64_t first = lo / page * page; first < hi; first += page) {  /* page by page: no division per token */
+            int64_t a = first > lo ? first : lo, z = first + page < hi ? first + page : hi;
+            float fill = held[first / page] ? NEG_INF : 0.0f;
+            for (int64_t t = a; t < z; t++) skip[t - lo] = fill;
+        }
+        if (ok)
+            for (int64_t t = lo; t < hi; t++) skip[t - lo] = ok[t] ? skip[t - lo] : NEG_INF;
         for (int64_t m = 0; m < rows; m++) {  /* the row's largest score, then its exponentials' sum */
             const float *sf = s_full + (h * rows + m) * L, *sr = raw + h * sr_h + m * sr_m + lo;
             v8 best = (v8){0} + NEG_INF;
@@ -307,10 +351,18 @@ void kvt_mixed_attention_f32(const float *s_full, const float *v_full, int64_t L
                         shift += weight[m][j] * zero[h * sz_h + (t0 + j) * sz_n + g];
                     }
                     float *o = oh + m * d;
-                    for (int64_t c = c0; c < c0 + group; c++) o[c] += shift;
-                    for (int64_t j = 0; j < tw; j++) {
-                        const float *code = codes[j], w = sw[j];
-                        for (int64_t c = c0; c < c0 + group; c++) o[c] += w * code[c];
+                    if (vector) {  /* eight channels in a register across the block's tokens */
+                        for (int64_t c = c0; c < c0 + group; c += 8) {
+                            v8 acc = load8(o + c) + shift;
+                            for (int64_t j = 0; j < tw; j++) acc += sw[j] * load8(codes[j] + c);
+                            store8(o + c, acc);
+                        }
+                    } else {
+                        for (int64_t c = c0; c < c0 + group; c++) o[c] += shift;
+                        for (int64_t j = 0; j < tw; j++) {
+                            const float *code = codes[j], w = sw[j];
+                            for (int64_t c = c0; c < c0 + group; c++) o[c] += w * code[c];
+                        }
                     }
                 }
             }

@@ -34,6 +34,7 @@ _SIGNATURES = {
     "kvt_copy_rows": [_c_ptr] * 5 + [_c_i64] * 2,
     "kvt_dequant_scores_f32": [_c_ptr] * 5 + [_c_i64] * 5 + [_c_int, _c_float] + [_c_i64] * 4,
     "kvt_lowbit_values_f32": [_c_ptr] * 5 + [_c_i64] * 5 + [_c_int] + [_c_i64] * 6,
+    "kvt_page_probs_f32": [_c_ptr] * 2 + [_c_i64] * 9,
     "kvt_mixed_attention_f32": ([_c_ptr] * 2 + [_c_i64] + [_c_ptr] + [_c_i64] * 4 + [_c_ptr] + [_c_i64] * 2
                                 + [_c_ptr] + [_c_i64] * 2 + [_c_ptr] * 3 + [_c_i64] * 5 + [_c_int] + [_c_ptr]
                                 + [_c_i64] * 3 + [_c_ptr]),
@@ -188,4 +189,19 @@ def mixed_attention(s_full: torch.Tensor, v_full: torch.Tensor, raw: torch.Tenso
         held.shape[-1], page, 0 if ok is None else ok.data_ptr(), 0 if ok is None else ok.stride(0), h,
         values.packed.data_ptr(), values.scale.data_ptr(), values.zero.data_ptr(), *codes, *params,
         values.group_size, values.bits, out.data_ptr(), b * h, rows, d, skip.data_ptr())
+    return out
+
+
+def page_probs(raw: torch.Tensor, group: int, tokens: int, pages: int, lo: int, hi: int,
+               page: int) -> torch.Tensor | None:
+    """Raw float32 token scores [b, h, group*tokens, >= hi] (rows: head in group, then token) -> [b, h, tokens,
+    pages]: per row the softmax over tokens [lo, hi) (whole pages), summed per page and averaged over the group
+    (`LowBitScorer.page_probs`); None where the kernel does not apply."""
+    b, h, rows, n = raw.shape
+    strides = _heads_view(raw)
+    if not serves(raw, rows, 1) or strides is None or lo % page or hi % page or hi > n or hi // page > pages:
+        return None
+    out = raw.new_empty((b, h, tokens, pages))
+    library().kvt_page_probs_f32(raw.data_ptr(), out.data_ptr(), b * h, group, tokens, pages, lo, hi, page,
+                                 *strides)
     return out

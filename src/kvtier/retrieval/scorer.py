@@ -129,6 +129,10 @@ class LowBitScorer:
         b, num_heads, t, _ = q.shape
         num_kv, n = raw.shape[1], raw.shape[-1]
         p = self.page_size
+        if kernels.native_enabled(raw):
+            probs = native.page_probs(raw, num_heads // num_kv, t, n // p, lo * p, hi * p, p)
+            if probs is not None:
+                return probs
         probs = torch.softmax(raw.masked_fill(_outside(n, lo * p, hi * p, q.device), NEG), dim=-1)
         probs = probs.view(b, num_kv, num_heads // num_kv, t, n // p, p)
         return (probs.sum(-1) if p > 1 else probs.squeeze(-1)).mean(2)  # a page of one token: nothing to sum

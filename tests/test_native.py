@@ -180,3 +180,13 @@ def test_page_probs_equal_the_scorer_reference(monkeypatch, page, tokens, group)
     expected = scorer.page_probs(q, 3, 37, 1.0, raw)
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_kernel_call_counts_as_one_op():
+    from kvtier.stepcheck import StepCounter
+
+    src, dst_k, dst_v = torch.randn(4, 2, 8), torch.zeros(4, 8), torch.zeros(4, 8)
+    rows = torch.tensor([0, 1])
+    with StepCounter() as counter:
+        native.copy_rows(src, dst_k, dst_v, rows, rows)
+    assert counter.ops == 1

@@ -6,8 +6,9 @@ value on the host (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`, `nonzero`, `uniq
 which stalls the host until everything queued before it has run. Both can be counted on CPU, where the
 methods are developed, so a regression shows up before a GPU run does.
 
-`StepCounter` counts; `no_host_sync()` turns the first host read into an error (for tests). Counting runs a
-Python hook on every op, so counted steps are never timed.
+The CPU's C kernels (`kernels.native`) dispatch no aten op; each call counts as one op, as the Triton kernel
+it stands for is one launch. `StepCounter` counts; `no_host_sync()` turns the first host read into an error
+(for tests). Counting runs a Python hook on every op, so counted steps are never timed.
 
 Each sync is counted once, at the level that names it best. Python-level reads (`item`, `bool`, `int`,
 `float`, `index`, `tolist`, `cpu`, `numpy`, `to(cpu)`, printing) are seen by a TorchFunctionMode; the ops
@@ -28,6 +29,8 @@ from contextlib import ExitStack
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .kernels import native
 
 _TensorBase = torch._C.TensorBase
 # Python-level calls that read device data on the host, by the name a report shows.
@@ -77,11 +80,13 @@ class StepCounter:
             stack.close()
             raise
         self._stack = stack
+        self._native_start = native.launches
         return self
 
     def __exit__(self, *exc) -> bool:
         stack, self._stack = self._stack, None
         self._inside_read = 0
+        self.ops += native.launches - self._native_start  # a C kernel call is one launch, as a Triton kernel is
         return stack.__exit__(*exc)
 
     def _sync(self, name: str):

@@ -40,6 +40,7 @@ _SIGNATURES = {
                                 + [_c_i64] * 3 + [_c_ptr]),
 }
 _error: str | None = None
+launches = 0  # kernel calls so far: `stepcheck.StepCounter` counts each as one op (a launch on a GPU)
 
 
 def _cache_dir() -> Path:
@@ -94,6 +95,12 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def _launch(kernel, *args) -> None:
+    global launches
+    launches += 1
+    kernel(*args)
+
+
 def status() -> str:
     lib = library()
     return "native CPU kernels loaded" if lib is not None else _error
@@ -107,8 +114,8 @@ def copy_rows(src: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor, src_r
             and src_rows.dtype == dst_rows.dtype == torch.long and src.shape[-1] == dst_k.shape[-1]):
         return False
     src_rows, dst_rows = src_rows.contiguous(), dst_rows.contiguous()
-    library().kvt_copy_rows(src.data_ptr(), dst_k.data_ptr(), dst_v.data_ptr(), src_rows.data_ptr(),
-                            dst_rows.data_ptr(), src_rows.numel(), dst_k.shape[-1] * dst_k.element_size())
+    _launch(library().kvt_copy_rows, src.data_ptr(), dst_k.data_ptr(), dst_v.data_ptr(), src_rows.data_ptr(),
+            dst_rows.data_ptr(), src_rows.numel(), dst_k.shape[-1] * dst_k.element_size())
     return True
 
 
@@ -142,8 +149,8 @@ def dequant_scores(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
         return None
     q = q.reshape(b, num_kv, rows, d).contiguous()
     out = q.new_empty((b, num_kv, rows, n))
-    library().kvt_dequant_scores_f32(q.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
-                                     out.data_ptr(), b * num_kv, rows, n, d, group, bits, scaling, *codes, *params)
+    _launch(library().kvt_dequant_scores_f32, q.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+            out.data_ptr(), b * num_kv, rows, n, d, group, bits, scaling, *codes, *params)
     return out
 
 
@@ -159,9 +166,9 @@ def lowbit_values(out: torch.Tensor, probs: torch.Tensor, packed: torch.Tensor, 
             or probs.dtype != torch.float32 or probs.stride(-1) != 1 or zero.stride() != scale.stride()
             or scale.dtype != torch.float32 or zero.dtype != torch.float32 or packed.shape[2] != n or d % group):
         return False
-    library().kvt_lowbit_values_f32(probs.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
-                                    out.data_ptr(), heads, rows, n, d, group, bits, probs.stride(0),
-                                    probs.stride(1), *codes, *params)
+    _launch(library().kvt_lowbit_values_f32, probs.data_ptr(), packed.data_ptr(), scale.data_ptr(),
+            zero.data_ptr(), out.data_ptr(), heads, rows, n, d, group, bits, probs.stride(0), probs.stride(1),
+            *codes, *params)
     return True
 
 
@@ -175,8 +182,8 @@ def mixed_attention(s_full: torch.Tensor, v_full: torch.Tensor, raw: torch.Tenso
     d = v_full.shape[-1]
     codes, params = _heads_view(values.packed), _heads_view(values.scale)
     raw_strides = _heads_view(raw)
-    if (not serves(s_full, rows, d) or resident.dtype != torch.bool or values.bits not in _BITS or codes is None or params is None
-            or raw_strides is None or raw.dtype != torch.float32 or v_full.dtype != torch.float32
+    if (not serves(s_full, rows, d) or resident.dtype != torch.bool or values.bits not in _BITS or codes is None
+            or params is None or raw_strides is None or raw.dtype != torch.float32 or v_full.dtype != torch.float32
             or values.zero.stride() != values.scale.stride() or values.scale.dtype != torch.float32
             or d % values.group_size or not s_full.is_contiguous() or not v_full.is_contiguous()):
         return None
@@ -184,9 +191,10 @@ def mixed_attention(s_full: torch.Tensor, v_full: torch.Tensor, raw: torch.Tenso
     ok = None if valid is None else valid.contiguous().view(torch.uint8)
     out = s_full.new_empty((b * h, rows, d))
     skip = s_full.new_empty((max(hi - lo, 1),))
-    library().kvt_mixed_attention_f32(
-        s_full.data_ptr(), v_full.data_ptr(), L, raw.data_ptr(), *raw_strides, lo, hi, held.data_ptr(),
-        held.shape[-1], page, 0 if ok is None else ok.data_ptr(), 0 if ok is None else ok.stride(0), h,
+    _launch(
+        library().kvt_mixed_attention_f32, s_full.data_ptr(), v_full.data_ptr(), L, raw.data_ptr(), *raw_strides,
+        lo, hi, held.data_ptr(), held.shape[-1], page, 0 if ok is None else ok.data_ptr(),
+        0 if ok is None else ok.stride(0), h,
         values.packed.data_ptr(), values.scale.data_ptr(), values.zero.data_ptr(), *codes, *params,
         values.group_size, values.bits, out.data_ptr(), b * h, rows, d, skip.data_ptr())
     return out
@@ -202,6 +210,6 @@ def page_probs(raw: torch.Tensor, group: int, tokens: int, pages: int, lo: int, 
     if not serves(raw, rows, 1) or strides is None or lo % page or hi % page or hi > n or hi // page > pages:
         return None
     out = raw.new_empty((b, h, tokens, pages))
-    library().kvt_page_probs_f32(raw.data_ptr(), out.data_ptr(), b * h, group, tokens, pages, lo, hi, page,
-                                 *strides)
+    _launch(library().kvt_page_probs_f32, raw.data_ptr(), out.data_ptr(), b * h, group, tokens, pages, lo, hi,
+            page, *strides)
     return out

@@ -54,7 +54,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
         if t > 1:  # rows are (head in group, token): the token's mask repeats over the group
             mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).flatten(2, 3)
         # additive, at the dtype's minimum: a boolean mask would give a row that sees nothing NaN
-        mask = torch.where(mask, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+        mask = torch.where(mask, 0.0, torch.finfo(q.dtype).min)
+        mask = mask if mask.dtype == q.dtype else mask.to(q.dtype)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)  # [b, H_kv, g*t, d]
     return out.view(b, num_heads, t, d).transpose(1, 2)
 

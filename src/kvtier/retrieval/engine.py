@@ -317,9 +317,10 @@ class RetrievalEngine(Method):
         deferred = None  # a plan whose copy for some heads waits until attention has read their slots
         if hi > lo:
             probs = st.scorer.page_probs(q, lo, hi, scaling, raw)  # [b, h, t, pages]
-            mine = self._top(probs[:, :, 0], lo, hi)  # this query's own choice
+            first = probs[:, :, 0]
+            mine = self._top(first, lo, hi)  # this query's own choice
             if st.wanted is None or query == "current" or st.wanted.shape != mine.shape:
-                self._recall(layer, st, mine, probs[:, :, 0], wait=True)
+                self._recall(layer, st, mine, first, wait=True)
             elif query == "previous":
                 drift = query_similarity(q[:, :, 0], st.previous_q, self.spec.num_kv_heads) < o.tau
                 if next_start // p == hi:
@@ -327,16 +328,16 @@ class RetrievalEngine(Method):
                     # heads now and the others after attention (their slots are still read until then)
                     self.checks += drift.numel()
                     st.corrections.add_(drift.sum())
-                    deferred = (*self._plan(st, mine, probs[:, :, 0]), ~drift)
+                    deferred = (*self._plan(st, mine, first), ~drift)
                     self._copy(layer, st, *deferred[:2], wait=True, heads=drift)
                 else:
-                    self._correct(layer, st, drift, mine, probs[:, :, 0])
+                    self._correct(layer, st, drift, mine, first)
             else:  # speculative: how much of the real token's choice did the guess catch?
                 hit = (st.wanted.unsqueeze(-1) == mine.unsqueeze(-2)).any(-1)
                 st.hits.add_(hit.sum())
                 self.hit_checks += hit.numel()
                 if o.correct > 0:
-                    self._correct(layer, st, hit.float().mean(-1) < o.correct, mine, probs[:, :, 0])
+                    self._correct(layer, st, hit.float().mean(-1) < o.correct, mine, first)
         out = self._attention(st, q, valid, scaling, raw, n - self.stored_count(t), t)
         speculates = query == "speculative" and self.feed_mode == "speculative"
         if query == "previous":
@@ -351,8 +352,9 @@ class RetrievalEngine(Method):
                                              None if raw is None else self._rows(raw, t, row))
                 row = 0
             same = next_hi == hi and not speculates
-            choice = mine if same else self._top(probs[:, :, row], lo, next_hi)
-            self._recall(layer, st, choice, probs[:, :, row], wait=False)
+            chosen_by = first if same else probs[:, :, row]
+            choice = mine if same else self._top(chosen_by, lo, next_hi)
+            self._recall(layer, st, choice, chosen_by, wait=False)
         return out
 
     @staticmethod

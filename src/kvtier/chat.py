@@ -63,6 +63,7 @@ class Answer:
     reused_tokens: int  # tokens of the document's cache that were not fed again
     seconds: float
     stats: dict = field(repr=False)  # the fork's stats after the answer
+    ids: torch.Tensor = field(repr=False, default=None)  # the answer's token ids [new_tokens]
     moved: dict = field(default_factory=dict)  # bytes this answer moved: h2d_bytes, d2h_bytes
 
     def as_dict(self) -> dict:
@@ -125,7 +126,7 @@ class DocumentChat:
         stats = fork.stats()
         return Answer(question=question, text=self.tokenizer.decode(new, skip_special_tokens=True),
                       question_tokens=q.shape[1], new_tokens=len(new), context_tokens=out.shape[1],
-                      reused_tokens=self.ids.shape[1], seconds=seconds, stats=stats,
+                      reused_tokens=self.ids.shape[1], seconds=seconds, stats=stats, ids=new.cpu(),
                       moved={k: stats[k] - before[k] for k in ("h2d_bytes", "d2h_bytes")})
 
 

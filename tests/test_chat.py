@@ -47,6 +47,17 @@ def document(embedded):
     return text
 
 
+def test_the_prompt_in_two_parts_is_the_prompt_at_once(embedded, document):
+    """Document ids, then question ids: the ids `kvtier generate` makes of "document\n\nquestion" in one go."""
+    _, tokenizer = embedded
+    for question in QUESTIONS + ("x", "  Why?  "):
+        whole = tokenizer.apply_chat_template([{"role": "user", "content": document + "\n\n" + question.strip()}],
+                                              add_generation_prompt=True, return_tensors="pt",
+                                              return_dict=True)["input_ids"]
+        parts = torch.cat((document_ids(tokenizer, document + "\n"), question_ids(tokenizer, question)), 1)
+        assert torch.equal(parts, whole), question
+
+
 def _fresh(model, ids, method="full"):
     return kvtier.generate(model, ids, method=method, max_new_tokens=NEW)
 

@@ -4,10 +4,12 @@ The document is prefilled once into a KVCache (or loaded from a cache file). Eac
 fork of that cache, so every answer sees the document and its own question only, and the document is never
 fed again: kvtier.generate gets document + question and feeds just the question.
 
-The prompt is the model's chat template around one user message, "document\\n\\nquestion". It is tokenized in
-two parts, everything up to and including the document and its separator, then the question and the rest of
-the template, so that the document's tokens are the same whatever the question (tokenizing the whole message
-at once could merge tokens across the boundary). A fresh prefill of the same ids gives the same answer.
+The prompt is the model's chat template around one user message, "document\n\nquestion", as `kvtier generate`
+builds it from a file holding that text. It is tokenized in two parts: everything up to the end of the
+document, then the blank line, the question and the rest of the template. The document's tokens are then the
+same whatever the question, and the same as in the whole prompt tokenized at once: the cut falls between the
+document's last character and a newline, where byte-level BPE tokenizers never merge (the document's trailing
+whitespace is dropped so that this holds). A fresh prefill of the same ids gives the same answer.
 """
 
 from __future__ import annotations
@@ -41,16 +43,17 @@ def _ids(tokenizer, text: str, special: bool) -> torch.Tensor:
 
 
 def document_ids(tokenizer, document: str, raw: bool = False) -> torch.Tensor:
-    """[1, n] ids of the prompt up to and including the document and the separator after it."""
+    """[1, n] ids of the prompt up to the end of the document."""
     before, _ = template_parts(tokenizer, raw)
     # without a template the tokenizer adds its own special tokens (BOS); the template holds what it needs
-    return _ids(tokenizer, before + document + SEPARATOR, special=not before)
+    return _ids(tokenizer, before + document.rstrip(), special=not before)
 
 
 def question_ids(tokenizer, question: str, raw: bool = False) -> torch.Tensor:
-    """[1, m] ids of the question and the rest of the prompt (the end of the user turn, the assistant's turn)."""
+    """[1, m] ids of the blank line, the question and the rest of the prompt (the end of the user turn, the
+    assistant's turn)."""
     _, after = template_parts(tokenizer, raw)
-    return _ids(tokenizer, question + after, special=False)
+    return _ids(tokenizer, SEPARATOR + question.strip() + after, special=False)
 
 
 @dataclass

@@ -7,7 +7,9 @@ after the round trip through a file is the one the same cache gives without it. 
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pydoc_data.topics
 import pytest
@@ -19,7 +21,7 @@ from kvtier.cli import main
 
 pytestmark = pytest.mark.embedded
 
-NEW = 12
+NEW = 10
 QUESTIONS = ("What does the else clause of a for loop do?", "What does the pass statement do?",
              "When does a finally clause run?")
 
@@ -104,3 +106,8 @@ def test_chat_command_prefills_once(embedded, document, tmp_path, monkeypatch, c
     out, err = capsys.readouterr()
     assert out.strip() == result["answers"][0]["answer"].strip()
     assert "document prefills: 0" in err and "cached document tokens reused" in err and "device KV" in err
+    # without --question, the questions come one per line from standard input, until its end or /exit
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTIONS[0]}\n\n/exit\n{QUESTIONS[1]}\n"))
+    assert main(["chat", "--load-cache", str(tmp_path / "doc.kvc"), "--max-new-tokens", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == result["answers"][0]["answer"].strip() and err.count("document prefills: 0") == 1

@@ -117,11 +117,11 @@ def test_model_generate_continues_a_fork(tiny, case):
     assert torch.equal(fork.token_ids, out[:, :-1])
 
 
-@pytest.mark.parametrize("method", ["full", "offload", "freekv"])
+@pytest.mark.parametrize("method", ["full", "offload", "kvpr", "freekv"])
 def test_forks_of_one_parent_do_not_corrupt_each_other(tiny, method):
     """Forks run interleaved, and the parent goes on after them: each matches a cache run alone."""
     model = tiny("llama")
-    opts = SMALL_FREEKV if method == "freekv" else {}
+    opts = dict(CASES)[method]
 
     def run(caches):
         outs = [torch.cat((DOC, q), 1) for q in QUESTIONS]
@@ -142,6 +142,9 @@ def test_forks_of_one_parent_do_not_corrupt_each_other(tiny, method):
             for layer in range(model.config.num_hidden_layers):
                 if alone.method.pool.pages[layer] is not None:  # (freekv keeps its first layer whole, on the device)
                     assert torch.equal(cache.method.pool.layer_block(layer), alone.method.pool.layer_block(layer))
+                if method == "kvpr":  # the layer inputs it keeps are shared the same way
+                    n = alone.method.num_acts[layer]
+                    assert n > 100 and torch.equal(cache.method.acts[layer][:n], alone.method.acts[layer][:n])
 
 
 def test_forks_share_the_host_pages_and_copy_only_on_write():

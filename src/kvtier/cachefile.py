@@ -135,7 +135,8 @@ def read_tensors(path) -> dict[str, torch.Tensor]:
 
     path = Path(path).expanduser()
     try:
-        return load_file(str(path), device="cpu")
+        # copies out of the file's memory map: the cache owns its memory, whatever later happens to the file
+        return {name: t.clone() for name, t in load_file(str(path), device="cpu").items()}
     except Exception as err:  # the header checked out, so the data is damaged
         raise CacheFileError(f"{path} is a damaged kvtier cache file ({type(err).__name__}: {err}); save the "
                              "cache again") from None

@@ -605,12 +605,13 @@ def cmd_chat(args) -> int:
             ask(question)
     else:
         interactive = sys.stdin is not None and sys.stdin.isatty()
-        log("ask about the document; an empty line or /exit ends" if interactive else "")
+        if interactive:
+            log("ask about the document, one question per line; /exit or Ctrl-D ends")
         while True:
             if interactive:
                 print("question> ", end="", file=sys.stderr, flush=True)
             line = sys.stdin.readline() if sys.stdin is not None else ""
-            if not line or line.strip() in ("/exit", "/quit"):
+            if not line or line.strip() in ("/exit", "/quit"):  # end of input, or asked to stop
                 break
             if line.strip():
                 ask(line.strip())

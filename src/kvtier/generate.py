@@ -202,8 +202,8 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
 
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    logits = prefill(model, cache, input_ids, attention_mask, progress=progress, past=past)
     try:
+        logits = prefill(model, cache, input_ids, attention_mask, progress=progress, past=past)
         if speculates(cache):
             return _generate_speculative(model, cache, input_ids, attention_mask, logits, max_new_tokens, eos, pad,
                                          progress, pick, streamer)

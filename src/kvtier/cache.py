@@ -409,7 +409,7 @@ class KVCache(Cache):
         if len(self._token_chunks) > 1 or self._token_chunks[0][1] != self._token_chunks[0][0].shape[1]:
             ids = torch.cat([ids[:, :keep].to("cpu", torch.long) for ids, keep in self._token_chunks], dim=1)
             self._token_chunks = [(ids, ids.shape[1])]
-        return self._token_chunks[0][0].to("cpu", torch.long)
+        return self._token_chunks[0][0].to("cpu", torch.long).clone()  # a copy: changing it changes no cache
 
     def _check_length(self, new_tokens: int) -> None:
         total = self.method.lengths[0] + new_tokens

@@ -111,3 +111,14 @@ def test_chat_command_prefills_once(embedded, document, tmp_path, monkeypatch, c
     assert main(["chat", "--load-cache", str(tmp_path / "doc.kvc"), "--max-new-tokens", "8"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == result["answers"][0]["answer"].strip() and err.count("document prefills: 0") == 1
+
+
+def test_chat_command_with_method_auto(embedded, document, tmp_path, monkeypatch, capsys):
+    """--method auto --device-memory: the cache plans for the document, a question and the answer."""
+    model, tokenizer = embedded
+    monkeypatch.setattr(kvtier, "load", lambda *args, **kwargs: (model, tokenizer))
+    (tmp_path / "doc.txt").write_text(document[:1500])
+    assert main(["chat", "--document", str(tmp_path / "doc.txt"), "--question", QUESTIONS[0], "--max-new-tokens",
+                 "4", "--method", "auto", "--device-memory", "4MiB", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] != "full" and result["document_prefills"] == 1 and len(result["answers"]) == 1

@@ -127,6 +127,8 @@ PROBES = [
     (C + ["--save-cache", "nowhere/doc.kvc"], "folder nowhere does not exist"),
     (C + ["--save-cache", "x.kvc", "--load-cache", "y.kvc"], "not allowed with argument"),
     (C + ["--model", "/no/such/dir"], "/no/such/dir"),
+    (C + ["--method", "auto"], "--method auto needs --device-memory"),
+    (C + ["--device-memory", "lots"], "--device-memory"),
     (["chat", "--load-cache", "missing.kvc"], "cache file not found: missing.kvc"),
     (["chat", "--load-cache", "prompt.txt"], "prompt.txt is not a kvtier cache file"),
     (["chat", "--load-cache", "a-dir"], "a-dir is not a file"),
@@ -178,7 +180,8 @@ def test_chat_checks_a_cache_file_against_its_arguments(files, tiny, capsys, mon
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _refuse_load)
     for argv, names in [(["--method", "offload"], "holds a 'full' cache, not 'offload'"),
                         (["--option", "page_size=8"], "the file fixes the method and its options"),
-                        (["--budget", "64"], "the file fixes the method and its options")]:
+                        (["--budget", "64"], "the file fixes the method and its options"),
+                        (["--device-memory", "1GiB"], "the file fixes the method and its options")]:
         assert main(["chat", "--load-cache", "doc.kvc", "--question", "q"] + argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and names in err and "doc.kvc" in err, err

@@ -91,10 +91,14 @@ class DocumentChat:
 
     @classmethod
     def prefill(cls, model, tokenizer, document: str, method: str = "full", raw: bool = False,
-                progress: bool = False, max_new_tokens: int = 256, **options) -> "DocumentChat":
+                progress: bool = False, max_new_tokens: int = 256, device_memory=None,
+                **options) -> "DocumentChat":
+        """Prefill the document once. The cache is sized for the document, a question of up to QUESTION_ROOM
+        tokens and `max_new_tokens` (method "auto" plans for that length within `device_memory`)."""
         ids = document_ids(tokenizer, document, raw).to(model.device)
         room = min(ids.shape[1] + QUESTION_ROOM + max_new_tokens, model.config.max_position_embeddings)
-        cache = KVCache(model, method=method, max_length=max(room, ids.shape[1]), **options)
+        cache = KVCache(model, method=method, max_length=max(room, ids.shape[1]), device_memory=device_memory,
+                        **options)
         start = time.perf_counter()
         prefill(model, cache, ids, progress=progress)
         return cls(model, tokenizer, cache, raw, time.perf_counter() - start, prefills=1)

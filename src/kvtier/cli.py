@@ -208,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "unless --load-cache gives the document)")
     chat.add_argument("--question", action="append", default=[], metavar="Q",
                       help="answer Q and exit instead of asking interactively; repeatable")
-    chat.add_argument("--method", default=None, help="full, offload, kvpr, freekv or specache (default: full; "
-                      "with --load-cache, the file's)")
+    chat.add_argument("--method", default=None, help="full, offload, kvpr, freekv, specache, or auto (with "
+                      "--device-memory) (default: full; with --load-cache, the file's)")
+    chat.add_argument("--device-memory", default=None, help="device bytes the KV state may take (6GiB, 40MiB): "
+                      "--method auto chooses within it, any other method is checked against it")
     chat.add_argument("--budget", type=_positive, default=None, help="token budget (methods that have one: freekv)")
     chat.add_argument("--option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
                       help="a method option, such as page_size=8; repeatable")
@@ -544,9 +546,9 @@ def _check_chat(args) -> tuple[str | None, dict]:
         if args.method is not None and args.method != info["method"]:
             raise UsageError(f"--load-cache {args.load_cache} holds a {info['method']!r} cache, not "
                              f"{args.method!r}; leave out --method or prefill again with --document")
-        if args.option or args.budget is not None:
+        if args.option or args.budget is not None or args.device_memory is not None:
             raise UsageError(f"--load-cache {args.load_cache}: the file fixes the method and its options "
-                             f"({info['method']}); leave out --option and --budget")
+                             f"({info['method']}); leave out --option, --budget and --device-memory")
     else:
         args.method = args.method or "full"
         options = _method_options(args)
@@ -578,8 +580,10 @@ def cmd_chat(args) -> int:
             f"({chat.cache.method.name}; no prefill)")
     else:
         chat = DocumentChat.prefill(model, tokenizer, document, method=args.method, raw=args.raw, progress=True,
-                                    max_new_tokens=args.max_new_tokens, **options)
-        log(f"document: {chat.ids.shape[1]:,} tokens, prefilled once in {chat.seconds:.2f} s ({args.method})")
+                                    max_new_tokens=args.max_new_tokens, device_memory=args.device_memory,
+                                    **options)
+        log(f"document: {chat.ids.shape[1]:,} tokens, prefilled once in {chat.seconds:.2f} s "
+            f"({chat.cache.method.name})")
     saved = None
     if args.save_cache is not None:
         start = time.perf_counter()

@@ -82,8 +82,7 @@ def prefill(model, cache: KVCache, input_ids, attention_mask=None, chunk: int | 
     logits = None
     kvtier_cache = isinstance(cache, KVCache)  # any other transformers Cache (the benchmark's baselines) works too
     name = cache.method.name if kvtier_cache else type(cache).__name__
-    bar = tqdm(total=n - past, desc=f"prefill ({name})", unit="tok", disable=not progress or n - past <= chunk,
-               leave=False)
+    bar = tqdm(total=n - past, desc=f"prefill ({name})", unit="tok", disable=not progress, leave=False)
     with cache.prefilling() if kvtier_cache else contextlib.nullcontext():
         for start in range(past, n, chunk):
             stop = min(n, start + chunk)

@@ -66,6 +66,9 @@ def test_a_file_that_is_not_ours(saved, tmp_path):
     short = tmp_path / "short"
     short.write_bytes(b"abc")
     _refused(short, model, "is not a kvtier cache file")
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes((10).to_bytes(8, "little") + b"not json!!" + bytes(20))
+    _refused(garbage, model, "is not a kvtier cache file")
     other = tmp_path / "weights.safetensors"
     safetensors.torch.save_file({"w": torch.zeros(3)}, str(other))
     _refused(other, model, "a safetensors file but not a kvtier cache file")
@@ -121,6 +124,10 @@ def test_damaged_contents(saved):
     _rewrite(path, lambda info: info["storages"][0].update(nbytes=info["storages"][0]["nbytes"] - 4))
     _rewrite(path, lambda info: info.update(state={"object": "os:system", "id": 0, "attrs": {}}))
     _refused(path, model, "damaged kvtier cache file .*not a kvtier class")
+    _rewrite(path, lambda info: info.update(state={"object": "kvtier.methods.full:Full", "id": 0, "attrs": 7}))
+    _refused(path, model, "damaged kvtier cache file")
+    _rewrite(path, lambda info: info.pop("state"))
+    _refused(path, model, r"damaged kvtier cache file \(its metadata lacks \['state'\]\)")
 
 
 def test_writing_is_atomic(saved, monkeypatch):

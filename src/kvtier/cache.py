@@ -505,7 +505,7 @@ class KVCache(Cache):
         """The cache `save` wrote to `path`, for `model` (the one it was saved from: checked by its fingerprint)
         and, when given, `method` (checked too). Continue it with `kvtier.generate(model, ids, cache=...)`, where
         ids start with `cache.token_ids`."""
-        from . import __version__, cachefile, snapshot
+        from . import __version__, cachefile
 
         info = cachefile.read_info(path, kvtier_version=__version__)
         if method is not None and method != info["method"]:
@@ -533,9 +533,9 @@ class KVCache(Cache):
             storages.append(data.untyped_storage())
         try:
             cache.method = cache.method.restore(info["state"], storages, info["link"])
-        except (snapshot.SnapshotError, KeyError, TypeError) as err:
-            raise cachefile.CacheFileError(f"{path} is a damaged kvtier cache file ({err}); save the cache "
-                                           "again") from None
+        except Exception as err:  # the header checked out, so its state does not describe a method of ours
+            raise cachefile.CacheFileError(f"{path} is a damaged kvtier cache file ({type(err).__name__}: {err}); "
+                                           "save the cache again") from None
         if info["tokens_known"]:
             ids = tensors["token_ids"]
             cache._token_chunks = [(ids, ids.shape[1])]

@@ -22,6 +22,7 @@ import torch
 FORMAT = "kvtier-cache"
 FORMAT_VERSION = 1
 _MAX_HEADER = 512 * 1024 * 1024  # a safetensors header larger than this is not one
+REQUIRED = {"model", "device", "method", "options", "tokens_known", "link", "storages", "state"}
 
 
 class CacheFileError(ValueError):
@@ -105,12 +106,12 @@ def read_info(path, *, kvtier_version: str) -> dict:
     try:
         header = json.loads(raw)
         meta = header.get("__metadata__") or {}
-    except (ValueError, AttributeError):
+        ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError):
         raise CacheFileError(f"{path} is not a kvtier cache file (not a safetensors file)") from None
-    if meta.get("format") != FORMAT or "kvtier" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "kvtier" not in meta:
         raise CacheFileError(f"{path} is a safetensors file but not a kvtier cache file (no {FORMAT!r} metadata); "
                              "give a file written by KVCache.save or `kvtier chat --save-cache`")
-    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
     expected = 8 + length + max(ends, default=0)
     if size < expected:
         raise CacheFileError(f"{path} is truncated: {size} of its {expected} bytes are there (an interrupted copy "
@@ -118,7 +119,9 @@ def read_info(path, *, kvtier_version: str) -> dict:
     try:
         info = json.loads(meta["kvtier"])
     except ValueError:
-        raise CacheFileError(f"{path} is a damaged kvtier cache file (its metadata is not JSON)") from None
+        info = None
+    if not isinstance(info, dict):
+        raise CacheFileError(f"{path} is a damaged kvtier cache file (its metadata is not a JSON object)")
     version = info.get("format_version")
     if version != FORMAT_VERSION:
         raise CacheFileError(f"{path} is a kvtier cache file of format version {version!r}; this kvtier reads "
@@ -127,6 +130,10 @@ def read_info(path, *, kvtier_version: str) -> dict:
         raise CacheFileError(f"{path} was saved by kvtier {info.get('kvtier_version')}, this is kvtier "
                              f"{kvtier_version}: a cache file holds method internals of one version; prefill the "
                              "document again and save it with this kvtier")
+    missing = sorted(REQUIRED - set(info))
+    if missing:
+        raise CacheFileError(f"{path} is a damaged kvtier cache file (its metadata lacks {missing}); save the "
+                             "cache again")
     return info
 
 

@@ -27,10 +27,6 @@ class SnapshotError(ValueError):
     """State that cannot be encoded, or data that does not decode into a method."""
 
 
-def _is_event(x) -> bool:
-    return torch.cuda.is_available() and isinstance(x, torch.cuda.Event)
-
-
 def encode(root, names: dict[int, str]):
     """-> (graph, storages): JSON-able data for `root` and the storages its tensors view, in order of first use.
 
@@ -68,7 +64,7 @@ def encode(root, names: dict[int, str]):
             return {"tuple": [enc(v) for v in x]}
         if isinstance(x, dict):
             return {"dict": [[enc(k), enc(v)] for k, v in x.items()]}
-        if isinstance(x, ForkShare) or _is_event(x):
+        if isinstance(x, (ForkShare, torch.cuda.Event)):
             return None  # who else reads a buffer is not state; an event's copy has landed
         if hasattr(x, "item") and callable(x.item) and type(x).__module__ == "numpy":
             return x.item()

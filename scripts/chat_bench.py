@@ -38,8 +38,8 @@ def document(chars: int) -> str:
 def run(argv: list[str]) -> tuple[float, str]:
     """Run a command; (wall seconds, stdout). Fails loudly with its stderr."""
     start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS":
-                                                                      os.environ.get("OMP_NUM_THREADS", "1")})
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -63,8 +63,9 @@ def chat_against_generate(work: Path, method: str, new: int) -> dict:
         seconds, out = run(kvtier + ["generate", "--prompt-file", str(prompt), "--method", method,
                                      "--max-new-tokens", str(new), "--json"])
         result = json.loads(out)
+        same = result["answer"] == chat["answers"][i]["answer"]
         runs.append({"question": q, "seconds": seconds, "prompt_tokens": result["prompt_tokens"],
-                     "answer": result["answer"], "same_answer_as_chat": result["answer"] == chat["answers"][i]["answer"]})
+                     "answer": result["answer"], "same_answer_as_chat": same})
     generate_s = sum(r["seconds"] for r in runs)
     return {"command": " ".join(argv[2:]), "method": method, "max_new_tokens": new,
             "document_tokens": chat["document_tokens"], "document_prefills": chat["document_prefills"],

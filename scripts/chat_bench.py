@@ -145,10 +145,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| `kvtier generate` ({r['prompt_tokens']:,} tokens): {r['question']!r} | {r['seconds']:.1f} |")
     lines += [f"| the three `kvtier generate` runs | {c['generate_seconds']:.1f} |", "",
               f"Chat is {c['speedup']:.2f}x faster. Its prefill took {c['chat_prefill_seconds']:.1f} s; its answers "
-              f"{', '.join(f'{x:.1f}' for x in c['chat_answer_seconds'])} s. Same answer text as `generate`: "
+              f"{', '.join(f'{x:.1f}' for x in c['chat_answer_seconds'])} s; the other "
+              f"{c['chat_seconds'] - c['chat_prefill_seconds'] - sum(c['chat_answer_seconds']):.1f} s are the "
+              "model load (GGUF dequantization) and start-up, which every command pays. Same answer text as "
+              "`generate`: "
               f"{sum(r['same_answer_as_chat'] for r in c['generate_runs'])} of 3 (the same ids: chat cuts the prompt "
-              "where the tokenizer never merges, see `kvtier/chat.py`). Each command loads the model (GGUF "
-              "dequantization) in its own process.", "",
+              "where the tokenizer never merges, see `kvtier/chat.py`).", "",
               f"## Save a {s['tokens']:,}-token cache, load it in a new process ({s['method']})", "",
               "| step | s |", "| --- | --- |",
               f"| prefill (what loading replaces) | {s['prefill_seconds']:.2f} |",

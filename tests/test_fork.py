@@ -185,6 +185,9 @@ def test_a_fork_counts_what_its_parent_counted_and_goes_on(tiny):
     assert fork.stats() == before  # the prefix's traffic and memory, carried on
     _ask(model, fork, QUESTIONS[0], new=4)
     assert parent.stats() == before
+    # the fork appended its tokens in place, past the parent's rows: the document's pages were never copied
+    for layer in range(model.config.num_hidden_layers):
+        assert fork.method.pool.pages[layer].data_ptr() == parent.method.pool.pages[layer].data_ptr()
     assert fork.stats()["d2h_bytes"] > before["d2h_bytes"] and fork.stats()["tokens"] > before["tokens"]
 
 

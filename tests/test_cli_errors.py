@@ -58,6 +58,7 @@ def no_model_load(monkeypatch):
 G = ["generate", "--prompt-file", "prompt.txt"]
 N = ["eval", "needle", "--methods", "full,freekv:budget=0.25", "--out", "runs"]
 R = ["eval", "ruler", "--methods", "full", "--out", "runs"]
+C = ["chat", "--document", "prompt.txt"]
 # argv, what the one line must name
 PROBES = [
     (G + ["--model", "/no/such/dir"], "/no/such/dir"),
@@ -110,6 +111,27 @@ PROBES = [
     (["bench", "--model-config", "tiny-llama", "--contexts", ""], "--contexts: is empty"),
     (["bench", "--model-config", "tiny-llama", "--profile", "none.json"], "none.json: file not found"),
     (["bench", "--model-config", "tiny-llama", "--out", "a-file"], "--out a-file is a file"),
+    (["chat"], "give the document: --document FILE"),
+    (["chat", "--document", "missing.txt"], "--document missing.txt: file not found"),
+    (["chat", "--document", "binary.txt"], "--document binary.txt is not UTF-8"),
+    (["chat", "--document", "-"], "--document - reads the document from standard input"),
+    (C + ["--question", " "], "--question is empty"),
+    (C + ["--method", "nosuch"], "unknown method 'nosuch'"),
+    (C + ["--budget", "512"], "'full' has no token budget"),
+    (C + ["--method", "freekv", "--option", "bogus=1"], "['bogus']"),
+    (C + ["--temperature", "0.5"], "--temperature is for sampling: add --do-sample"),
+    (C + ["--do-sample", "--temperature", "0"], "--temperature must be > 0"),
+    (C + ["--do-sample", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (C + ["--max-new-tokens", "0"], "--max-new-tokens"),
+    (C + ["--save-cache", "a-dir"], "--save-cache a-dir is a folder"),
+    (C + ["--save-cache", "nowhere/doc.kvc"], "folder nowhere does not exist"),
+    (C + ["--save-cache", "x.kvc", "--load-cache", "y.kvc"], "not allowed with argument"),
+    (C + ["--model", "/no/such/dir"], "/no/such/dir"),
+    (C + ["--method", "auto"], "--method auto needs --device-memory"),
+    (C + ["--device-memory", "lots"], "--device-memory"),
+    (["chat", "--load-cache", "missing.kvc"], "cache file not found: missing.kvc"),
+    (["chat", "--load-cache", "prompt.txt"], "prompt.txt is not a kvtier cache file"),
+    (["chat", "--load-cache", "a-dir"], "a-dir is not a file"),
     (["nosuchcommand"], "nosuchcommand"),
     ([], "required"),
 ]
@@ -143,6 +165,34 @@ def test_existing_results_are_kept_unless_overwrite(files, no_model_load, capsys
     # other evaluations may write into the same folder
     with pytest.raises(ModelLoaded):
         main(["eval", "ruler", "--methods", "full", "--out", "results"])
+
+
+def test_chat_checks_a_cache_file_against_its_arguments(files, tiny, capsys, monkeypatch):
+    """--load-cache: the file fixes the method and its options; a file saved from another model is refused after
+    the model is loaded, naming the file."""
+    from kvtier.generate import prefill
+
+    model = tiny("llama")
+    cache = kvtier.KVCache(model, method="full")
+    with torch.inference_mode():
+        prefill(model, cache, torch.tensor([[5, 6, 7, 8]]))
+    cache.save("doc.kvc")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _refuse_load)
+    for argv, names in [(["--method", "offload"], "holds a 'full' cache, not 'offload'"),
+                        (["--option", "page_size=8"], "the file fixes the method and its options"),
+                        (["--budget", "64"], "the file fixes the method and its options"),
+                        (["--device-memory", "1GiB"], "the file fixes the method and its options")]:
+        assert main(["chat", "--load-cache", "doc.kvc", "--question", "q"] + argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and names in err and "doc.kvc" in err, err
+    monkeypatch.setattr(kvtier, "load", lambda *a, **k: (tiny("llama", seed=1), None))
+    assert main(["chat", "--load-cache", "doc.kvc", "--question", "q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "doc.kvc was saved from another model (same shapes but different weights)" in err, err
+
+
+def _refuse_load(*args, **kwargs):
+    raise ModelLoaded("a model was loaded before the argument error was reported")
 
 
 def test_corrupt_gguf_is_named(files, capsys):

@@ -177,9 +177,12 @@ def test_empty_input(tiny):
 def test_reusing_a_filled_cache_with_generate(tiny, method):
     model = tiny("llama")
     cache = kvtier.KVCache(model, method=method)
-    kvtier.generate(model, ids_of(6), cache=cache, max_new_tokens=3)
-    with pytest.raises(ValueError, match="already holds tokens"):
+    out = kvtier.generate(model, ids_of(6), cache=cache, max_new_tokens=3)
+    # generate continues a filled cache only when input_ids start with its tokens (prefix reuse: test_fork.py)
+    with pytest.raises(ValueError, match="the cache already holds 8: give the whole sequence"):
         kvtier.generate(model, ids_of(6, seed=1), cache=cache, max_new_tokens=3)
+    with pytest.raises(ValueError, match="input_ids do not continue the cache: token 0"):
+        kvtier.generate(model, torch.cat((ids_of(6, seed=1), out), 1), cache=cache, max_new_tokens=3)
     with pytest.raises(ValueError, match="already holds tokens"):
         kvtier.score(model, ids_of(6, seed=1), ids_of(2), cache=cache)
 

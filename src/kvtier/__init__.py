@@ -8,10 +8,12 @@
 __version__ = "0.1.0"
 
 from .cache import CacheBrokenError, KVCache
-from .generate import generate, score
+from .cachefile import CacheFileError
+from .generate import generate, prefill, score
 from .methods import METHOD_REGISTRY
 from .models import DEFAULT_MODEL, ModelSpec, load
 
 METHODS = tuple(METHOD_REGISTRY)
 
-__all__ = ["CacheBrokenError", "KVCache", "METHODS", "ModelSpec", "DEFAULT_MODEL", "generate", "load", "score", "__version__"]
+__all__ = ["CacheBrokenError", "CacheFileError", "KVCache", "METHODS", "ModelSpec", "DEFAULT_MODEL", "generate", "load",
+           "prefill", "score", "__version__"]

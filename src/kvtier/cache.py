@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from pathlib import Path
 
 import torch
 from transformers import Cache, DynamicCache
@@ -112,6 +113,8 @@ def _refuse_broken_cache(module, args, kwargs):
     cache = kwargs.get("past_key_values")
     if isinstance(cache, KVCache):
         cache.check_usable()
+        # the ids this step feeds; the cache keeps them when the step completes (None: fed embeddings)
+        cache._incoming = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
 
 
 def _install_model_hook(model) -> None:
@@ -212,6 +215,12 @@ class KVCache(Cache):
         self._expect = 0
         self._pending: int | None = None
         self._broken: str | None = None  # why this cache refuses further use
+        # The token ids the cache holds, as (ids, how many of them were kept) per forward: a step keeps a
+        # reference to its input and nothing else (no op in the step); `token_ids` joins them when asked.
+        self._token_chunks: list[tuple[torch.Tensor, int]] = []
+        self._tokens_known = True  # False once a forward fed embeddings instead of ids
+        self._incoming = None
+        self._model = weakref.ref(model)  # for the fingerprint `save` writes
         super().__init__(layers=[_LayerView(self, i) for i in range(self.spec.num_layers)])
 
     def _plan(self, method: str, device_memory, max_length, batch, options: dict) -> tuple[str, dict]:
@@ -319,6 +328,8 @@ class KVCache(Cache):
             raise ValueError("this KVCache was made for a different model; make one KVCache per model")
         with self._guard(f"attention of layer {layer}"):
             out = self.method.attend(layer, query, padding_mask, scaling)
+        if layer == self.spec.num_layers - 1:
+            self._keep_tokens()
         self._expect = (layer + 1) % self.spec.num_layers
         self._pending = None  # last: an interrupt before it leaves the step open, and the cache is refused
         return out
@@ -379,6 +390,27 @@ class KVCache(Cache):
             self._break(f"layer {layer} came when layer {at} was due")
         raise CacheBrokenError(self._broken_message())
 
+    def _keep_tokens(self) -> None:
+        ids, self._incoming = self._incoming, None
+        if ids is None or not isinstance(ids, torch.Tensor):
+            self._tokens_known = False
+            self._token_chunks = []
+        elif self._tokens_known:
+            self._token_chunks.append((ids, self.method.stored_count(ids.shape[1])))
+
+    @property
+    def token_ids(self) -> torch.Tensor | None:
+        """The token ids this cache holds, [batch, tokens] (None if a forward fed embeddings instead of ids).
+        `kvtier.generate` checks a new prompt against them: the cached tokens must be its prefix."""
+        if not self._tokens_known:
+            return None
+        if not self._token_chunks:
+            return torch.zeros((self.method.batch or 1, 0), dtype=torch.long)
+        if len(self._token_chunks) > 1 or self._token_chunks[0][1] != self._token_chunks[0][0].shape[1]:
+            ids = torch.cat([ids[:, :keep].to("cpu", torch.long) for ids, keep in self._token_chunks], dim=1)
+            self._token_chunks = [(ids, ids.shape[1])]
+        return self._token_chunks[0][0].to("cpu", torch.long).clone()  # a copy: changing it changes no cache
+
     def _check_length(self, new_tokens: int) -> None:
         total = self.method.lengths[0] + new_tokens
         if total > self.spec.max_positions:
@@ -427,6 +459,89 @@ class KVCache(Cache):
             out["auto_choice"] = self.auto.label
             out["auto_reason"] = self.auto.reason
         return out
+
+    # -- prefix reuse: fork, save, load ---------------------------------------------------------------------
+    def fork(self) -> "KVCache":
+        """A cache holding what this one holds, that goes on independently: several forks of one prefilled
+        document answer different questions. Host pages are shared, not copied (each side appends past them
+        on its own, `store.ForkShare`); device state is copied. Counters carry on from this cache's."""
+        self.check_usable()
+        twin = KVCache.__new__(KVCache)
+        twin.__dict__.update(self.__dict__)  # the model binding (config, modules, hooks) is the same
+        twin.method = self.method.fork()
+        twin._token_chunks = list(self._token_chunks)
+        twin._incoming = None
+        Cache.__init__(twin, layers=[_LayerView(twin, i) for i in range(self.spec.num_layers)])
+        return twin
+
+    def save(self, path) -> Path:
+        """Write this cache to `path` (one safetensors file, format in docs/cache-file.md) atomically: the file
+        is complete or absent. `KVCache.load(path, model)` reads it back, in this or another process."""
+        from . import __version__, cachefile
+
+        self.check_usable()
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model this cache was made for is gone; a cache file names its model")
+        graph, storages, counters = self.method.snapshot()
+        tensors, layout = {}, []
+        for i, storage in enumerate(storages):
+            layout.append({"nbytes": storage.nbytes(), "device": storage.device.type,
+                           "pinned": storage.device.type == "cpu" and storage.is_pinned()})
+            if storage.nbytes():  # empty buffers are rebuilt from their size alone
+                tensors[f"storage.{i}"] = cachefile.storage_bytes(storage)
+        ids = self.token_ids
+        if ids is not None:
+            tensors["token_ids"] = ids.contiguous()
+        info = {"format_version": cachefile.FORMAT_VERSION, "kvtier_version": __version__,
+                "model": cachefile.fingerprint(model), "device": self.spec.device.type,
+                "method": self.method.name, "options": self.method.options, "tokens": self.method.lengths[0],
+                "batch": self.method.batch, "tokens_known": ids is not None, "link": counters,
+                "storages": layout, "state": graph}
+        return cachefile.write(path, info, tensors)
+
+    @classmethod
+    def load(cls, path, model, method: str | None = None) -> "KVCache":
+        """The cache `save` wrote to `path`, for `model` (the one it was saved from: checked by its fingerprint)
+        and, when given, `method` (checked too). Continue it with `kvtier.generate(model, ids, cache=...)`, where
+        ids start with `cache.token_ids`."""
+        from . import __version__, cachefile
+
+        info = cachefile.read_info(path, kvtier_version=__version__)
+        if method is not None and method != info["method"]:
+            raise cachefile.CacheFileError(f"{path} holds a {info['method']!r} cache, not {method!r}; load it "
+                                           f"with method={info['method']!r} or prefill again with {method!r}")
+        differs = cachefile.model_mismatch(info["model"], cachefile.fingerprint(model))
+        if differs:
+            raise cachefile.CacheFileError(f"{path} was saved from another model ({differs}); load it with the "
+                                           "model it was saved from, or prefill again")
+        cache = cls(model, method=info["method"], **info["options"])
+        if info["device"] != cache.spec.device.type:
+            raise cachefile.CacheFileError(f"{path} was saved on {info['device']}, the model is on "
+                                           f"{cache.spec.device.type}; load the model on {info['device']}")
+        tensors = cachefile.read_tensors(path)
+        storages = []
+        for i, entry in enumerate(info["storages"]):
+            data = tensors.get(f"storage.{i}", torch.empty(0, dtype=torch.uint8))
+            if data.numel() != entry["nbytes"]:
+                raise cachefile.CacheFileError(f"{path} is damaged: buffer {i} has {data.numel()} bytes, "
+                                               f"{entry['nbytes']} expected; save the cache again")
+            if entry["device"] != "cpu":
+                data = data.to(cache.spec.device)
+            elif entry["pinned"] and torch.cuda.is_available():
+                data = data.pin_memory()
+            storages.append(data.untyped_storage())
+        try:
+            cache.method = cache.method.restore(info["state"], storages, info["link"])
+        except Exception as err:  # the header checked out, so its state does not describe a method of ours
+            raise cachefile.CacheFileError(f"{path} is a damaged kvtier cache file ({type(err).__name__}: {err}); "
+                                           "save the cache again") from None
+        if info["tokens_known"]:
+            ids = tensors["token_ids"]
+            cache._token_chunks = [(ids, ids.shape[1])]
+        else:
+            cache._tokens_known = False
+        return cache
 
     def __repr__(self):
         broken = ", broken" if self._broken is not None else ""

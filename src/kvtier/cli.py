@@ -129,6 +129,11 @@ EXAMPLES = {
   kvtier generate --prompt-file doc.txt --method freekv --budget 512
   kvtier generate --prompt-file - --method offload --max-new-tokens 32 < doc.txt
   kvtier generate --prompt-file doc.txt --model path/to/model.gguf --option page_size=8 --json""",
+    "chat": """examples:
+  kvtier chat --document contract.txt --method offload
+  kvtier chat --document doc.txt --question "Who signs it?" --question "When does it end?"
+  kvtier chat --document doc.txt --method freekv --budget 1024 --save-cache doc.kvc --question "Summarize it."
+  kvtier chat --load-cache doc.kvc --question "What is the notice period?" --json""",
     "demo": """examples:
   kvtier demo
   kvtier demo --methods full,freekv:budget=512 --context 2000 --out runs/small.json""",
@@ -196,6 +201,35 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="feed the file as-is instead of as a chat message")
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     model_options(gen)
+
+    chat = command(sub, "chat", "read a document once, then answer questions about it (each from a fork of the "
+                   "prefilled cache); interactive without --question", EXAMPLES["chat"])
+    chat.add_argument("--document", default=None, help="a UTF-8 text file, or - to read standard input (required "
+                      "unless --load-cache gives the document)")
+    chat.add_argument("--question", action="append", default=[], metavar="Q",
+                      help="answer Q and exit instead of asking interactively; repeatable")
+    chat.add_argument("--method", default=None, help="full, offload, kvpr, freekv, specache, or auto (with "
+                      "--device-memory) (default: full; with --load-cache, the file's)")
+    chat.add_argument("--device-memory", default=None, help="device bytes the KV state may take (6GiB, 40MiB): "
+                      "--method auto chooses within it, any other method is checked against it")
+    chat.add_argument("--budget", type=_positive, default=None, help="token budget (methods that have one: freekv)")
+    chat.add_argument("--option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
+                      help="a method option, such as page_size=8; repeatable")
+    cache_file = chat.add_mutually_exclusive_group()
+    cache_file.add_argument("--save-cache", default=None, metavar="P",
+                            help="after the prefill, save the document's cache to file P (replaced if it exists)")
+    cache_file.add_argument("--load-cache", default=None, metavar="P",
+                            help="load the document's cache from file P instead of prefilling it")
+    chat.add_argument("--max-new-tokens", type=_positive, default=256, help="most tokens per answer")
+    chat.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    chat.add_argument("--temperature", type=float, default=None, help="with --do-sample (default: 1.0)")
+    chat.add_argument("--top-k", type=_nonnegative, default=None, help="with --do-sample (default: 50; 0: off)")
+    chat.add_argument("--top-p", type=float, default=None, help="with --do-sample (default: 1.0)")
+    chat.add_argument("--seed", type=int, default=None, help="with --do-sample: reproducible draws")
+    chat.add_argument("--raw", action="store_true", help="no chat template: the document, a blank line, the question")
+    chat.add_argument("--json", action="store_true", help="print the answers and their stats as JSON at the end "
+                      "(no streaming)")
+    model_options(chat)
 
     command(sub, "info", "versions, device and the available methods")
 
@@ -345,33 +379,33 @@ def _check_model_args(args) -> None:
     resolve_model(args.model)
 
 
-def _read_prompt(name: str) -> str:
+def _read_prompt(name: str, flag: str = "--prompt-file") -> str:
     """The prompt file's text (`-`: standard input); UsageError naming the file for anything unreadable."""
     if name == "-":
         label = "standard input"
         if sys.stdin is None:
-            raise UsageError("--prompt-file -: there is no standard input to read")
+            raise UsageError(f"{flag} -: there is no standard input to read")
         data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
     else:
         path = Path(name).expanduser()
         label = str(path)
         if not path.exists():
-            raise UsageError(f"--prompt-file {path}: file not found")
+            raise UsageError(f"{flag} {path}: file not found")
         if not path.is_file():
-            raise UsageError(f"--prompt-file {path} is not a file; give a text file, or - for standard input")
+            raise UsageError(f"{flag} {path} is not a file; give a text file, or - for standard input")
         try:
             data = path.read_bytes()
         except OSError as err:
-            raise UsageError(f"--prompt-file {path} cannot be read: {err.strerror or err}") from None
+            raise UsageError(f"{flag} {path} cannot be read: {err.strerror or err}") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise UsageError(f"--prompt-file {label} is not UTF-8 text (byte {err.start}: {err.reason}); give a plain "
+        raise UsageError(f"{flag} {label} is not UTF-8 text (byte {err.start}: {err.reason}); give a plain "
                          "text file") from None
     if "\x00" in text:
-        raise UsageError(f"--prompt-file {label} holds NUL bytes: it looks binary; give a plain text file")
+        raise UsageError(f"{flag} {label} holds NUL bytes: it looks binary; give a plain text file")
     if not text.strip():
-        raise UsageError(f"--prompt-file {label} is empty")
+        raise UsageError(f"{flag} {label} is empty")
     return text
 
 
@@ -484,6 +518,117 @@ def cmd_generate(args) -> int:
         print(answer)
         print(f"\n[{args.method}] prompt {ids.shape[1]} tokens | " +
               " | ".join(f"{k} {v}" for k, v in stats.items() if k != "method"), file=sys.stderr)
+    return 0
+
+
+def _check_chat(args) -> tuple[str | None, dict]:
+    """Everything `kvtier chat` can check before loading a model; returns (document text or None, options)."""
+    from kvtier import __version__, cachefile
+
+    if args.document is None and args.load_cache is None:
+        raise UsageError("give the document: --document FILE (or --load-cache P, a cache saved with --save-cache)")
+    if args.document == "-" and not args.question:
+        raise UsageError("--document - reads the document from standard input, so the questions cannot come from "
+                         "there too: give them with --question")
+    if any(not q.strip() for q in args.question):
+        raise UsageError("--question is empty; give the question's text")
+    for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
+                        ("--seed", args.seed)):
+        if value is not None and not args.do_sample:
+            raise UsageError(f"{flag} is for sampling: add --do-sample (answers are greedy without it)")
+    if args.temperature is not None and not args.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    options = {}
+    if args.load_cache is not None:
+        info = cachefile.read_info(args.load_cache, kvtier_version=__version__)  # ours, whole, this version
+        if args.method is not None and args.method != info["method"]:
+            raise UsageError(f"--load-cache {args.load_cache} holds a {info['method']!r} cache, not "
+                             f"{args.method!r}; leave out --method or prefill again with --document")
+        if args.option or args.budget is not None or args.device_memory is not None:
+            raise UsageError(f"--load-cache {args.load_cache}: the file fixes the method and its options "
+                             f"({info['method']}); leave out --option, --budget and --device-memory")
+    else:
+        args.method = args.method or "full"
+        options = _method_options(args)
+    if args.save_cache is not None:
+        target = Path(args.save_cache).expanduser()
+        if target.is_dir():
+            raise UsageError(f"--save-cache {target} is a folder; give a file name")
+        if not target.parent.is_dir():
+            raise UsageError(f"--save-cache {target}: folder {target.parent} does not exist")
+    document = None if args.document is None else _read_prompt(args.document, "--document")
+    _check_model_args(args)
+    return document, options
+
+
+def cmd_chat(args) -> int:
+    import time
+
+    import kvtier
+    from kvtier.chat import DocumentChat, mib, stats_line
+
+    document, options = _check_chat(args)
+    started = time.perf_counter()
+    model, tokenizer = kvtier.load(args.model, device=args.device, dtype=args.dtype)
+    log = (lambda text: None) if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
+    if args.load_cache is not None:
+        chat = DocumentChat.load(args.load_cache, model, tokenizer, method=args.method, document=document,
+                                 raw=args.raw)
+        log(f"document: {chat.ids.shape[1]:,} tokens, loaded from {args.load_cache} in {chat.seconds:.2f} s "
+            f"({chat.cache.method.name}; no prefill)")
+    else:
+        chat = DocumentChat.prefill(model, tokenizer, document, method=args.method, raw=args.raw, progress=True,
+                                    max_new_tokens=args.max_new_tokens, device_memory=args.device_memory,
+                                    **options)
+        log(f"document: {chat.ids.shape[1]:,} tokens, prefilled once in {chat.seconds:.2f} s "
+            f"({chat.cache.method.name})")
+    saved = None
+    if args.save_cache is not None:
+        start = time.perf_counter()
+        saved = chat.save(args.save_cache)
+        log(f"saved the document's cache to {saved} ({mib(saved.stat().st_size)}) in "
+            f"{time.perf_counter() - start:.2f} s")
+    sampling = {"do_sample": args.do_sample, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, "seed": args.seed}
+    answers = []
+
+    def ask(question: str) -> None:
+        streamer = None
+        if not args.json:
+            from transformers import TextStreamer
+
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        answer = chat.ask(question, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+        answers.append(answer)
+        log(stats_line(chat, answer))
+
+    if args.question:
+        for question in args.question:
+            ask(question)
+    else:
+        interactive = sys.stdin is not None and sys.stdin.isatty()
+        if interactive:
+            log("ask about the document, one question per line; /exit or Ctrl-D ends")
+        while True:
+            if interactive:
+                print("question> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline() if sys.stdin is not None else ""
+            if not line or line.strip() in ("/exit", "/quit"):  # end of input, or asked to stop
+                break
+            if line.strip():
+                ask(line.strip())
+    total = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({"method": chat.cache.method.name, "options": chat.cache.method.options,
+                          "document_tokens": int(chat.ids.shape[1]), "document_prefills": chat.prefills,
+                          "prefill_seconds" if chat.prefills else "load_seconds": chat.seconds,
+                          "saved_cache": str(saved) if saved else None,
+                          "answers": [a.as_dict() for a in answers], "total_seconds": total}, indent=2))
+    else:
+        log(f"{len(answers)} answer(s) from {chat.prefills} prefill(s) of the document; {total:.1f} s in all "
+            "(model load included)")
     return 0
 
 
@@ -708,8 +853,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    handlers = {"info": cmd_info, "generate": cmd_generate, "demo": cmd_demo, "profile": cmd_profile,
-                "eval": cmd_eval, "bench": cmd_bench, "plan": cmd_plan}
+    handlers = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo,
+                "profile": cmd_profile, "eval": cmd_eval, "bench": cmd_bench, "plan": cmd_plan}
     name = args.command + (f" {args.eval_command}" if args.command == "eval" else "")
     try:
         return handlers[args.command](args)

@@ -37,25 +37,54 @@ def _make_cache(model, cache, method, options) -> KVCache:
         if options:
             raise ValueError(f"options {sorted(options)} were given with a ready cache; pass them to KVCache")
         cache.check_usable()  # a cache whose step was interrupted: CacheBrokenError
-        if cache.method.lengths[0]:
-            raise ValueError("the cache given already holds tokens; make a new KVCache per prompt")
         return cache
     return KVCache(model, method=method, **options)
 
 
+def _empty(cache: KVCache) -> KVCache:
+    if cache.method.lengths[0]:
+        raise ValueError("the cache given already holds tokens; make a new KVCache per prompt")
+    return cache
+
+
+def cached_prefix(cache: KVCache, input_ids: torch.Tensor) -> int:
+    """How many leading tokens of `input_ids` the cache already holds (transformers' prefix reuse: input_ids is
+    the whole sequence). ValueError when they are not the cache's tokens or nothing new is left to feed."""
+    n = cache.method.lengths[0]
+    if n == 0:
+        return 0
+    cached = cache.token_ids
+    if cached is None:
+        raise ValueError(f"the cache holds {n} tokens fed as embeddings, not ids, so input_ids cannot be checked "
+                         "against them; prefill the cache with token ids (kvtier.generate or model(input_ids=...))")
+    if input_ids.shape[0] != cached.shape[0]:
+        raise ValueError(f"input_ids has {input_ids.shape[0]} sequences but the cache holds {cached.shape[0]}")
+    if input_ids.shape[1] <= n:
+        raise ValueError(f"input_ids has {input_ids.shape[1]} tokens and the cache already holds {n}: give the whole "
+                         f"sequence, the cached {n} tokens (cache.token_ids) and then at least one new token")
+    differ = (input_ids[:, :n].cpu() != cached).any(0).nonzero()
+    if len(differ):
+        i = int(differ[0])
+        raise ValueError(f"input_ids do not continue the cache: token {i} is {input_ids[:, i].tolist()} in input_ids "
+                         f"but {cached[:, i].tolist()} in the cache; input_ids must start with the cache's {n} "
+                         "tokens (cache.token_ids), or use a new KVCache")
+    return n
+
+
 @torch.inference_mode()
 def prefill(model, cache: KVCache, input_ids, attention_mask=None, chunk: int | None = None,
-            progress: bool = False) -> torch.Tensor:
+            progress: bool = False, past: int = 0) -> torch.Tensor:
     """Run the prompt through the model into `cache` (a KVCache, or any transformers Cache) in chunks of `chunk`
-    tokens (default PREFILL_CHUNK); returns the last position's logits [b, vocab]."""
+    tokens (default PREFILL_CHUNK); returns the last position's logits [b, vocab]. The first `past` tokens of
+    input_ids are in the cache already (a prefix reused) and are not fed again."""
     chunk = chunk or PREFILL_CHUNK
     n = input_ids.shape[1]
     logits = None
     kvtier_cache = isinstance(cache, KVCache)  # any other transformers Cache (the benchmark's baselines) works too
     name = cache.method.name if kvtier_cache else type(cache).__name__
-    bar = tqdm(total=n, desc=f"prefill ({name})", unit="tok", disable=not progress or n <= chunk, leave=False)
+    bar = tqdm(total=n - past, desc=f"prefill ({name})", unit="tok", disable=not progress, leave=False)
     with cache.prefilling() if kvtier_cache else contextlib.nullcontext():
-        for start in range(0, n, chunk):
+        for start in range(past, n, chunk):
             stop = min(n, start + chunk)
             mask = None if attention_mask is None else attention_mask[:, :stop]
             out = model(input_ids=input_ids[:, start:stop], attention_mask=mask, past_key_values=cache,
@@ -91,14 +120,61 @@ def _decode_step(model, cache, token, mask, position):
     return out.logits[:, -1].float(), mask, position
 
 
+def _sampler(model, do_sample: bool, temperature, top_k, top_p, seed, device):
+    """The function that picks each sequence's next token from logits [b, vocab]: argmax, or with `do_sample` a
+    draw after temperature, top-k and top-p, as model.generate does (unset values: the model's generation
+    config, else transformers' defaults 1.0, 50, 1.0). `seed` makes the draws reproducible."""
+    if not do_sample:
+        return lambda logits: logits.argmax(-1)
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    config = getattr(model, "generation_config", None)
+    defaults = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    value = {k: v if v is not None else (getattr(config, k, None) if getattr(config, k, None) is not None
+                                          else defaults[k]) for k, v in given.items()}
+    if isinstance(value["temperature"], bool) or not isinstance(value["temperature"], (int, float)) \
+            or value["temperature"] <= 0:
+        raise ValueError(f"temperature must be a number > 0, got {value['temperature']!r} (do_sample=False for greedy)")
+    if isinstance(value["top_k"], bool) or not isinstance(value["top_k"], int) or value["top_k"] < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: off), got {value['top_k']!r}")
+    if isinstance(value["top_p"], bool) or not isinstance(value["top_p"], (int, float)) or not 0 < value["top_p"] <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {value['top_p']!r}")
+    warpers = LogitsProcessorList()
+    if value["temperature"] != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(value["temperature"])))
+    if value["top_k"]:
+        warpers.append(TopKLogitsWarper(value["top_k"]))
+    if value["top_p"] < 1.0:
+        warpers.append(TopPLogitsWarper(float(value["top_p"])))
+    generator = None
+    if seed is not None:  # without a seed, torch's global generator draws, as in model.generate
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed))
+
+    def sample(logits):
+        probs = torch.softmax(warpers(None, logits), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return sample
+
+
 @torch.inference_mode()
 def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, attention_mask=None,
              cache: KVCache | None = None, progress: bool = False, eos_token_id=None, pad_token_id=None,
-             **options) -> torch.Tensor:
-    """Greedy decoding through a kvtier method; returns prompt + new ids, like `model.generate`.
+             do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, streamer=None, **options) -> torch.Tensor:
+    """Decoding through a kvtier method; returns input_ids + new ids, like `model.generate`.
 
+    Greedy, or with `do_sample` sampled after `temperature`, `top_k` and `top_p` (`seed` for reproducible
+    draws). `streamer` (a transformers streamer, e.g. TextStreamer) gets input_ids, then each new token.
     Sequences stop at the end-of-sequence token (then padded with the pad token) as in `model.generate`;
     extra keyword arguments are the method's options (`budget=...`).
+
+    `cache` may already hold tokens (prefilled, forked or loaded): then input_ids is the whole sequence, as with
+    transformers' prefix reuse, and must start with the cache's tokens (`cache.token_ids`), which are not fed
+    again; attention_mask, when given, covers the whole sequence too.
     """
     input_ids = _as_batch(input_ids, "input_ids").to(_model_device(model))
     if max_new_tokens < 1:
@@ -108,7 +184,9 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
                              f"{tuple(input_ids.shape)}")
+    pick = _sampler(model, do_sample, temperature, top_k, top_p, seed, input_ids.device)
     cache = _make_cache(model, cache, method, options)
+    past = cached_prefix(cache, input_ids)
     total = input_ids.shape[1] + max_new_tokens
     if total > cache.spec.max_positions:
         raise ValueError(f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
@@ -121,38 +199,48 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
     if pad is None:
         pad = int(eos[0]) if eos.numel() else 0
 
-    logits = prefill(model, cache, input_ids, attention_mask, progress=progress)
-    if speculates(cache):
-        return _generate_speculative(model, cache, input_ids, attention_mask, logits, max_new_tokens, eos, pad,
-                                     progress)
-    tokens = [input_ids]
-    mask = attention_mask
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    position = _positions(attention_mask, input_ids.shape[1] - 1, input_ids.shape[1], input_ids.device)
-    for step in tqdm(range(max_new_tokens), desc=f"decode ({cache.method.name})", unit="tok",
-                     disable=not progress, leave=False):
-        nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        tokens.append(nxt[:, None])
-        if eos.numel():
-            done |= torch.isin(nxt, eos)
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
-        logits, mask, position = _decode_step(model, cache, nxt, mask, position)
-    return torch.cat(tokens, dim=1)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    try:
+        logits = prefill(model, cache, input_ids, attention_mask, progress=progress, past=past)
+        if speculates(cache):
+            return _generate_speculative(model, cache, input_ids, attention_mask, logits, max_new_tokens, eos, pad,
+                                         progress, pick, streamer)
+        tokens = [input_ids]
+        mask = attention_mask
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        position = _positions(attention_mask, input_ids.shape[1] - 1, input_ids.shape[1], input_ids.device)
+        for step in tqdm(range(max_new_tokens), desc=f"decode ({cache.method.name})", unit="tok",
+                         disable=not progress, leave=False):
+            nxt = pick(logits)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            tokens.append(nxt[:, None])
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if eos.numel():
+                done |= torch.isin(nxt, eos)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            logits, mask, position = _decode_step(model, cache, nxt, mask, position)
+        return torch.cat(tokens, dim=1)
+    finally:
+        if streamer is not None:
+            streamer.end()
 
 
-def _generate_speculative(model, cache, input_ids, attention_mask, logits, max_new_tokens, eos, pad, progress):
-    """Greedy decoding with a speculative next token (SpeCache's two-token step).
+def _generate_speculative(model, cache, input_ids, attention_mask, logits, max_new_tokens, eos, pad, progress,
+                          pick, streamer):
+    """Decoding with a speculative next token (SpeCache's two-token step).
 
     A lookahead pass feeds x_1 alone (nothing stored) to start the fetch for it and to guess x^_2; then each
-    step feeds [x_t, x^_{t+1}], keeps only x_t, and its two logit rows give x_{t+1} and the next guess.
+    step feeds [x_t, x^_{t+1}], keeps only x_t, and its two logit rows give x_{t+1} (picked: greedy or sampled)
+    and the next guess (always the argmax: it only chooses what to fetch).
     """
     b = input_ids.shape[0]
     device = input_ids.device
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     position = _positions(attention_mask, input_ids.shape[1] - 1, input_ids.shape[1], device) + 1
-    real = logits.argmax(-1)
+    real = pick(logits)
     guess = _lookahead(model, cache, real, mask, position)
     tokens = [input_ids]
     done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -160,11 +248,14 @@ def _generate_speculative(model, cache, input_ids, attention_mask, logits, max_n
                      disable=not progress, leave=False):
         real = torch.where(done, torch.full_like(real, pad), real)
         tokens.append(real[:, None])
+        if streamer is not None:
+            streamer.put(real.cpu())
         if eos.numel():
             done |= torch.isin(real, eos)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        real, guess, mask, position = _speculative_step(model, cache, real, guess, mask, position)
+        logits, guess, mask, position = _speculative_forward(model, cache, real, guess, mask, position)
+        real = pick(logits)
     return torch.cat(tokens, dim=1)
 
 
@@ -177,14 +268,20 @@ def _lookahead(model, cache, real, mask, position):
     return out.logits[:, -1].argmax(-1)
 
 
-def _speculative_step(model, cache, real, guess, mask, position):
-    """Feed [x_t, x^_{t+1}] and keep x_t; returns x_{t+1}, the next guess, and the extended mask and positions."""
+def _speculative_forward(model, cache, real, guess, mask, position):
+    """Feed [x_t, x^_{t+1}] and keep x_t; returns the logits of x_{t+1} [b, vocab], the next guess, and the
+    extended mask and positions."""
     ones = mask.new_ones((mask.shape[0], 1))
     with cache.feeding("speculative"):
         out = model(input_ids=torch.stack((real, guess), 1), attention_mask=torch.cat((mask, ones, ones), 1),
                     past_key_values=cache, position_ids=torch.cat((position, position + 1), 1), use_cache=True)
-    return (out.logits[:, -2].float().argmax(-1), out.logits[:, -1].float().argmax(-1), torch.cat((mask, ones), 1),
-            position + 1)
+    return out.logits[:, -2].float(), out.logits[:, -1].float().argmax(-1), torch.cat((mask, ones), 1), position + 1
+
+
+def _speculative_step(model, cache, real, guess, mask, position):
+    """The greedy two-token step: returns x_{t+1}, the next guess, and the extended mask and positions."""
+    logits, guess, mask, position = _speculative_forward(model, cache, real, guess, mask, position)
+    return logits.argmax(-1), guess, mask, position
 
 
 def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cache, progress, options):
@@ -193,7 +290,7 @@ def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cach
     target_ids = _as_batch(target_ids, "target_ids").to(context_ids.device)
     if target_ids.shape[0] != context_ids.shape[0]:
         raise ValueError(f"context batch {context_ids.shape[0]} != target batch {target_ids.shape[0]}")
-    cache = _make_cache(model, cache, method, options)
+    cache = _empty(_make_cache(model, cache, method, options))
     total = context_ids.shape[1] + target_ids.shape[1]
     if total > cache.spec.max_positions:
         raise ValueError(f"context + targets = {total} tokens exceeds the model's maximum of "
@@ -230,4 +327,4 @@ def forced_logits(model, context_ids, target_ids, method: str = "full", attentio
     return torch.stack([logits for logits, _ in steps], dim=1)
 
 
-__all__ = ["generate", "score", "forced_logits", "prefill"]
+__all__ = ["generate", "score", "forced_logits", "prefill", "cached_prefix"]

@@ -9,6 +9,9 @@ retrieval (page table, recall plan, slots) is in `kvtier.retrieval`.
 
 from __future__ import annotations
 
+import copy
+import weakref
+
 import torch
 
 from .link import Link, nbytes
@@ -56,11 +59,35 @@ class DeviceLedger:
         self.current -= self.held.pop(name, 0)
 
 
+class ForkShare:
+    """The readers of one host buffer that forks share instead of copying (a `HostPool` layer, KVPR's inputs).
+
+    A reader holds the buffer's first `held_rows(layer)` rows. Rows that some other reader holds are frozen:
+    a reader appends in place only from a row no other reader holds, so the parent and its forks never see each
+    other's new rows. A reader that would write over another's rows copies the buffer first (copy-on-write):
+    when several live forks all go on, all but one copy. Readers that are gone (garbage) no longer count.
+    """
+
+    def __init__(self, *readers):
+        self.readers = weakref.WeakSet(readers)
+
+    def may_append(self, reader, layer: int, start: int) -> bool:
+        return all(other.held_rows(layer) <= start for other in self.readers if other is not reader)
+
+    @staticmethod
+    def join(parent, parent_shares: list, child, child_shares: list, layer: int) -> None:
+        """Make `child` a reader of `parent`'s buffer of `layer`; the lists are each reader's shares per layer."""
+        share = parent_shares[layer] if parent_shares[layer] is not None else ForkShare(parent)
+        share.readers.add(child)
+        parent_shares[layer] = child_shares[layer] = share
+
+
 class HostPool:
     """All full-precision KV of one model in host memory, in pages; pinned when the device is CUDA.
 
     Pages are written whole (a method keeps a page's tokens on the device until it fills). Capacity grows
     by reallocation with a 25% margin; `reserve` lets a caller that knows the final length avoid that.
+    `fork()` makes a pool that reads the same pages without copying them (see `ForkShare`).
     """
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, page_size: int,
@@ -72,6 +99,22 @@ class HostPool:
         self.pin = link.cuda
         self.pages: list[torch.Tensor | None] = [None] * num_layers
         self.num_pages = [0] * num_layers
+        self.shares: list[ForkShare | None] = [None] * num_layers  # per layer: who else reads its buffer
+
+    def held_rows(self, layer: int) -> int:
+        return self.num_pages[layer]
+
+    def fork(self, link: Link) -> "HostPool":
+        """A pool holding the same pages, sharing their memory, that appends on its own through `link`."""
+        self.link.synchronize()  # write-backs in flight must land before another pool reads the pages
+        twin = copy.copy(self)
+        twin.link, twin.pin = link, link.cuda
+        twin.pages, twin.num_pages = list(self.pages), list(self.num_pages)
+        twin.shares = [None] * len(self.pages)
+        for layer, buf in enumerate(self.pages):
+            if buf is not None:
+                ForkShare.join(self, self.shares, twin, twin.shares, layer)
+        return twin
 
     @property
     def dtype_bytes(self) -> int:
@@ -89,11 +132,18 @@ class HostPool:
         buf = self.pages[layer]
         if buf is not None and buf.shape[0] >= pages:
             return
+        self._reallocate(layer, pages)
+
+    def _reallocate(self, layer: int, pages: int) -> None:
+        buf = self.pages[layer]
         new = torch.empty((pages, *self.shape_tail), dtype=self.dtype, pin_memory=self.pin)
         if buf is not None and self.num_pages[layer]:
             self.link.synchronize()  # pending write-backs into the old buffer must land before we copy it
             new[: self.num_pages[layer]].copy_(buf[: self.num_pages[layer]])
         self.pages[layer] = new
+        if self.shares[layer] is not None:  # the buffer is this pool's own now
+            self.shares[layer].readers.discard(self)
+            self.shares[layer] = None
 
     def write(self, layer: int, pages: torch.Tensor) -> None:
         """Append whole pages [n, b, h, 2, P, d] (device tensor) to a layer."""
@@ -104,6 +154,8 @@ class HostPool:
         capacity = 0 if self.pages[layer] is None else self.pages[layer].shape[0]
         if end > capacity:
             self.reserve(layer, max(end, capacity + capacity // 4 + 16))
+        elif self.shares[layer] is not None and not self.shares[layer].may_append(self, layer, start):
+            self._reallocate(layer, capacity)  # a fork (or the parent) holds these rows: copy on write
         self.link.d2h(self.pages[layer][start:end], pages)
         self.num_pages[layer] = end
 

@@ -11,9 +11,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import snapshot
 from ..link import Link
 from ..models import ModelSpec
-from ..store import DeviceLedger
+from ..store import DeviceLedger, HostPool
 
 METHOD_REGISTRY: dict[str, type["Method"]] = {}
 
@@ -98,6 +99,59 @@ class Method:
 
     def attend(self, layer: int, q: torch.Tensor, valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
         return self._attend(layer, q, valid, scaling)
+
+    # -- forking and saving (the state as data: kvtier.snapshot) ----------------------------------------------
+    def model_refs(self) -> dict[str, object]:
+        """Objects in the state that belong to the model or the process, by name: never copied or saved. A fork
+        gets its parent's; a loaded method the loading model's (those of a fresh method built for it)."""
+        return {"spec": self.spec}
+
+    def fork_shares(self, link: Link) -> dict[str, tuple[object, object]]:
+        """What a fork shares with this method instead of copying, by name: (this method's object, the fork's).
+        A method keeps its host pool in `self.pool`; the fork reads the same pages (append-only past them,
+        `store.ForkShare`)."""
+        pool = getattr(self, "pool", None)
+        return {"pool": (pool, pool.fork(link))} if isinstance(pool, HostPool) else {}
+
+    def forked_from(self, parent: "Method") -> None:
+        """Called on a new fork once it is built, for a method to join what it shares with `parent`."""
+
+    def _between_steps(self, what: str) -> None:
+        busy = self.fresh if isinstance(getattr(self, "fresh", None), dict) else {}
+        if busy or self.in_prefill or self.feed_mode != "store":
+            raise RuntimeError(f"{what} a cache in the middle of a forward pass; do it between forward passes")
+        self.link.synchronize()  # copies in flight land before their buffers are read (nothing to do on CPU)
+
+    def fork(self) -> "Method":
+        """A copy that continues on its own: device state copied, host pages shared (`fork_shares`), counters
+        carried on (a fork's stats count the prefix it was made from, as the parent's do)."""
+        self._between_steps("cannot fork")
+        link = Link(self.device)
+        for name in ("h2d_bytes", "d2h_bytes", "h2d_copies", "d2h_copies"):
+            setattr(link, name, getattr(self.link, name))
+        shares = self.fork_shares(link)
+        refs = {**self.model_refs(), "link": self.link}
+        names = {id(obj): name for name, obj in refs.items() if obj is not None}
+        names.update({id(mine): name for name, (mine, _) in shares.items() if mine is not None})
+        graph, storages = snapshot.encode(self, names)
+        objects = {**refs, "link": link, **{name: theirs for name, (_, theirs) in shares.items()}}
+        twin = snapshot.decode(graph, [s.clone() for s in storages], objects, self.device)
+        twin.forked_from(self)
+        return twin
+
+    def snapshot(self) -> tuple[object, list[torch.UntypedStorage], dict]:
+        """The state to save: (graph, storages, link counters); `restore` builds the method again from them."""
+        self._between_steps("cannot save")
+        refs = {**self.model_refs(), "link": self.link}
+        graph, storages = snapshot.encode(self, {id(obj): name for name, obj in refs.items() if obj is not None})
+        return graph, storages, {"h2d_bytes": self.link.h2d_bytes, "d2h_bytes": self.link.d2h_bytes,
+                                 "h2d_copies": self.link.h2d_copies, "d2h_copies": self.link.d2h_copies}
+
+    def restore(self, graph, storages: list[torch.UntypedStorage], counters: dict) -> "Method":
+        """The method a `snapshot` describes, bound to this (fresh) method's model and link."""
+        for name, value in counters.items():
+            setattr(self.link, name, int(value))
+        return snapshot.decode(graph, storages, {**self.model_refs(), "link": self.link}, self.device)
 
     def stats(self) -> dict:
         out = {

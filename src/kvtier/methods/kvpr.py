@@ -17,7 +17,7 @@ from ..attention import causal_attention
 from ..link import StagingPair
 from ..profile import load_profile
 from ..schedule import plan_split
-from ..store import from_pages
+from ..store import ForkShare, from_pages
 from .base import register
 from .offload import Offload
 
@@ -46,6 +46,7 @@ class KVPR(Offload):
         self.projectors = None
         self.acts: list[torch.Tensor | None] = [None] * spec.num_layers  # host [capacity, b, hidden]
         self.num_acts = [0] * spec.num_layers
+        self.act_shares: list[ForkShare | None] = [None] * spec.num_layers  # forks reading the same inputs
         self.keep_acts: bool | None = None  # decided once, at the first forward
         self.x_staging = StagingPair(spec.device, spec.dtype, self.ledger, name="x_staging")
         self.cos = self.sin = None  # device [b, capacity, head_dim]: RoPE of every cached position
@@ -56,6 +57,22 @@ class KVPR(Offload):
 
     def attach(self, projectors) -> None:
         self.projectors = projectors
+
+    # -- forking: the layer inputs are host rows like the pool's pages, shared the same way -------------------
+    def model_refs(self) -> dict[str, object]:
+        return {**super().model_refs(), "projectors": self.projectors}
+
+    def fork_shares(self, link):
+        return {**super().fork_shares(link), "acts": (self.acts, list(self.acts))}
+
+    def forked_from(self, parent) -> None:
+        self.act_shares = [None] * self.spec.num_layers
+        for layer, buf in enumerate(self.acts):
+            if buf is not None:
+                ForkShare.join(parent, parent.act_shares, self, self.act_shares, layer)
+
+    def held_rows(self, layer: int) -> int:
+        return self.num_acts[layer]
 
     # -- the cost model ---------------------------------------------------------------------------------
     def plan_for(self, tokens: int, batch: int):
@@ -92,13 +109,18 @@ class KVPR(Offload):
             self._store_rope(cos.expand(b, -1, -1), sin.expand(b, -1, -1))
         n = self.num_acts[layer]
         buf = self.acts[layer]
-        if buf is None or buf.shape[0] < n + t:
+        share = self.act_shares[layer]
+        if buf is None or buf.shape[0] < n + t or (share is not None and not share.may_append(self, layer, n)):
+            # grow, or copy on write: a fork (or the parent) holds the rows past ours
             capacity = self.reserved if n + t <= self.reserved else n + t + (n + t) // 4
             new = torch.empty((capacity, b, x.shape[2]), dtype=x.dtype, pin_memory=self.link.cuda)
             if n:
                 self.link.synchronize()
                 new[:n].copy_(buf[:n])
             self.acts[layer] = buf = new
+            if share is not None:
+                share.readers.discard(self)
+                self.act_shares[layer] = None
         self.link.d2h(buf[n:n + t], x.transpose(0, 1).contiguous())
         self.num_acts[layer] = n + t
 

@@ -7,7 +7,8 @@ functions do what the Triton kernels do instead: skip -1 entries, dequantize in 
 they read the plan from memory, so nothing is read back to Python and the step stays free of host syncs.
 
 The library is compiled once per machine with the C compiler ($CC, else `cc`) into the user cache
-($KVTIER_CACHE, else ~/.cache/kvtier), named by the hash of the source and flags, and loaded with ctypes.
+($KVTIER_CACHE, else ~/.cache/kvtier; the temporary folder where that is not writable), named by the hash of
+the source, flags and processor, and loaded with ctypes.
 Without a compiler the references run, and `status()` says why (`kvtier info` prints it).
 """
 
@@ -81,13 +82,18 @@ def library() -> ctypes.CDLL | None:
         _error = f"{SOURCE} is missing from this install: the CPU runs the PyTorch references"
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"native-{key}.so"
-    try:
-        if not target.exists():
-            _compile(compiler, target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        _error = f"could not build the CPU kernels ({err}): the CPU runs the PyTorch references"
+    name = f"native-{key}.so"
+    lib = None
+    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"kvtier-{os.getuid()}"):  # a read-only home too
+        target = folder / name
+        try:
+            if not target.exists():
+                _compile(compiler, target)
+            lib = ctypes.CDLL(str(target))
+            break
+        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            _error = f"could not build the CPU kernels ({err}): the CPU runs the PyTorch references"
+    if lib is None:
         return None
     for name, args in _SIGNATURES.items():
         getattr(lib, name).argtypes = args

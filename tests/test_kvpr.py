@@ -147,9 +147,9 @@ def test_bad_split_is_a_clear_error(tiny, bad):
 @pytest.mark.embedded
 def test_embedded_model_kvpr_matches_full(embedded):
     model, tokenizer = embedded
-    from kvtier.demo import haystack_text
+    from kvtier.eval.common import prose_text
 
-    ids = tokenizer(haystack_text()[:6000], return_tensors="pt")["input_ids"][:, :600]
+    ids = tokenizer(prose_text()[:6000], return_tensors="pt")["input_ids"][:, :600]
     full = kvtier.generate(model, ids, method="full", max_new_tokens=16, eos_token_id=-1)
     s = ids.shape[1]
     for split in ["auto", 0, s // 4, s // 2, s]:

@@ -22,13 +22,6 @@ NEEDLE = "The secret passphrase of the kvtier demo is {value}."
 QUESTION = "What is the secret passphrase of the kvtier demo? Answer with the passphrase only."
 
 
-def haystack_text() -> str:
-    """Real prose every Python install has: the interpreter's own help topics."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
-
-
 def needle_prompt(tokenizer, context_tokens: int, depth: float, value: str) -> torch.Tensor:
     """Chat-formatted prompt of about `context_tokens` tokens with the needle at `depth` (0..1) of the text."""
     from .eval.common import haystack_prompt

@@ -59,10 +59,6 @@ class HardwareProfile:
     def from_dict(cls, data: dict) -> "HardwareProfile":
         return _from_mapping(data, source=None)
 
-    def summary(self) -> str:
-        return (f"{self.device} [{self.dtype}]: host->device {self.h2d_bytes_per_s / 1e9:.2f} GB/s, "
-                f"matmul {self.matmul_flops_per_s / 1e12:.3g} TFLOP/s ({self.source})")
-
 
 def _field_names() -> list[str]:
     return [f.name for f in fields(HardwareProfile)]

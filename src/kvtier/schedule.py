@@ -43,15 +43,6 @@ class SplitPlan:
     kv_bytes: int  # 2*b*(s-l)*kv_width*p
     reason: str  # why this l, in one sentence
 
-    @property
-    def recompute(self) -> bool:
-        return self.split > 0
-
-    @property
-    def predicted_speedup(self) -> float:
-        """t_offload / t_total (1.0 when nothing is recomputed or there is nothing to move)."""
-        return self.t_offload / self.t_total if self.t_total > 0 else 1.0
-
 
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kvtier
-from kvtier.generate import _decode_step, _lookahead, _positions, _speculative_step, prefill
+from kvtier.generate import decode_step, lookahead, positions, prefill, speculative_step
 from kvtier.stepcheck import HostSyncError, no_host_sync
 from conftest import batch_prompt
 
@@ -46,14 +46,14 @@ def test_plain_decode_steps_do_not_sync(tiny, case, batch):
     cache.reserve(ids.shape[1] + 40)
     with torch.inference_mode():
         logits = prefill(model, cache, ids, mask)
-        position = _positions(mask, ids.shape[1] - 1, ids.shape[1], ids.device)
+        position = positions(mask, ids.shape[1] - 1, ids.shape[1], ids.device)
         for step in range(30):  # crosses page, window and key-group boundaries
             token = logits.argmax(-1)
             if step < 2:
-                logits, mask, position = _decode_step(model, cache, token, mask, position)
+                logits, mask, position = decode_step(model, cache, token, mask, position)
                 continue
             with no_host_sync():
-                logits, mask, position = _decode_step(model, cache, token, mask, position)
+                logits, mask, position = decode_step(model, cache, token, mask, position)
     assert bool(torch.isfinite(logits).all())
     assert cache.stats()["decode_steps"] == 30
 
@@ -70,15 +70,15 @@ def test_speculative_steps_do_not_sync(tiny, case):
     cache.reserve(ids.shape[1] + 40)
     with torch.inference_mode():
         logits = prefill(model, cache, ids, mask)
-        position = _positions(mask, ids.shape[1] - 1, ids.shape[1], ids.device) + 1
+        position = positions(mask, ids.shape[1] - 1, ids.shape[1], ids.device) + 1
         real = logits.argmax(-1)
-        state = [real, _lookahead(model, cache, real, mask, position), mask, position]
+        state = [real, lookahead(model, cache, real, mask, position), mask, position]
         for step in range(30):
             if step < 2:
-                state = list(_speculative_step(model, cache, *state))
+                state = list(speculative_step(model, cache, *state))
                 continue
             with no_host_sync():
-                state = list(_speculative_step(model, cache, *state))
+                state = list(speculative_step(model, cache, *state))
     assert cache.stats()["decode_steps"] == 31  # the lookahead pass counts as one
 
 
@@ -98,7 +98,7 @@ def test_the_sentinel_catches_a_sync(tiny):
         logits = prefill(model, cache, ids)
         with pytest.raises(HostSyncError):
             with no_host_sync():
-                _decode_step(model, cache, logits.argmax(-1), None, _positions(None, 19, 20, ids.device))
+                decode_step(model, cache, logits.argmax(-1), None, positions(None, 19, 20, ids.device))
 
 
 def test_max_length_sizes_the_buffers_once(tiny):

@@ -98,8 +98,10 @@ def _budget_bounds(spec: ModelSpec, options: dict, length: int, min_share: float
     return lo, hi
 
 
-def _fit_budget(spec, rung: Rung, length, batch, device_memory, kernels) -> Prediction:
-    """The freekv rung at the largest budget whose prediction fits (its smallest budget when none does)."""
+def fit_budget(spec, rung: Rung, length, batch, device_memory, kernels) -> Prediction:
+    """The prediction for a freekv `rung` at the largest budget (whole pages, within the rung's bounds for `length`
+    tokens) whose device bytes fit in `device_memory`; at its smallest budget when none does. Used by `choose`
+    and by kvtier.plan's table."""
     p = rung.options.get("page_size", FreeKVOptions.page_size)
     lo, hi = _budget_bounds(spec, rung.options, length, rung.min_share or 0.0)
 
@@ -146,7 +148,7 @@ def choose(spec: ModelSpec, device_memory: int, length: int, batch: int = 1, ker
                               f"{format_bytes(pred.h2d_step_bytes)} per decode step", considered)
     for rung in LADDER:
         if rung.method == "freekv":
-            pred = _fit_budget(spec, rung, length, batch, device_memory, kernels)
+            pred = fit_budget(spec, rung, length, batch, device_memory, kernels)
         else:
             pred = predict(spec, rung.method, rung.options, length, batch, kernels)
         considered.append(pred)

@@ -2,6 +2,9 @@
 
 Both prefill in chunks (bounded activation memory, a progress bar on long prompts) and then decode one
 token per forward through the method, so what they measure is what generation sees.
+
+The steps they are built from are public for the benchmark (kvtier.bench.harness) and the tests: `prefill`,
+`positions`, `decode_step`, and SpeCache's `lookahead` and `speculative_step`.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def prefill(model, cache: KVCache, input_ids, attention_mask=None, chunk: int | 
             stop = min(n, start + chunk)
             mask = None if attention_mask is None else attention_mask[:, :stop]
             out = model(input_ids=input_ids[:, start:stop], attention_mask=mask, past_key_values=cache,
-                        position_ids=_positions(attention_mask, start, stop, input_ids.device), use_cache=True,
+                        position_ids=positions(attention_mask, start, stop, input_ids.device), use_cache=True,
                         logits_to_keep=1)
             logits = out.logits[:, -1].float()
             bar.update(stop - start)
@@ -96,8 +99,9 @@ def prefill(model, cache: KVCache, input_ids, attention_mask=None, chunk: int | 
     return logits
 
 
-def _positions(attention_mask, start: int, stop: int, device) -> torch.Tensor:
-    """Position ids as transformers' generate computes them: left padding does not advance positions."""
+def positions(attention_mask, start: int, stop: int, device) -> torch.Tensor:
+    """Position ids [b, stop - start] of tokens start..stop-1, as transformers' generate computes them: left
+    padding (zeros in `attention_mask`) does not advance positions; no mask means no padding."""
     if attention_mask is None:
         return torch.arange(start, stop, device=device).unsqueeze(0)
     pos = attention_mask.long().cumsum(-1) - 1
@@ -110,8 +114,10 @@ def speculates(cache) -> bool:
     return isinstance(cache, KVCache) and cache.method.supports_speculation
 
 
-def _decode_step(model, cache, token, mask, position):
-    """Feed one token per sequence; returns the next logits [b, vocab] and the extended mask and positions."""
+def decode_step(model, cache, token, mask, position):
+    """Feed one token per sequence (`token` [b]) after the cache's tokens; `mask` is the attention mask so far
+    (None: no padding) and `position` the positions [b, 1] of the last token fed. Returns the next logits
+    [b, vocab] (float32) and the mask and positions extended by this token."""
     if mask is not None:
         mask = torch.cat((mask, mask.new_ones((mask.shape[0], 1))), dim=1)
     position = position + 1
@@ -209,7 +215,7 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
         tokens = [input_ids]
         mask = attention_mask
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        position = _positions(attention_mask, input_ids.shape[1] - 1, input_ids.shape[1], input_ids.device)
+        position = positions(attention_mask, input_ids.shape[1] - 1, input_ids.shape[1], input_ids.device)
         for step in tqdm(range(max_new_tokens), desc=f"decode ({cache.method.name})", unit="tok",
                          disable=not progress, leave=False):
             nxt = pick(logits)
@@ -221,7 +227,7 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
                 done |= torch.isin(nxt, eos)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            logits, mask, position = _decode_step(model, cache, nxt, mask, position)
+            logits, mask, position = decode_step(model, cache, nxt, mask, position)
         return torch.cat(tokens, dim=1)
     finally:
         if streamer is not None:
@@ -239,9 +245,9 @@ def _generate_speculative(model, cache, input_ids, attention_mask, logits, max_n
     b = input_ids.shape[0]
     device = input_ids.device
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    position = _positions(attention_mask, input_ids.shape[1] - 1, input_ids.shape[1], device) + 1
+    position = positions(attention_mask, input_ids.shape[1] - 1, input_ids.shape[1], device) + 1
     real = pick(logits)
-    guess = _lookahead(model, cache, real, mask, position)
+    guess = lookahead(model, cache, real, mask, position)
     tokens = [input_ids]
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for step in tqdm(range(max_new_tokens), desc=f"decode ({cache.method.name}, speculative)", unit="tok",
@@ -259,8 +265,9 @@ def _generate_speculative(model, cache, input_ids, attention_mask, logits, max_n
     return torch.cat(tokens, dim=1)
 
 
-def _lookahead(model, cache, real, mask, position):
-    """Feed x_1 alone at `position`, storing nothing: starts the fetch for it; returns the guess x^_2 [b]."""
+def lookahead(model, cache, real, mask, position):
+    """SpeCache's lookahead pass: feed x_1 (`real` [b]) alone at `position`, storing nothing, which starts the
+    fetch for it; returns the guess x^_2 [b] (the argmax) that the first speculative_step feeds beside x_1."""
     ones = mask.new_ones((mask.shape[0], 1))
     with cache.feeding("lookahead"):
         out = model(input_ids=real[:, None], attention_mask=torch.cat((mask, ones), 1), past_key_values=cache,
@@ -278,8 +285,9 @@ def _speculative_forward(model, cache, real, guess, mask, position):
     return out.logits[:, -2].float(), out.logits[:, -1].float().argmax(-1), torch.cat((mask, ones), 1), position + 1
 
 
-def _speculative_step(model, cache, real, guess, mask, position):
-    """The greedy two-token step: returns x_{t+1}, the next guess, and the extended mask and positions."""
+def speculative_step(model, cache, real, guess, mask, position):
+    """SpeCache's greedy two-token step: feed [x_t, x^_{t+1}] (`real`, `guess`), keep x_t; returns x_{t+1}, the
+    next guess, and the extended mask and positions, in the order it takes them (a loop can feed them back)."""
     logits, guess, mask, position = _speculative_forward(model, cache, real, guess, mask, position)
     return logits.argmax(-1), guess, mask, position
 
@@ -298,13 +306,13 @@ def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cach
     cache.reserve(total)
     mask = None if attention_mask is None else _as_batch(attention_mask, "attention_mask").to(context_ids.device)
     logits = prefill(model, cache, context_ids, mask, progress=progress)
-    position = _positions(mask, context_ids.shape[1] - 1, context_ids.shape[1], context_ids.device)
+    position = positions(mask, context_ids.shape[1] - 1, context_ids.shape[1], context_ids.device)
     n_targets = target_ids.shape[1]
     for i in tqdm(range(n_targets), desc=f"score ({cache.method.name})", unit="tok", disable=not progress,
                   leave=False):
         yield logits, target_ids[:, i]
         if i < n_targets - 1:
-            logits, mask, position = _decode_step(model, cache, target_ids[:, i], mask, position)
+            logits, mask, position = decode_step(model, cache, target_ids[:, i], mask, position)
 
 
 @torch.inference_mode()
@@ -327,4 +335,5 @@ def forced_logits(model, context_ids, target_ids, method: str = "full", attentio
     return torch.stack([logits for logits, _ in steps], dim=1)
 
 
-__all__ = ["generate", "score", "forced_logits", "prefill", "cached_prefix"]
+__all__ = ["generate", "score", "forced_logits", "prefill", "cached_prefix", "positions", "decode_step", "lookahead",
+           "speculative_step", "speculates"]

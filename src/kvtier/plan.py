@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .auto import LADDER, _fit_budget, choose, recompute_can_pay
+from .auto import LADDER, choose, fit_budget, recompute_can_pay
 from .models import ModelSpec
 from .predict import Prediction, predict
 from .sizes import format_bytes
@@ -127,7 +127,7 @@ def candidates(spec: ModelSpec, length: int, batch: int, kv_budget: int, profile
         rows.append(predict(spec, "kvpr", {}, length, batch, profile=profile))
     for rung in LADDER:
         if rung.method == "freekv":
-            rows.append(_fit_budget(spec, rung, length, batch, max(kv_budget, 0), None))
+            rows.append(fit_budget(spec, rung, length, batch, max(kv_budget, 0), None))
         else:
             rows.append(predict(spec, rung.method, rung.options, length, batch))
     return rows

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..cache import HFBaselineCache, KVCache
 from ..eval.common import MethodSpec, parse_length, parse_methods, write_json
-from ..generate import _decode_step, _lookahead, _positions, _speculative_step, prefill, speculates
+from ..generate import decode_step, lookahead, positions, prefill, speculates, speculative_step
 from ..methods import METHOD_REGISTRY
 from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, environment_summary, resolve_dtype
 from ..profile import device_name, load_profile, measure_memory_bandwidth
@@ -133,20 +133,20 @@ def _release(device: torch.device):
 
 def _stepper(model, cache, logits, prompt_len: int, batch: int, device):
     """step() runs one decode step as kvtier.generate does (SpeCache's two-token step where it applies)."""
-    position = _positions(None, prompt_len - 1, prompt_len, device)
+    position = positions(None, prompt_len - 1, prompt_len, device)
     if speculates(cache):
         mask = torch.ones((batch, prompt_len), dtype=torch.long, device=device)
         real = logits.argmax(-1)
-        state = [real, _lookahead(model, cache, real, mask, position + 1), mask, position + 1]
+        state = [real, lookahead(model, cache, real, mask, position + 1), mask, position + 1]
 
         def step():
-            state[:] = _speculative_step(model, cache, *state)
+            state[:] = speculative_step(model, cache, *state)
     else:
         state = [logits, None, position]
 
         def step():
             logits, mask, pos = state
-            state[:] = _decode_step(model, cache, logits.argmax(-1), mask, pos)
+            state[:] = decode_step(model, cache, logits.argmax(-1), mask, pos)
 
     return step
 

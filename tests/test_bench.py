@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from kvtier import bench
+from kvtier import bench as bench_api
+from kvtier.bench import harness as bench
 from kvtier.cli import main
 from kvtier.eval.common import plotting
 
@@ -272,3 +273,9 @@ def test_embedded_context_beyond_its_positions_is_refused_before_any_work(capsys
     assert "exceeds the embedded model's 8192 positions" in err and err.strip().count("\n") == 0
     with pytest.raises(ValueError, match=r"context 8192 \+ 24 decode steps"):
         bench.run(model="embedded", contexts=["8k"], decode_steps=16, warmup=4)
+
+
+def test_the_package_re_exports_the_harness_public_names():
+    assert bench_api.__all__ == bench.__all__
+    for name in bench.__all__:
+        assert getattr(bench_api, name) is getattr(bench, name)

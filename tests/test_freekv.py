@@ -11,7 +11,7 @@ import kvtier
 from kvtier.quant import LowBitKeys, LowBitValues, quantize_keys, quantize_values
 from kvtier.link import nbytes
 from kvtier.retrieval.scorer import DigestScorer, LowBitScorer
-from kvtier.select import group_page_probs, page_digest, page_scores, query_similarity
+from kvtier.selection import group_page_probs, page_digest, page_scores, query_similarity
 from kvtier.store import from_pages
 
 SMALL = dict(page_size=4, sink=8, window=8)

@@ -23,7 +23,7 @@ from kvtier.quant import LowBitKeys, quantize_keys  # noqa: E402
 from kvtier.retrieval import recall  # noqa: E402
 from kvtier.retrieval.recall import PageTable, copy_rows_reference  # noqa: E402
 from kvtier.retrieval.scorer import DigestScorer  # noqa: E402
-from kvtier.select import page_digest, page_scores  # noqa: E402
+from kvtier.selection import page_digest, page_scores  # noqa: E402
 from kvtier.store import HostPool, to_pages  # noqa: E402
 
 DEVICE = KERNEL_DEVICE

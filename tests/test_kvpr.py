@@ -147,7 +147,7 @@ def test_bad_split_is_a_clear_error(tiny, bad):
 @pytest.mark.embedded
 def test_embedded_model_kvpr_matches_full(embedded):
     model, tokenizer = embedded
-    from kvtier.eval.common import prose_text
+    from kvtier.evaluation.common import prose_text
 
     ids = tokenizer(prose_text()[:6000], return_tensors="pt")["input_ids"][:, :600]
     full = kvtier.generate(model, ids, method="full", max_new_tokens=16, eos_token_id=-1)

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from kvtier import profile as prof
+from kvtier import hardware as prof
 from kvtier.cli import main
-from kvtier.profile import HardwareProfile, load_profile, measure, save
+from kvtier.hardware import HardwareProfile, load_profile, measure, save
 
 OVERRIDE = {"h2d_bytes_per_s": 25e9, "matmul_flops_per_s": 300e12}
 

@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
-from kvtier.eval.needle import multikey_prompt
-from kvtier.eval.report import report
-from kvtier.eval.ruler import common_words, recall, ruler, variable_tracking
+from kvtier.evaluation.needle import multikey_prompt
+from kvtier.evaluation.report import report
+from kvtier.evaluation.ruler import common_words, recall, ruler, variable_tracking
 
 
 class CharTokenizer:

@@ -86,7 +86,7 @@ _nonnegative = _int_at_least(0)
 
 
 def _length(item: str) -> str:
-    """A length in tokens, 2048 or 2k, kept as text (kvtier.eval parses it)."""
+    """A length in tokens, 2048 or 2k, kept as text (kvtier.evaluation parses it)."""
     if not re.fullmatch(r"(\d+|\d*\.?\d+k)", item.lower()) or float(item.lower().rstrip("k")) <= 0:
         raise argparse.ArgumentTypeError(f"{item!r} is not a length (a positive number of tokens: 2048, 2k)")
     return item
@@ -410,7 +410,7 @@ def _read_prompt(name: str, flag: str = "--prompt-file") -> str:
 
 
 def _method_options(args) -> dict:
-    from kvtier.eval.common import check_option_names
+    from kvtier.evaluation.common import check_option_names
     from kvtier.methods import METHOD_REGISTRY
     from kvtier.sizes import parse_bytes
 
@@ -436,7 +436,7 @@ def _method_options(args) -> dict:
 def _result_files(args) -> list[str]:
     """The files an evaluation writes into --out (the ones --overwrite is about)."""
     if args.eval_command == "sweep":
-        from kvtier.eval.common import parse_methods
+        from kvtier.evaluation.common import parse_methods
 
         method = parse_methods(args.method)[0].method
         return [f"sweep_{method}_{args.option}.json", f"sweep_{method}_{args.option}.png"]
@@ -444,12 +444,12 @@ def _result_files(args) -> list[str]:
 
 
 def _check_eval(args) -> None:
-    from kvtier.eval.common import check_existing, check_output_dir, parse_methods
-    from kvtier.eval.fidelity import check_fidelity
-    from kvtier.eval.needle import check_grid
-    from kvtier.eval.ppl import check_ppl
-    from kvtier.eval.ruler import check_ruler
-    from kvtier.eval.sweep import check_sweep
+    from kvtier.evaluation.common import check_existing, check_output_dir, parse_methods
+    from kvtier.evaluation.fidelity import check_fidelity
+    from kvtier.evaluation.needle import check_grid
+    from kvtier.evaluation.ppl import check_ppl
+    from kvtier.evaluation.ruler import check_ruler
+    from kvtier.evaluation.sweep import check_sweep
 
     name = args.eval_command
     if name == "report":
@@ -634,7 +634,7 @@ def cmd_chat(args) -> int:
 
 def cmd_demo(args) -> int:
     from kvtier import demo
-    from kvtier.eval.common import check_output_file, parse_methods
+    from kvtier.evaluation.common import check_output_file, parse_methods
 
     if args.methods is not None:
         parse_methods(args.methods)
@@ -647,14 +647,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from kvtier import profile
-    from kvtier.eval.common import check_output_file
+    from kvtier import hardware
+    from kvtier.evaluation.common import check_output_file
 
     if args.out is not None:
         check_output_file(args.out, "--out")
-    path = profile.cache_file(args.device, args.dtype, args.hidden_size, args.kv_width)  # checks device, dtype
-    hw = profile.load_profile(None, device=args.device, dtype=args.dtype, hidden_size=args.hidden_size,
-                              kv_width=args.kv_width, force=args.force)
+    path = hardware.cache_file(args.device, args.dtype, args.hidden_size, args.kv_width)  # checks device, dtype
+    hw = hardware.load_profile(None, device=args.device, dtype=args.dtype, hidden_size=args.hidden_size,
+                               kv_width=args.kv_width, force=args.force)
     origin = {"cache": f"read from the cache {path} (--force measures again)",
               "measured": f"measured now; cached at {path}" if _cached(path, hw) else
                           f"measured now; NOT cached: {path} could not be written (see the warning above)"}
@@ -670,7 +670,7 @@ def cmd_profile(args) -> int:
         print("These are CPU numbers: host and device are both main memory. They exercise the scheduler; "
               "they are not speed results.")
     if args.out is not None:
-        profile.save(hw, args.out)
+        hardware.save(hw, args.out)
         print(f"wrote {args.out}")
     return 0
 
@@ -686,50 +686,50 @@ def _cached(path: Path, hw) -> bool:
 
 def cmd_eval(args) -> int:
     import kvtier
-    from kvtier import eval as kv_eval
+    from kvtier import evaluation
 
     _check_eval(args)
     if args.eval_command == "report":
-        result = kv_eval.report(args.dir, title=args.title, command=args.report_command, note=args.note)
+        result = evaluation.report(args.dir, title=args.title, command=args.report_command, note=args.note)
         print(f"wrote {result['readme']}" + (f" and {result['plot']}" if result["plot"] else
                                              " (no summary.png: no plottable results, or matplotlib is missing)"))
         return 0
     model, tokenizer = kvtier.load(args.model, device=args.device, dtype=args.dtype)
     if args.eval_command == "needle":
-        result = kv_eval.needle_grid(model, tokenizer, args.methods, lengths=args.lengths, depths=args.depths,
-                                     seed=args.seed, max_new_tokens=args.max_new_tokens, kinds=args.kinds,
-                                     keys=args.keys, out_dir=args.out)
+        result = evaluation.needle_grid(model, tokenizer, args.methods, lengths=args.lengths, depths=args.depths,
+                                        seed=args.seed, max_new_tokens=args.max_new_tokens, kinds=args.kinds,
+                                        keys=args.keys, out_dir=args.out)
         print(f"{'method':<28} {'kind':<9} {'needle found':>12} {'same as full':>12}")
         for label, row in result["summary"].items():
             for kind, k in row["kinds"].items():
                 print(f"{label:<28} {kind:<9} {k['success_rate']:>12.0%} {k['agreement_with_full']:>12.0%}")
     elif args.eval_command == "ruler":
-        result = kv_eval.ruler(model, tokenizer, args.methods, tasks=args.tasks, lengths=args.lengths,
-                               samples=args.samples, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                               out_dir=args.out, **dict(args.task_option))
+        result = evaluation.ruler(model, tokenizer, args.methods, tasks=args.tasks, lengths=args.lengths,
+                                  samples=args.samples, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                  out_dir=args.out, **dict(args.task_option))
         print(f"{'method':<28} {'task':<5} {'score':>6} {'same as full':>12}")
         for label, row in result["summary"].items():
             for task, t in row.items():
                 print(f"{label:<28} {task:<5} {t['score']:>6.0%} {t['agreement_with_full']:>12.0%}")
     elif args.eval_command == "fidelity":
-        result = kv_eval.fidelity(model, tokenizer, args.methods, texts=args.texts, lengths=args.lengths,
-                                  prompts=args.prompts, new_tokens=args.new_tokens, seed=args.seed, out_dir=args.out)
+        result = evaluation.fidelity(model, tokenizer, args.methods, texts=args.texts, lengths=args.lengths,
+                                     prompts=args.prompts, new_tokens=args.new_tokens, seed=args.seed, out_dir=args.out)
         print(f"{'method':<28} {'top-1 = full':>12} {'mean KL':>10} {'max KL':>10}")
         for label, row in result["summary"].items():
             print(f"{label:<28} {row['top1_agreement']:>12.0%} {row['kl_mean']:>10.3g} {row['kl_max']:>10.3g}")
     elif args.eval_command == "ppl":
-        result = kv_eval.perplexity(model, tokenizer, args.methods, texts=args.texts + args.text_file,
-                                    context=args.context, targets=args.targets, windows=args.windows,
-                                    out_dir=args.out)
+        result = evaluation.perplexity(model, tokenizer, args.methods, texts=args.texts + args.text_file,
+                                       context=args.context, targets=args.targets, windows=args.windows,
+                                       out_dir=args.out)
         print(f"{'method':<28} {'text':<10} {'ppl':>9} {'delta vs full':>14} {'95% CI':>20}")
         for row in result["rows"]:
             low, high = row["ppl_delta_ci95"]
             print(f"{row['method']:<28} {row['text'][:10]:<10} {row['ppl']:>9.3f} {row['ppl_delta_vs_full']:>+14.4f} "
                   f"{f'[{low:+.4f}, {high:+.4f}]':>20}")
     else:
-        result = kv_eval.budget_sweep(model, tokenizer, args.method, budgets=args.values, option=args.option,
-                                      lengths=args.lengths, depths=args.depths, context=args.context,
-                                      targets=args.targets, windows=args.windows, out_dir=args.out)
+        result = evaluation.budget_sweep(model, tokenizer, args.method, budgets=args.values, option=args.option,
+                                         lengths=args.lengths, depths=args.depths, context=args.context,
+                                         targets=args.targets, windows=args.windows, out_dir=args.out)
         print(f"full: needle {result['full']['needle_success']:.0%}")
         print(f"{args.option:>8} {'needle':>7} {'=full':>6} {'max ppl delta':>14}")
         for point in result["points"]:
@@ -741,7 +741,7 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     from kvtier import bench
-    from kvtier.eval.common import check_output_dir
+    from kvtier.evaluation.common import check_output_dir
     from kvtier.models import resolve_device
 
     if args.model is None and args.model_config is None:
@@ -787,7 +787,7 @@ def _bandwidth(text: str) -> float:
 
 def cmd_plan(args) -> int:
     from kvtier import plan
-    from kvtier.eval.common import check_output_file, parse_length
+    from kvtier.evaluation.common import check_output_file, parse_length
     from kvtier.models import resolve_dtype, resolve_model
     from kvtier.sizes import parse_bytes
 
@@ -822,7 +822,7 @@ def cmd_plan(args) -> int:
     source, profile = "given", None
     if bandwidth is None:
         if args.device == "cuda" and torch.cuda.is_available():
-            from kvtier.profile import load_profile
+            from kvtier.hardware import load_profile
 
             profile = load_profile(None, device="cuda", dtype=dtype)  # also kvpr's cost model (multi-head models)
             bandwidth, source = profile.h2d_bytes_per_s, "measured here"

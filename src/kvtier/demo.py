@@ -24,7 +24,7 @@ QUESTION = "What is the secret passphrase of the kvtier demo? Answer with the pa
 
 def needle_prompt(tokenizer, context_tokens: int, depth: float, value: str) -> torch.Tensor:
     """Chat-formatted prompt of about `context_tokens` tokens with the needle at `depth` (0..1) of the text."""
-    from .eval.common import haystack_prompt
+    from .evaluation.common import haystack_prompt
 
     return haystack_prompt(tokenizer, context_tokens, [(depth, NEEDLE.format(value=value))], QUESTION)
 
@@ -37,10 +37,10 @@ DEFAULT_METHODS = ("full,offload,kvpr,freekv:budget=1024,"
 
 def run(model_name: str | None = None, methods=None, context_tokens: int = 3000, max_new_tokens: int = 24,
         device=None, dtype=None, out: str | None = "runs/demo.json", progress: bool = True) -> dict:
-    """methods: "full,freekv:budget=1024,..." or a list of such names (see kvtier.eval.parse_methods); None for
+    """methods: "full,freekv:budget=1024,..." or a list of such names (see kvtier.evaluation.parse_methods); None for
     DEFAULT_METHODS. Every argument, method option name and the output path are checked before the model loads,
     every method's option values before the first method runs."""
-    from .eval.common import check_caches, check_output_file, parse_methods, with_full
+    from .evaluation.common import check_caches, check_output_file, parse_methods, with_full
     from .models import resolve_device, resolve_dtype, resolve_model
 
     specs = with_full(parse_methods(DEFAULT_METHODS if methods is None else methods))  # every figure vs full

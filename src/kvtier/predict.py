@@ -129,7 +129,7 @@ def predict_kvpr(spec: ModelSpec, length: int, batch: int, split="auto", profile
         return _replace(base, method="kvpr", options=options,
                         note="grouped-query attention: recomputation cannot pay, kvpr moves what offload moves")
     if split == "auto":
-        from .profile import load_profile
+        from .hardware import load_profile
 
         # as the method loads it: the override given, else this machine's cached (or freshly measured) profile
         hw = load_profile(profile, device=spec.device, dtype=spec.dtype, hidden_size=spec.hidden_size,

@@ -32,11 +32,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import HFBaselineCache, KVCache
-from ..eval.common import MethodSpec, parse_length, parse_methods, write_json
+from ..evaluation.common import MethodSpec, parse_length, parse_methods, write_json
 from ..generate import decode_step, lookahead, positions, prefill, speculates, speculative_step
 from ..methods import METHOD_REGISTRY
 from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, environment_summary, resolve_dtype
-from ..profile import device_name, load_profile, measure_memory_bandwidth
+from ..hardware import device_name, load_profile, measure_memory_bandwidth
 from ..stepcheck import StepCounter
 from .report import CPU_LABEL, format_table, plot, short_length
 from .shapes import REAL_SHAPES, SHAPES, TINY_SHAPES, build_model, kv_bytes, model_config, parameter_count, \
@@ -275,8 +275,8 @@ def _embedded_config(name: str):
 
 
 def _prose_ids(tokenizer, n: int, batch: int) -> torch.Tensor:
-    """[batch, n] tokens of real prose (kvtier.eval.common.prose_text), row i from token i * ROW_OFFSET."""
-    from ..eval.common import prose_text
+    """[batch, n] tokens of real prose (kvtier.evaluation.common.prose_text), row i from token i * ROW_OFFSET."""
+    from ..evaluation.common import prose_text
 
     need, text = n + (batch - 1) * ROW_OFFSET, prose_text()
     chars = 6 * need
@@ -300,7 +300,7 @@ def run(model_config_name: str | None = None, contexts=("1k",), batches=(1,), me
     The model is a named shape with random weights and random prompt ids (`model_config_name`, tiny-llama
     when neither is given), or `model="embedded"`: the embedded model, its own weights, and the first
     `context` tokens of real prose as every prompt. Named real shapes need `random_weights=True` (weights are
-    never downloaded). `profile` is passed to `kvtier.profile.load_profile` (None: the cached or freshly
+    never downloaded). `profile` is passed to `kvtier.hardware.load_profile` (None: the cached or freshly
     measured one for this device). `count_steps` more decode steps per row are counted (aten ops, host syncs).
     """
     if model is not None and model_config_name is not None:

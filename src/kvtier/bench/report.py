@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..eval.common import plotting
+from ..evaluation.common import plotting
 
 CPU_LABEL = "CPU — harness check, not a speed result"
 

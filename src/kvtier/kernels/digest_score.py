@@ -1,7 +1,7 @@
 """FreeKV page scoring: q against each page's min/max key digest, optionally fused with the grouped softmax.
 
 score[b, kv, g, p] = sum_d max(q_d * max_pd, q_d * min_pd) for the query heads g of KV head kv, as
-`select.page_scores`; `page_probs` also does `select.group_page_probs` (softmax over pages per query head,
+`selection.page_scores`; `page_probs` also does `selection.group_page_probs` (softmax over pages per query head,
 mean over the group) without writing the scores out. One program per (sequence, KV head) reads each digest
 once for the whole group.
 """
@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..select import group_page_probs
-from ..select import page_scores as page_scores_reference
+from ..selection import group_page_probs
+from ..selection import page_scores as page_scores_reference
 from ._common import block, load_query_rows, rows
 
 
@@ -89,7 +89,7 @@ def _prepare(q, digest_max, digest_min):
 
 
 def page_scores(q: torch.Tensor, digest_max: torch.Tensor, digest_min: torch.Tensor) -> torch.Tensor:
-    """q [b, H, d]; digests [b, H_kv, pages, d] -> float32 [b, H_kv, g, pages], as `select.page_scores`."""
+    """q [b, H, d]; digests [b, H_kv, pages, d] -> float32 [b, H_kv, g, pages], as `selection.page_scores`."""
     q, dmax, dmin, (b, num_kv, group, pages, d), tiles = _prepare(q, digest_max, digest_min)
     out = torch.empty((b, num_kv, group, pages), dtype=torch.float32, device=q.device)
     if out.numel():

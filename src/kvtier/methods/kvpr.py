@@ -15,7 +15,7 @@ import torch
 
 from ..attention import causal_attention
 from ..link import StagingPair
-from ..profile import load_profile
+from ..hardware import load_profile
 from ..schedule import plan_split
 from ..store import ForkShare, from_pages
 from .base import register

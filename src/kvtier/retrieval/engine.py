@@ -27,7 +27,7 @@ from ..link import nbytes
 from ..methods.base import Method
 from ..methods.full import Full
 from ..quant import LowBitValues
-from ..select import query_similarity
+from ..selection import query_similarity
 from ..store import HostPool, from_pages, to_pages
 from .options import EngineOptions
 from .recall import PageTable, copy_rows, native_copies

@@ -18,7 +18,7 @@ import torch
 from .. import kernels
 from ..kernels import native
 from ..quant import LowBitKeys, QTensor, as_float32, dequantize_key_range
-from ..select import page_digest, page_scores
+from ..selection import page_digest, page_scores
 
 NEG = float("-inf")
 

@@ -5,9 +5,9 @@
 #     its speculative two-token step and reports its prefetch hit rate);
 #   - decode perplexity by kvtier.score at 2k (4 windows x 256 targets per text) and 4k (3 x 256), with a paired
 #     95% interval on every delta.
-# FreeKV runs at a quarter of each context, with the spec's min/max digests on 32-token pages and with 2-bit key
+# FreeKV runs at a quarter of each context, with the paper's min/max digests on 32-token pages and with 2-bit key
 # scoring on 8-token pages; beyond the paper, also reading the pages it did not recall from 2-bit keys and values
-# (rest=lowbit, with the spec's long-generation correction threshold tau=0.9). SpeCache runs at its spec defaults
+# (rest=lowbit, with the stricter correction threshold tau=0.9; the default is 0.8). SpeCache runs at its defaults
 # (2 bits, groups of 64), and with key groups of 32 plus correction of wrong guesses (correct=0.9, beyond the
 # paper).
 # Each text's perplexity runs in its own process: two at a time fill this 2-core machine. The methods beyond the

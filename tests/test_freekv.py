@@ -329,11 +329,11 @@ def test_dense_layers_keep_everything_on_device(tiny):
 
 
 @pytest.mark.parametrize("options, sink, window", [
-    (dict(), 128, 128),  # the spec's values at its default budget of 2048
+    (dict(), 128, 128),  # the paper's values (FreeKVOptions.edge_tokens) at the default budget of 2048
     (dict(budget=512), 32, 32),  # a sixteenth of the budget each
     (dict(budget=1024, page_size=16), 64, 64),
     (dict(budget=100, page_size=32), 32, 32),  # at least one page
-    (dict(budget=8192), 128, 128),  # at most the spec's 128
+    (dict(budget=8192), 128, 128),  # at most the paper's 128
     (dict(budget=512, sink=64), 64, 32),  # explicit values win
 ])
 def test_sink_and_window_scale_with_the_budget(tiny, options, sink, window):

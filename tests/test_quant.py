@@ -197,7 +197,7 @@ def test_nbytes_is_the_packed_size(bits):
         assert q.packed.numel() == x.numel() * bits // 8
         assert abs(q.nbytes / fp16 - ratio) < 1e-3
     if bits == 1:
-        assert abs(ratio - 0.094) < 1e-3  # the spec's "1.5 bits/element, ~0.094 of fp16"
+        assert abs(ratio - 0.094) < 1e-3  # 1 bit + a float16 scale and zero per 64 elements: 1.5 bits, ~0.094 of fp16
     if bits == 2:
         assert ratio == 2.5 / 16
 

@@ -14,7 +14,7 @@ TF = 1e12
 
 
 def cost(l, s, b, h, kv, p, B, F):
-    """T(l) written straight from the spec, independently of kvtier.schedule."""
+    """T(l) written out from the formulas in kvtier.schedule's docstring, independently of its code."""
     t_act = b * l * h * p / B
     t_rec = 4 * b * l * h * kv / F
     t_kv = 2 * b * (s - l) * kv * p / B

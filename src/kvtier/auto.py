@@ -28,7 +28,8 @@ class Rung:
     min_share: float | None = None  # freekv only
 
 
-# The fidelity bars (embedded model): needles found of 10 (full: 5), perplexity delta against full's on
+# Each rung's `fidelity` sums up its row of the fidelity bars (embedded model; docs/results/fidelity-bars, where the
+# numbers and how they were measured are): needles found of 10 (full: 5), perplexity delta against full's on
 # prose / code at 2k and 4k. FreeKV rungs ran at a quarter of the context.
 LADDER = (
     Rung("freekv", {"scorer": "lowbit", "page_size": 8, "rest": "lowbit", "tau": 0.9},

@@ -29,7 +29,7 @@ def needle_prompt(tokenizer, context_tokens: int, depth: float, value: str) -> t
     return haystack_prompt(tokenizer, context_tokens, [(depth, NEEDLE.format(value=value))], QUESTION)
 
 
-# FreeKV at about a third of the demo's context, where it saves device memory, as the spec has it and with the
+# FreeKV at about a third of the demo's context, where it saves device memory, as the paper has it and with the
 # options beyond the paper that hold it to full's output (docs/results/fidelity-bars); the others at their defaults.
 DEFAULT_METHODS = ("full,offload,kvpr,freekv:budget=1024,"
                    "freekv:budget=1024:page_size=8:scorer=lowbit:rest=lowbit:tau=0.9,specache")

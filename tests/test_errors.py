@@ -229,3 +229,33 @@ def test_embedded_package_without_its_file(monkeypatch, tmp_path):
         kvtier.models.embedded_model_file()
     assert PIP in str(info.value)
     assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("full", {}), ("offload", {}), ("kvpr", {}),
+    ("freekv", dict(budget=48, page_size=4, sink=4, window=8)), ("specache", dict(group_size=8, residual=8, topk=6)),
+])
+def test_a_cache_used_under_inference_mode_says_so_outside_it(tiny, method, options):
+    """Buffers made under torch.inference_mode() are inference tensors: a later forward outside it is refused
+    with a message that says what to do, before anything is stored, and the cache goes on under inference mode."""
+    model = tiny("llama")
+    ids = torch.randint(3, 60, (1, 40), generator=torch.Generator().manual_seed(0))
+    cache = kvtier.KVCache(model, method=method, **options)
+    with torch.inference_mode():
+        out = model(ids, past_key_values=cache)
+    token = out.logits[:, -1:].argmax(-1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="inference_mode"):
+        model(token, past_key_values=cache)
+    with torch.inference_mode():
+        model(token, past_key_values=cache)
+    assert cache.get_seq_length() == 41
+    # buffers made under no_grad are updated under inference mode too; a step there may make buffers of its own,
+    # so from then on the cache stays under inference mode as well
+    other = kvtier.KVCache(model, method=method, **options)
+    with torch.no_grad():
+        model(ids, past_key_values=other)
+        model(token, past_key_values=other)
+    with torch.inference_mode():
+        model(token, past_key_values=other)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="inference_mode"):
+        model(token, past_key_values=other)

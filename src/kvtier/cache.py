@@ -276,6 +276,17 @@ class KVCache(Cache):
                              f"tokens, so at most {self.max_length - 1} fed), and this forward would hold {total}; "
                              "make it with a larger max_length")
 
+    def _check_inference_mode(self) -> None:
+        """A cache used under torch.inference_mode() holds inference tensors, which torch lets nothing but
+        inference mode update in place: say so before a forward outside it fails deep in a step."""
+        if torch.is_inference_mode_enabled():
+            self._inference_tensors = True
+        elif self.__dict__.get("_inference_tensors"):
+            raise RuntimeError("this KVCache was used under torch.inference_mode() (kvtier.generate, kvtier.prefill "
+                               "and kvtier chat run there), so torch lets only inference mode update its buffers: "
+                               "run this forward under `with torch.inference_mode():` too (model.generate included), "
+                               "or save the cache and KVCache.load it (a loaded cache works in either mode)")
+
     # -- transformers Cache API -----------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self._enter(layer_idx)
@@ -287,7 +298,8 @@ class KVCache(Cache):
                                f"{self._config._attn_implementation!r}; KVCache needs {ATTN_NAME!r} "
                                f"(model.set_attn_implementation('{ATTN_NAME}'))")
         if layer_idx == 0:
-            self._check_length(key_states.shape[2])  # refuses before anything is stored: the cache stays usable
+            self._check_inference_mode()  # refuses before anything is stored: the cache stays usable
+            self._check_length(key_states.shape[2])
             self._check_plan(key_states.shape[0], self.method.stored_count(key_states.shape[2]))
         self._pending = layer_idx  # from here on, stopping before this layer's attention breaks the cache
         with self._guard(f"storing layer {layer_idx}'s keys and values"):
@@ -469,6 +481,7 @@ class KVCache(Cache):
         twin = KVCache.__new__(KVCache)
         twin.__dict__.update(self.__dict__)  # the model binding (config, modules, hooks) is the same
         twin.method = self.method.fork()
+        twin._inference_tensors = self.__dict__.get("_inference_tensors", False) or torch.is_inference_mode_enabled()
         twin._token_chunks = list(self._token_chunks)
         twin._incoming = None
         Cache.__init__(twin, layers=[_LayerView(twin, i) for i in range(self.spec.num_layers)])

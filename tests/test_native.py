@@ -69,21 +69,6 @@ def test_dequant_scores_equal_the_reference(bits, group, d, tokens):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
-@pytest.mark.parametrize("group,d", [(64, 64), (32, 64), (16, 48), (6, 36)])
-def test_lowbit_values_equal_the_reference(bits, group, d):
-    gen = _gen(bits + d)
-    b, h, n, rows = 2, 2, 70, 6
-    qv = quantize_values(torch.randn(b, h, n, d, generator=gen), bits, group)
-    probs = torch.softmax(torch.randn(b * h, rows, n, generator=gen), -1)
-    probs[:, :, 10:40] = 0.0  # resident pages: no weight, skipped by the kernel
-    start = torch.randn(b * h, rows, d, generator=gen)
-    out = start.clone()
-    assert native.lowbit_values(out, probs, qv.packed, qv.scale, qv.zero, bits, group)
-    expected = torch.baddbmm(start, probs, dequantize_value_range(qv, 0, n))
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-
-
 def test_kernels_decline_what_they_do_not_serve():
     qk = quantize_keys(torch.randn(1, 2, 64, 32, dtype=torch.bfloat16), 2, 32)
     q = torch.randn(1, 4, 1, 32, dtype=torch.bfloat16)

@@ -127,19 +127,16 @@ def attend_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
             mask = mask.unsqueeze(1)
         s = s.view(b, num_kv, -1, t, n).masked_fill(~mask.unsqueeze(2), torch.finfo(torch.float32).min)
         s = s.view(heads, rows, n)
-    if scores is not None and kernels.native_enabled(q):
-        out = native.mixed_attention(s.view(b, num_kv, rows, n), v, scores, lo, hi, rest.resident, rest.page_size,
-                                     rest.valid, values)
+    if kernels.native_enabled(q):  # the C kernels: scores of the packed keys, then one fused pass
+        if scores is None:
+            scores = native.dequant_scores(q, keys.packed[:, :, :hi], keys.scale, keys.zero, keys.bits,
+                                           keys.group_size, scaling)
+        out = None if scores is None else native.mixed_attention(
+            s.view(b, num_kv, rows, n), v, scores, lo, hi, rest.resident, rest.page_size, rest.valid, values)
         if out is not None:
             return out.view(b, num_heads, t, d).transpose(1, 2)
     if scores is None:
-        s_rest = None
-        if kernels.native_enabled(q):
-            s_rest = native.dequant_scores(q, keys.packed[:, :, lo // keys.group_size * keys.group_size:hi],
-                                           *_groups_from(keys, lo), keys.bits, keys.group_size, scaling)
-            s_rest = None if s_rest is None else s_rest[..., lo % keys.group_size:].reshape(heads, rows, hi - lo)
-        if s_rest is None:
-            s_rest = as_float32(torch.bmm(qg, dequantize_key_range(keys, lo, hi).transpose(1, 2))).mul_(scaling)
+        s_rest = as_float32(torch.bmm(qg, dequantize_key_range(keys, lo, hi).transpose(1, 2))).mul_(scaling)
     else:
         s_rest = scores[..., lo:hi].reshape(heads, rows, hi - lo)
     s_rest = _drop_resident(s_rest, rest, b, num_kv)
@@ -147,18 +144,9 @@ def attend_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         pad = ~rest.valid[:, lo:hi].view(b, 1, 1, hi - lo)
         s_rest = s_rest.view(b, num_kv, rows, hi - lo).masked_fill(pad, float("-inf")).view(heads, rows, hi - lo)
     probs = torch.cat((s, s_rest), dim=-1).softmax(dim=-1).to(v.dtype)
-    out = torch.bmm(probs[:, :, :n], v.reshape(heads, n, d))
-    if not (kernels.native_enabled(q) and native.lowbit_values(
-            out, probs[:, :, n:], values.packed[:, :, lo:hi], values.scale[:, :, lo:hi], values.zero[:, :, lo:hi],
-            values.bits, values.group_size)):
-        out = out.baddbmm_(probs[:, :, n:], dequantize_value_range(values, lo, hi))
+    out = torch.baddbmm(torch.bmm(probs[:, :, :n], v.reshape(heads, n, d)), probs[:, :, n:],
+                        dequantize_value_range(values, lo, hi))
     return out.view(b, num_heads, t, d).transpose(1, 2)
-
-
-def _groups_from(keys: QTensor, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero of the key groups from the one holding token lo on."""
-    first = lo // keys.group_size
-    return keys.scale[:, :, first:], keys.zero[:, :, first:]
 
 
 def causal_mask(valid: torch.Tensor | None, t: int, n: int, q_offset: int, device) -> torch.Tensor | None:

@@ -164,55 +164,6 @@ void kvt_dequant_scores_f32(const float *q, const uint8_t *packed, const float *
     }
 }
 
-/* out += probs @ dequantize(values): values quantized per token in groups of `group` channels.
- * probs [heads][rows][n] at strides (pp_h, pp_m); packed [heads][n][bytes] at strides (sp_h, sp_n); scale, zero
- * [heads][n][d / group] at strides (sz_h, sz_n); out [heads][rows][d] (contiguous). Blocks of eight tokens whose
- * probability is 0 for every row (resident pages, masked ones) are skipped. The reference is
- * attention.attend_mixed's baddbmm over dequantize_value_range. */
-void kvt_lowbit_values_f32(const float *probs, const uint8_t *packed, const float *scale, const float *zero,
-                           float *out, int64_t heads, int64_t rows, int64_t n, int64_t d, int64_t group, int bits,
-                           int64_t pp_h, int64_t pp_m, int64_t sp_h, int64_t sp_n, int64_t sz_h, int64_t sz_n) {
-    const float (*table)[8] = table_for(bits);
-    static _Thread_local float codes[8][MAX_DIM + 8], weight[MAX_ROWS][8];
-    const int vector = group % 8 == 0;
-    for (int64_t h = 0; h < heads; h++) {
-        float *oh = out + h * rows * d;
-        for (int64_t t0 = 0; t0 < n; t0 += 8) {
-            int64_t tw = n - t0 < 8 ? n - t0 : 8;
-            int any = 0;
-            for (int64_t m = 0; m < rows; m++)
-                for (int64_t j = 0; j < tw; j++) any |= probs[h * pp_h + m * pp_m + t0 + j] != 0.0f;
-            if (!any) continue;
-            for (int64_t j = 0; j < tw; j++) unpack_row(packed + h * sp_h + (t0 + j) * sp_n, d, bits, table, codes[j]);
-            for (int64_t c0 = 0, g = 0; c0 < d; c0 += group, g++) {
-                for (int64_t m = 0; m < rows; m++) {  /* p * scale per token, and the zeros' share at once */
-                    float shift = 0.0f;
-                    for (int64_t j = 0; j < 8; j++) {
-                        float p = j < tw ? probs[h * pp_h + m * pp_m + t0 + j] : 0.0f;
-                        const float *sz = scale + h * sz_h + (t0 + (j < tw ? j : 0)) * sz_n + g;
-                        weight[m][j] = p * sz[0];
-                        shift += p * (zero + h * sz_h + (t0 + (j < tw ? j : 0)) * sz_n + g)[0];
-                    }
-                    for (int64_t c = c0; c < c0 + group; c++) oh[m * d + c] += shift;
-                }
-                for (int64_t m = 0; m < rows; m++) {
-                    float *o = oh + m * d;
-                    if (vector) {
-                        for (int64_t c = c0; c < c0 + group; c += 8) {
-                            v8 acc = load8(o + c);
-                            for (int64_t j = 0; j < tw; j++) acc += weight[m][j] * load8(codes[j] + c);
-                            store8(o + c, acc);
-                        }
-                    } else {
-                        for (int64_t c = c0; c < c0 + group; c++)
-                            for (int64_t j = 0; j < tw; j++) o[c] += weight[m][j] * codes[j][c];
-                    }
-                }
-            }
-        }
-    }
-}
-
 /* Eight floats from p[0, count), the rest `fill`. */
 static inline v8 load_part(const float *p, int64_t count, float fill) {
     if (count >= 8) return load8(p);

@@ -34,7 +34,6 @@ _c_i64, _c_ptr, _c_float, _c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_flo
 _SIGNATURES = {
     "kvt_copy_rows": [_c_ptr] * 5 + [_c_i64] * 2,
     "kvt_dequant_scores_f32": [_c_ptr] * 5 + [_c_i64] * 5 + [_c_int, _c_float] + [_c_i64] * 4,
-    "kvt_lowbit_values_f32": [_c_ptr] * 5 + [_c_i64] * 5 + [_c_int] + [_c_i64] * 6,
     "kvt_page_probs_f32": [_c_ptr] * 2 + [_c_i64] * 9,
     "kvt_mixed_attention_f32": ([_c_ptr] * 2 + [_c_i64] + [_c_ptr] + [_c_i64] * 4 + [_c_ptr] + [_c_i64] * 2
                                 + [_c_ptr] + [_c_i64] * 2 + [_c_ptr] * 3 + [_c_i64] * 5 + [_c_int] + [_c_ptr]
@@ -158,24 +157,6 @@ def dequant_scores(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     _launch(library().kvt_dequant_scores_f32, q.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
             out.data_ptr(), b * num_kv, rows, n, d, group, bits, scaling, *codes, *params)
     return out
-
-
-def lowbit_values(out: torch.Tensor, probs: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                  zero: torch.Tensor, bits: int, group: int) -> bool:
-    """out [b*h, rows, d] += probs [b*h, rows, n] @ dequantized values (quantized per token in groups of
-    `group` channels: codes [b, h, n, bytes], scale and zero [b, h, n, d/group]); False (nothing done) where
-    the kernel does not apply, so the caller runs the reference."""
-    heads, rows, d = out.shape
-    n = probs.shape[-1]
-    codes, params = _heads_view(packed), _heads_view(scale)
-    if (not serves(out, rows, d) or bits not in _BITS or codes is None or params is None or not out.is_contiguous()
-            or probs.dtype != torch.float32 or probs.stride(-1) != 1 or zero.stride() != scale.stride()
-            or scale.dtype != torch.float32 or zero.dtype != torch.float32 or packed.shape[2] != n or d % group):
-        return False
-    _launch(library().kvt_lowbit_values_f32, probs.data_ptr(), packed.data_ptr(), scale.data_ptr(),
-            zero.data_ptr(), out.data_ptr(), heads, rows, n, d, group, bits, probs.stride(0), probs.stride(1),
-            *codes, *params)
-    return True
 
 
 def mixed_attention(s_full: torch.Tensor, v_full: torch.Tensor, raw: torch.Tensor, lo: int, hi: int,

@@ -9,7 +9,7 @@ modules whose references they implement without an import cycle.
 On CPU, `native_enabled(x)` decides whether the C kernels of `native` (native.c) run instead of the PyTorch
 references: by default wherever the library builds (KVTIER_KERNELS=torch turns them off, as it does Triton).
 
-Launchers (see each module): page_scores, page_probs (digest_score); copy_rows (gather);
+Launchers (see each module): page_scores, page_probs (digest_score); plan_pages, recall_pages (recall);
 dequant_scores (dequant_score); decode_attention (decode);
 decode_attention_mixed (mixed_decode).
 """
@@ -25,7 +25,8 @@ import torch
 _LAUNCHERS = {
     "page_scores": "digest_score",
     "page_probs": "digest_score",
-    "copy_rows": "gather",
+    "plan_pages": "recall",
+    "recall_pages": "recall",
     "dequant_scores": "dequant_score",
     "decode_attention": "decode",
     "decode_attention_mixed": "mixed_decode",

@@ -5,23 +5,112 @@
  * compiler vectorizes it without reassociating a float sum.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define LANES 8
 #define MAX_ROWS 64  /* query rows (group x query tokens) one call handles; native.py checks it */
 #define MAX_DIM 512  /* channels; native.py checks it */
 
-/* retrieval.recall.copy_rows_reference: for every entry i with src_rows[i] >= 0,
- * dst_k[dst_rows[i]] = src[src_rows[i], 0] and dst_v[dst_rows[i]] = src[src_rows[i], 1]; src is [rows, 2, E] and
- * dst_k, dst_v are [rows', E], all contiguous; row_bytes = E * element size. Entries of -1 cost nothing. */
-void kvt_copy_rows(const char *src, char *dst_k, char *dst_v, const int64_t *src_rows, const int64_t *dst_rows,
-                   int64_t entries, int64_t row_bytes) {
-    for (int64_t i = 0; i < entries; i++) {
-        int64_t s = src_rows[i];
-        if (s < 0) continue;
-        memcpy(dst_k + dst_rows[i] * row_bytes, src + (2 * s) * row_bytes, (size_t)row_bytes);
-        memcpy(dst_v + dst_rows[i] * row_bytes, src + (2 * s + 1) * row_bytes, (size_t)row_bytes);
+/* retrieval.recall.recall_pages_reference: for each (sequence, KV head) pair r (skipped where heads is not NULL
+ * and heads[r] is 0) and each plan entry i with page = pages[r * k + i] >= 0, copy the host pool's row
+ * page * pairs + r (keys then values, [rows][2][row_bytes]) into buffer row r * rows_per_pair + first_slot +
+ * slots[r * k + i] of keys and values, and write that row's token positions page * page_size + j. */
+void kvt_recall_pages(const char *host, char *keys, char *values, int64_t *positions, const int64_t *pages,
+                      const int64_t *slots, const uint8_t *heads, int64_t pairs, int64_t k, int64_t rows_per_pair,
+                      int64_t first_slot, int64_t page_size, int64_t row_bytes) {
+    for (int64_t r = 0; r < pairs; r++) {
+        if (heads && !heads[r]) continue;
+        for (int64_t i = 0; i < k; i++) {
+            int64_t page = pages[r * k + i];
+            if (page < 0) continue;
+            int64_t src = page * pairs + r, dst = r * rows_per_pair + first_slot + slots[r * k + i];
+            memcpy(keys + dst * row_bytes, host + 2 * src * row_bytes, (size_t)row_bytes);
+            memcpy(values + dst * row_bytes, host + (2 * src + 1) * row_bytes, (size_t)row_bytes);
+            for (int64_t j = 0; j < page_size; j++) positions[dst * page_size + j] = page * page_size + j;
+        }
     }
+}
+
+/* A slot's place in the eviction order: (key, slot) ascending, key -1 for an empty slot, the page's score for
+ * an unwanted resident one. */
+typedef struct { float key; int64_t slot; } candidate;
+
+static int before(const candidate *a, const candidate *b) {
+    return a->key < b->key || (a->key == b->key && a->slot < b->slot);
+}
+
+static int compare_candidates(const void *a, const void *b) {
+    return before(a, b) ? -1 : before(b, a) ? 1 : 0;
+}
+
+static float clean_score(float s) {  /* torch.nan_to_num(s, 0, 1, 0): the scores are probabilities */
+    return s != s ? 0.0f : s == __builtin_inff() ? 1.0f : s == -__builtin_inff() ? 0.0f : s;
+}
+
+/* retrieval.recall.plan_pages_reference, row by row: slot_page [pairs][n_slots] and page_slot [pairs][map_width]
+ * (the table, updated), wanted [pairs][k], scores (NULL: all 0) at strides (ss_r per pair, 1 per page), pages
+ * and slots [pairs][k] written, *recalled (if not NULL) increased by the pages to copy. Returns 0, or -1 where
+ * memory for its scratch could not be had (nothing is changed then). */
+int kvt_plan_pages(int64_t *slot_page, int64_t *page_slot, const int64_t *wanted, const float *scores,
+                   int64_t ss_r, int64_t pairs, int64_t n_slots, int64_t k, int64_t map_width, int64_t *out_pages,
+                   int64_t *out_slots, int64_t *recalled) {
+    static _Thread_local candidate *cand;
+    static _Thread_local int64_t *miss;
+    static _Thread_local uint8_t *taken;
+    static _Thread_local int64_t room;
+    if (n_slots > room) {  /* grown, never shrunk: one table's size from the first step on */
+        candidate *c = realloc(cand, sizeof *cand * (size_t)n_slots);
+        if (c) cand = c;
+        int64_t *m = realloc(miss, sizeof *miss * (size_t)n_slots);
+        if (m) miss = m;
+        uint8_t *t = realloc(taken, (size_t)n_slots);
+        if (t) taken = t;
+        if (!c || !m || !t) return -1;
+        room = n_slots;
+    }
+    int64_t total = 0;
+    for (int64_t r = 0; r < pairs; r++) {
+        int64_t *resident = slot_page + r * n_slots, *where = page_slot + r * map_width;
+        const int64_t *want = wanted + r * k;
+        int64_t misses = 0, count = 0;
+        memset(taken, 0, (size_t)n_slots);
+        for (int64_t i = 0; i < k; i++) {
+            int64_t held = where[want[i]];
+            if (held >= 0) taken[held] = 1;
+            else miss[misses++] = want[i];
+        }
+        for (int64_t j = 0; j < n_slots; j++) {
+            if (taken[j]) continue;
+            int64_t page = resident[j];
+            cand[count].key = page < 0 ? -1.0f : scores ? clean_score(scores[r * ss_r + page]) : 0.0f;
+            cand[count++].slot = j;
+        }
+        if (misses > count) misses = count;  /* only with repeated wanted pages, which the plan's callers never pass */
+        if (misses > 16) {
+            qsort(cand, (size_t)count, sizeof *cand, compare_candidates);
+        } else {  /* a few misses: pick the cheapest slots one by one */
+            for (int64_t t = 0; t < misses; t++) {
+                int64_t best = t;
+                for (int64_t j = t + 1; j < count; j++)
+                    if (before(&cand[j], &cand[best])) best = j;
+                candidate c = cand[t]; cand[t] = cand[best]; cand[best] = c;
+            }
+        }
+        int64_t *pages_row = out_pages + r * k, *slots_row = out_slots + r * k;
+        for (int64_t t = 0; t < misses; t++) {
+            int64_t slot = cand[t].slot, old = resident[slot];
+            if (old >= 0) where[old] = -1;
+            where[miss[t]] = slot;
+            resident[slot] = miss[t];
+            pages_row[t] = miss[t];
+            slots_row[t] = slot;
+        }
+        for (int64_t t = misses; t < k; t++) pages_row[t] = slots_row[t] = -1;
+        total += misses;
+    }
+    if (recalled) *recalled += total;
+    return 0;
 }
 
 /* The codes of every byte value, for 1, 2 and 4 bits (quant.unpack's order: code j at bit j * bits). */

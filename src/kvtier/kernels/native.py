@@ -32,13 +32,15 @@ _BITS = (1, 2, 4)
 
 _c_i64, _c_ptr, _c_float, _c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
-    "kvt_copy_rows": [_c_ptr] * 5 + [_c_i64] * 2,
+    "kvt_recall_pages": [_c_ptr] * 7 + [_c_i64] * 6,
+    "kvt_plan_pages": [_c_ptr] * 4 + [_c_i64] * 5 + [_c_ptr] * 3,
     "kvt_dequant_scores_f32": [_c_ptr] * 5 + [_c_i64] * 5 + [_c_int, _c_float] + [_c_i64] * 4,
     "kvt_page_probs_f32": [_c_ptr] * 2 + [_c_i64] * 9,
     "kvt_mixed_attention_f32": ([_c_ptr] * 2 + [_c_i64] + [_c_ptr] + [_c_i64] * 4 + [_c_ptr] + [_c_i64] * 2
                                 + [_c_ptr] + [_c_i64] * 2 + [_c_ptr] * 3 + [_c_i64] * 5 + [_c_int] + [_c_ptr]
                                 + [_c_i64] * 3 + [_c_ptr]),
 }
+_RETURNS_STATUS = {"kvt_plan_pages"}  # 0, or -1 where it could not run (nothing changed)
 _error: str | None = None
 launches = 0  # kernel calls so far: `stepcheck.StepCounter` counts each as one op (a launch on a GPU)
 
@@ -96,14 +98,14 @@ def library() -> ctypes.CDLL | None:
         return None
     for name, args in _SIGNATURES.items():
         getattr(lib, name).argtypes = args
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = _c_int if name in _RETURNS_STATUS else None
     return lib
 
 
-def _launch(kernel, *args) -> None:
+def _launch(kernel, *args):
     global launches
     launches += 1
-    kernel(*args)
+    return kernel(*args)
 
 
 def status() -> str:
@@ -111,17 +113,41 @@ def status() -> str:
     return "native CPU kernels loaded" if lib is not None else _error
 
 
-def copy_rows(src: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor, src_rows: torch.Tensor,
-              dst_rows: torch.Tensor) -> bool:
-    """recall.copy_rows_reference without the null-row copies; False (nothing done) where the layout is not
-    the contiguous one the C loop assumes, so the caller runs the reference."""
-    if not (src.is_contiguous() and dst_k.is_contiguous() and dst_v.is_contiguous() and src.dtype == dst_k.dtype
-            and src_rows.dtype == dst_rows.dtype == torch.long and src.shape[-1] == dst_k.shape[-1]):
+def recall_pages(host: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                 pages: torch.Tensor, slots: torch.Tensor, rows, heads: torch.Tensor | None) -> bool:
+    """`retrieval.recall.recall_pages_reference` without the trash-row copies; False (nothing done) where the
+    layout is not the contiguous one the C loop assumes, so the caller runs the reference."""
+    if not (host.is_contiguous() and keys.is_contiguous() and values.is_contiguous() and positions.is_contiguous()
+            and host.dtype == keys.dtype == values.dtype and positions.dtype == torch.long
+            and pages.dtype == slots.dtype == torch.long and host.shape[-1] == keys.shape[-1] == values.shape[-1]
+            and (heads is None or heads.dtype == torch.bool)):
         return False
-    src_rows, dst_rows = src_rows.contiguous(), dst_rows.contiguous()
-    _launch(library().kvt_copy_rows, src.data_ptr(), dst_k.data_ptr(), dst_v.data_ptr(), src_rows.data_ptr(),
-            dst_rows.data_ptr(), src_rows.numel(), dst_k.shape[-1] * dst_k.element_size())
+    pages, slots = pages.contiguous(), slots.contiguous()
+    held = None if heads is None else heads.contiguous().view(torch.uint8)  # bool and uint8 share their bytes
+    _launch(library().kvt_recall_pages, host.data_ptr(), keys.data_ptr(), values.data_ptr(), positions.data_ptr(),
+            pages.data_ptr(), slots.data_ptr(), 0 if held is None else held.data_ptr(), rows.heads,
+            pages.shape[-1], rows.rows_per_head, rows.first_slot, positions.shape[-1],
+            keys.shape[-1] * keys.element_size())
     return True
+
+
+def plan_pages(slot_page: torch.Tensor, page_slot: torch.Tensor, wanted: torch.Tensor,
+               page_scores: torch.Tensor | None, recalled: torch.Tensor | None):
+    """`retrieval.recall.plan_pages_reference` (the table updated in place, (pages, slots) returned); None where
+    the kernel does not apply (layouts, dtypes), so the caller runs the reference."""
+    b, h, k = wanted.shape
+    scores = None if page_scores is None else _heads_view(page_scores)
+    if (not (slot_page.is_contiguous() and page_slot.is_contiguous()) or wanted.dtype != torch.long
+            or (page_scores is not None and (page_scores.dtype != torch.float32 or scores is None))
+            or (recalled is not None and (recalled.dtype != torch.long or recalled.numel() != 1))):
+        return None
+    wanted = wanted.contiguous()
+    pages, slots = torch.empty((2, b, h, k), dtype=torch.long, device=wanted.device).unbind()
+    status = _launch(library().kvt_plan_pages, slot_page.data_ptr(), page_slot.data_ptr(), wanted.data_ptr(),
+            0 if page_scores is None else page_scores.data_ptr(), 0 if scores is None else scores[0], b * h,
+            slot_page.shape[-1], k, page_slot.shape[-1], pages.data_ptr(), slots.data_ptr(),
+            0 if recalled is None else recalled.data_ptr())
+    return (pages, slots) if status == 0 else None
 
 
 def serves(x: torch.Tensor, rows: int, d: int) -> bool:

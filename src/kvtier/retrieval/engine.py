@@ -30,7 +30,7 @@ from ..quant import LowBitValues
 from ..selection import query_similarity
 from ..store import HostPool, from_pages, to_pages
 from .options import EngineOptions
-from .recall import PageTable, copy_rows, native_copies
+from .recall import PageTable, SlotRows, recall_pages, staging_needed
 from .scorer import DigestScorer, LowBitScorer
 
 CAPACITY_MARGIN = 256  # tokens added past the prompt when no length was reserved (then growth by a quarter)
@@ -50,7 +50,7 @@ class _Layer:
         self.k = k.new_zeros((b, h, length, d))
         self.v = k.new_zeros((b, h, length, d))
         self.pos = torch.full((b, h, length), -1, dtype=torch.long, device=k.device)
-        self.table = PageTable(b, h, o.slots, k.device)
+        self.table = PageTable(b, h, o.slots, capacity // p, k.device)
         self.scorer = (LowBitScorer(o.bits, o.key_group, p, capacity) if o.scorer == "lowbit"
                        else DigestScorer(k, capacity // p, p))
         self.values = None
@@ -62,22 +62,14 @@ class _Layer:
         self.wanted: torch.Tensor | None = None  # [b, h, k] pages the next attention reads
         self.previous_q: torch.Tensor | None = None
         self.pending = None  # event of a recall in flight
-        rows_per_seq_head = length // p
-        seq_head = torch.arange(b * h, device=k.device).view(b, h, 1)
-        self.slot_rows = seq_head * rows_per_seq_head + o.sink // p  # + slot
-        self.trash_rows = (seq_head + 1) * rows_per_seq_head - 1
-        self.pool_rows = seq_head  # + page * b * h
-        self.pool_stride = torch.tensor(b * h, device=k.device)  # host rows of one page
-        # token positions of every page, and a last row of -1s that pages[...] == -1 picks
-        self.page_positions = torch.arange(capacity + p, device=k.device).view(-1, p)
-        self.page_positions[-1] = -1
+        self.rows = SlotRows(heads=b * h, rows_per_head=length // p, first_slot=o.sink // p)
         self.row_k = self.k.view(-1, p * d)
         self.row_v = self.v.view(-1, p * d)
         self.pos_rows = self.pos.view(-1, p)
         self.recalled = self.corrections = self.hits = None  # views of the engine's counters
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        held = (self.k, self.v, self.pos, self.table.slot_page, *self.scorer.tensors())
+        held = (self.k, self.v, self.pos, *self.table.tensors(), *self.scorer.tensors())
         return held + (self.values.tensors() if self.values is not None else ())
 
     def ring_slices(self, start: int, stop: int):
@@ -143,8 +135,7 @@ class RetrievalEngine(Method):
             st.scorer.grow(st.capacity if st.scorer.lowbit else st.capacity // self.o.page_size)
             if st.values is not None:
                 st.values.reserve(st.capacity)
-            st.page_positions = torch.arange(st.capacity + p, device=k.device).view(-1, p)
-            st.page_positions[-1] = -1
+            st.table.grow(st.capacity // p)
         self.pool.reserve(layer, st.capacity // self.o.page_size)
         return st
 
@@ -209,9 +200,11 @@ class RetrievalEngine(Method):
         rows = self.spec.num_heads // h * 2  # a decode step has one query token, a speculative one two
         elem = k.element_size()
         pages = st.capacity // self.o.page_size
+        # the recall plan's pages and slots, and the GPU kernel's eviction keys (a power of two per row)
+        plan = 8 * b * h * self.o.slots * 2 + 4 * b * h * max(2, 1 << (self.o.slots - 1).bit_length())
         if not st.scorer.lowbit:  # the page bounds per query row and their softmax
-            return 4 * b * h * rows * pages * 2
-        size = 4 * b * h * rows * st.capacity * 2  # raw token scores and their softmax
+            return plan + 4 * b * h * rows * pages * 2
+        size = plan + 4 * b * h * rows * st.capacity * 2  # raw token scores and their softmax
         if not (kernels.enabled(k) or native.serves(k, rows, d)):
             size += elem * b * h * st.capacity * d * (2 if st.values is not None else 1)
         return size
@@ -248,35 +241,24 @@ class RetrievalEngine(Method):
         """The table takes the wanted pages; returns the (pages, slots) plan [b, h, k] that makes it true."""
         st.wanted = wanted
         self.selections += 1
-        pages, slots = st.table.plan(wanted, page_probs)
-        st.recalled.add_((pages >= 0).sum())
-        return pages, slots
+        return st.table.plan(wanted, page_probs, st.recalled)
 
     def _copy(self, layer: int, st: _Layer, pages, slots, wait: bool, heads: torch.Tensor | None = None) -> None:
         """Copy the planned pages (only the KV heads in `heads` [b, h], when given): before attention when
         `wait`, else in the background until the layer's next step."""
-        p = self.o.page_size
-        if heads is not None:
-            pages = torch.where(heads.unsqueeze(-1), pages, -1)
-        copy = pages >= 0
-        src = st.pool_rows.addcmul(pages, st.pool_stride).view(-1)  # page -1 gives a negative row: skipped
-        dst = torch.where(copy, st.slot_rows + slots, st.trash_rows).view(-1)
-        # the positions of the rows written; a skipped entry copies the table's last row, -1s, to the trash row
-        last_row_for_skipped = pages.view(-1).remainder(st.page_positions.shape[0])  # -1 -> the row of -1s
-        st.pos_rows.index_copy_(0, dst, st.page_positions.index_select(0, last_row_for_skipped))
-        host = self.pool.pages[layer].view(-1, 2, p * self.spec.head_dim)
-        event = self.link.async_rows(copy_rows, host, st.row_k, st.row_v, src, dst, self._staging(src, host),
-                                     lane=layer)
+        host = self.pool.pages[layer].view(-1, 2, self.o.page_size * self.spec.head_dim)
+        event = self.link.async_rows(recall_pages, host, st.row_k, st.row_v, st.pos_rows, pages, slots, st.rows,
+                                     heads, self._staging(pages, host, st), lane=layer)
         if wait:
             self.link.wait(event)
         else:
             st.pending = event
 
-    def _staging(self, rows: torch.Tensor, host: torch.Tensor) -> torch.Tensor | None:
+    def _staging(self, pages: torch.Tensor, host: torch.Tensor, st: _Layer) -> torch.Tensor | None:
         """The reference copy's buffer of gathered rows, one for every layer (None where a kernel copies)."""
-        if kernels.enabled(rows) or rows.device != host.device or native_copies(host, rows):
+        if not staging_needed(host, st.row_k):
             return None
-        shape = (rows.numel(), *host.shape[1:])
+        shape = (pages.numel(), *host.shape[1:])
         staging = self.__dict__.get("staging")
         if staging is None or staging.shape != shape:
             staging = self.staging = host.new_empty(shape)

@@ -14,7 +14,7 @@ import kvtier
 from kvtier.link import Link
 from kvtier.models import tiny_random_model
 from kvtier.retrieval import recall
-from kvtier.retrieval.recall import PageTable
+from kvtier.retrieval.recall import PageTable, SlotRows
 from kvtier.store import HostPool, to_pages
 
 pytestmark = [
@@ -125,9 +125,10 @@ def test_offload_generate_matches_full_on_cuda():
 
 def recall_run(device, steps=6):
     """Fill a host pool through a Link on `device`, then recall planned pages as the retrieval engine does: the
-    page table's dense plan, and the copy of rows of the host pool's layer (pinned on CUDA, read by the kernel
-    in place) into one device buffer per (sequence, KV head) of `slots` pages and a trash page, on a copy lane.
-    Returns (slot keys, slot values, table, copied pages, link), on the CPU."""
+    page table's dense plan (counting the pages to copy on the device), and the copy of rows of the host pool's
+    layer (pinned on CUDA, read by the kernel in place) into one device buffer per (sequence, KV head) of a sink
+    page, `slots` pages and a trash page, with the rows' token positions, on a copy lane.
+    Returns (slot keys, slot values, slot positions, table, copied pages, link), on the CPU."""
     batch, heads, d, page_size, n_pages, slots = 2, 3, 16, 4, 12, 5
     link = Link(device)
     pool = HostPool(1, batch, heads, d, page_size, torch.float32, link)
@@ -136,11 +137,12 @@ def recall_run(device, steps=6):
     v = torch.randn(batch, heads, n_pages * page_size, d, generator=g)
     pool.write(0, to_pages(k.to(device), v.to(device), page_size))
     assert pool.pages[0].is_pinned() == (device == "cuda")
-    table = PageTable(batch, heads, slots, torch.device(device))
-    buf_k = torch.zeros(batch, heads, (slots + 1) * page_size, d, device=device)
+    table = PageTable(batch, heads, slots, n_pages, torch.device(device))
+    rows = SlotRows(heads=batch * heads, rows_per_head=slots + 2, first_slot=1)
+    buf_k = torch.zeros(batch, heads, rows.rows_per_head * page_size, d, device=device)
     buf_v = torch.zeros_like(buf_k)
-    seq_head = torch.arange(batch * heads, device=device).view(batch, heads, 1)
-    slot_rows, trash_rows = seq_head * (slots + 1), seq_head * (slots + 1) + slots
+    buf_pos = torch.full(buf_k.shape[:3], -1, dtype=torch.long, device=device)
+    recalled = torch.zeros((), dtype=torch.long, device=device)
     host = pool.pages[0].view(-1, 2, page_size * d)
     copied = 0
     for step in range(steps):
@@ -148,45 +150,48 @@ def recall_run(device, steps=6):
         wanted = torch.stack([torch.randperm(n_pages, generator=g)[:kk] for _ in range(batch * heads)])
         wanted = wanted.view(batch, heads, kk).to(device)
         scores = torch.rand(batch, heads, n_pages, generator=g).to(device)
-        pages, slot = table.plan(wanted, scores)
-        copy = pages >= 0
-        src = torch.where(copy, pages * (batch * heads) + seq_head, -1).flatten()
-        dst = torch.where(copy, slot_rows + slot, trash_rows).flatten()
-        copied += int(copy.sum())
-        event = link.async_rows(recall.copy_rows, host, buf_k.view(-1, page_size * d), buf_v.view(-1, page_size * d),
-                                src, dst, lane=step)
+        pages, slot = table.plan(wanted, scores, recalled)
+        copied += int((pages >= 0).sum())
+        event = link.async_rows(recall.recall_pages, host, buf_k.view(-1, page_size * d),
+                                buf_v.view(-1, page_size * d), buf_pos.view(-1, page_size), pages, slot, rows,
+                                lane=step)
         link.wait(event)
-    n = slots * page_size
+    lo, hi = page_size, (slots + 1) * page_size
     if device == "cuda":
         torch.cuda.synchronize()
-    # every slot holds its page's tokens, at the positions the table gives
+    assert int(recalled) == copied
+    # every slot holds its page's tokens, at the positions the table gives, which the copy wrote beside them
     pos = table.positions(page_size).cpu()
     present = pos >= 0
     idx = pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d)
-    got_k, got_v = buf_k[:, :, :n].cpu(), buf_v[:, :, :n].cpu()
+    got_k, got_v, got_pos = buf_k[:, :, lo:hi].cpu(), buf_v[:, :, lo:hi].cpu(), buf_pos[:, :, lo:hi].cpu()
+    assert torch.equal(got_pos, pos)
     assert torch.equal(got_k[present], k.gather(2, idx)[present])
     assert torch.equal(got_v[present], v.gather(2, idx)[present])
     assert not got_k[~present].any() and not got_v[~present].any()
-    return got_k, got_v, table.slot_page.cpu(), copied, link
+    assert not buf_k[:, :, :lo].any() and bool((buf_pos[:, :, :lo] == -1).all())  # the sink page is not written
+    return got_k, got_v, got_pos, table, copied, link
 
 
 def test_recall_cuda_matches_cpu(monkeypatch):
     calls = []
-    original = recall.kernels.copy_rows
+    original = recall.kernels.recall_pages
 
     def recorded(*args):
         calls.append(args[0].is_pinned())  # the source: the host pool itself
         return original(*args)
 
-    monkeypatch.setattr(recall.kernels, "copy_rows", recorded)
+    monkeypatch.setattr(recall.kernels, "recall_pages", recorded)
     monkeypatch.setenv("KVTIER_KERNELS", "auto")
-    cpu_k, cpu_v, cpu_table, cpu_copied, cpu_link = recall_run("cpu")
-    assert calls == []  # the CPU reference
-    cuda_k, cuda_v, cuda_table, cuda_copied, cuda_link = recall_run("cuda")
+    cpu_k, cpu_v, cpu_pos, cpu_table, cpu_copied, cpu_link = recall_run("cpu")
+    assert calls == []  # the CPU's C kernel (or reference)
+    cuda_k, cuda_v, cuda_pos, cuda_table, cuda_copied, cuda_link = recall_run("cuda")
     assert calls == [True] * 6  # the kernel, reading the pinned host pool in place
-    assert torch.equal(cuda_table, cpu_table)
+    assert torch.equal(cuda_table.slot_page.cpu(), cpu_table.slot_page)
+    assert torch.equal(cuda_table.page_slot.cpu(), cpu_table.page_slot)
     assert torch.equal(cuda_k, cpu_k)
     assert torch.equal(cuda_v, cpu_v)
+    assert torch.equal(cuda_pos, cpu_pos)
     assert cuda_copied == cpu_copied > 0
     assert cuda_link.counters() == cpu_link.counters()
 

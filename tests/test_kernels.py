@@ -17,11 +17,13 @@ pytest.importorskip("triton")
 import kvtier  # noqa: E402
 from kvtier import kernels  # noqa: E402
 from kvtier.attention import attend  # noqa: E402
-from kvtier.kernels import decode, dequant_score, digest_score, gather, mixed_decode  # noqa: E402
+from kvtier.kernels import decode, dequant_score, digest_score, mixed_decode  # noqa: E402
+from kvtier.kernels import recall as kernel_recall  # noqa: E402
 from kvtier.link import Link  # noqa: E402
 from kvtier.quant import LowBitKeys, quantize_keys  # noqa: E402
 from kvtier.retrieval import recall  # noqa: E402
-from kvtier.retrieval.recall import PageTable, copy_rows_reference  # noqa: E402
+from kvtier.retrieval.recall import (PageTable, SlotRows, plan_pages_reference,  # noqa: E402
+                                     recall_pages_reference)
 from kvtier.retrieval.scorer import DigestScorer  # noqa: E402
 from kvtier.selection import page_digest, page_scores  # noqa: E402
 from kvtier.store import HostPool, to_pages  # noqa: E402
@@ -106,70 +108,93 @@ def test_page_scores_and_the_digest_scorer_take_the_fused_path(monkeypatch):
     assert torch.equal(probs.topk(5, dim=-1).indices, expected.topk(5, dim=-1).indices)
 
 
-# -- recall copy ---------------------------------------------------------------------------------------------------
-def random_rows_plan(n_src, n_dst, n, seed):
-    """A plan of n entries into distinct rows of [0, n_dst), about a third skipped (source -1, destination the
-    trash row n_dst, as the engine points them); returns (src_rows, dst_rows) on DEVICE."""
+# -- recall: plan and copy -------------------------------------------------------------------------------------
+# (test_store.py runs both on each implementation on CPU; here the Triton kernels' own cases, on the kernel device)
+def random_recall_plan(b, h, k, n_slots, n_pages, seed):
+    """pages, slots [b, h, k] on DEVICE: distinct pages and slots per (sequence, KV head) pair, about a third of
+    the entries -1 in both (at least one skipped, one copied)."""
     gen = torch.Generator().manual_seed(seed)
-    src_rows = torch.randint(0, n_src, (n,), generator=gen)
-    dst_rows = torch.randperm(n_dst, generator=gen)[:n]
-    skip = torch.rand(n, generator=gen) < 0.35
-    skip[0], skip[-1] = True, False  # at least one of each
-    src_rows[skip], dst_rows[skip] = -1, n_dst
-    return src_rows.to(DEVICE), dst_rows.to(DEVICE)
+    pages = torch.stack([torch.randperm(n_pages, generator=gen)[:k] for _ in range(b * h)]).view(b, h, k)
+    slots = torch.stack([torch.randperm(n_slots, generator=gen)[:k] for _ in range(b * h)]).view(b, h, k)
+    skip = torch.rand(b, h, k, generator=gen) < 0.35
+    skip.view(-1)[0], skip.view(-1)[-1] = True, False
+    pages[skip], slots[skip] = -1, -1
+    return pages.to(DEVICE), slots.to(DEVICE)
 
 
-@pytest.mark.parametrize("n_src, n_dst, n, elems, dtype", [
-    (11, 9, 6, 4 * 64, torch.float32),
-    (7, 12, 12, 128, torch.bfloat16),
-    (20, 15, 9, 3 * 64, torch.float16),  # a partial tile
-    (5, 6, 4, 4400, torch.float32),  # more than one block of columns
+def trash_mask(n_rows, rows):
+    return torch.arange(n_rows, device=DEVICE) % rows.rows_per_head == rows.rows_per_head - 1
+
+
+@pytest.mark.parametrize("b, h, k, n_slots, page, d, dtype, heads", [
+    (2, 2, 3, 4, 4, 64, torch.float32, False),
+    (1, 3, 4, 4, 1, 128, torch.bfloat16, True),
+    (2, 1, 2, 3, 3, 64, torch.float16, True),  # a partial tile of columns
+    (1, 2, 2, 2, 4, 1100, torch.float32, False),  # more than one block of columns
 ])
-def test_copy_rows(n_src, n_dst, n, elems, dtype):
-    src = randn(n_src, 2, elems, dtype=dtype, seed=5)
-    src_rows, dst_rows = random_rows_plan(n_src, n_dst, n, seed=6)
-    dst_k, dst_v = randn(n_dst + 1, elems, dtype=dtype, seed=7), randn(n_dst + 1, elems, dtype=dtype, seed=8)
-    ref_k, ref_v = dst_k.clone(), dst_v.clone()
-    copy_rows_reference(src, ref_k, ref_v, src_rows, dst_rows)
-    old_trash = dst_k[n_dst].clone(), dst_v[n_dst].clone()
-    gather.copy_rows(src, dst_k, dst_v, src_rows, dst_rows)
-    # every row but the trash row the reference writes; the kernel leaves that one alone
-    assert torch.equal(dst_k[:n_dst], ref_k[:n_dst]) and torch.equal(dst_v[:n_dst], ref_v[:n_dst])
-    assert torch.equal(dst_k[n_dst], old_trash[0]) and torch.equal(dst_v[n_dst], old_trash[1])
+def test_recall_pages(b, h, k, n_slots, page, d, dtype, heads):
+    n_pages, elems = 6, page * d
+    rows = SlotRows(heads=b * h, rows_per_head=n_slots + 3, first_slot=1)
+    n_rows = b * h * rows.rows_per_head
+    host = randn(n_pages * b * h, 2, elems, dtype=dtype, seed=5)
+    pages, slots = random_recall_plan(b, h, k, n_slots, n_pages, seed=6)
+    held = (torch.arange(b * h, device=DEVICE) % 2 == 0).view(b, h) if heads else None
+    keys, values = randn(n_rows, elems, dtype=dtype, seed=7), randn(n_rows, elems, dtype=dtype, seed=8)
+    pos = torch.randint(0, 100, (n_rows, page), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    ref = keys.clone(), values.clone(), pos.clone()
+    recall_pages_reference(host, *ref, pages, slots, rows, held)
+    ours = keys.clone(), values.clone(), pos.clone()
+    kernel_recall.recall_pages(host, *ours, pages, slots, rows, held)
+    # every row but the trash rows the reference writes; the kernel leaves those alone
+    trash = trash_mask(n_rows, rows)
+    for got, expect, old in zip(ours, ref, (keys, values, pos)):
+        assert torch.equal(got[~trash], expect[~trash]) and torch.equal(got[trash], old[trash])
+    assert not torch.equal(ours[0], keys), "the plan copies something"
     if torch.cuda.is_available():  # straight from pinned host memory, as a host pool is held
-        host = src.cpu().pin_memory()
-        dst_k2, dst_v2 = randn(n_dst + 1, elems, dtype=dtype, seed=7), randn(n_dst + 1, elems, dtype=dtype, seed=8)
-        gather.copy_rows(host, dst_k2, dst_v2, src_rows, dst_rows)
+        pinned = tuple(x.clone() for x in (keys, values, pos))
+        kernel_recall.recall_pages(host.cpu().pin_memory(), *pinned, pages, slots, rows, held)
         torch.cuda.synchronize()
-        assert torch.equal(dst_k2, dst_k) and torch.equal(dst_v2, dst_v)
+        assert all(torch.equal(x, y) for x, y in zip(pinned, ours))
 
 
-def test_copy_rows_into_strided_rows_and_all_skipped():
-    elems = 96
-    src = randn(6, 2, elems, seed=9)
-    wide = randn(2, 8, elems + 7, seed=10)  # rows of one buffer, keys and values side by side, padded rows
-    dst_k, dst_v = wide[0, :, :elems], wide[1, :, 3:3 + elems]
-    src_rows, dst_rows = random_rows_plan(6, 7, 7, seed=11)
-    ref = wide.clone()
-    copy_rows_reference(src, ref[0, :, :elems], ref[1, :, 3:3 + elems], src_rows, dst_rows)
+def test_recall_pages_into_strided_rows_and_all_skipped():
+    b, h, k, n_slots, page, d = 1, 2, 3, 4, 2, 48
+    elems = page * d
+    rows = SlotRows(heads=b * h, rows_per_head=n_slots + 1, first_slot=0)
+    n_rows = b * h * rows.rows_per_head
+    host = randn(5 * b * h, 2, elems, seed=9)
+    wide = randn(2, n_rows, elems + 7, seed=10)  # rows of one buffer, keys and values side by side, padded rows
+    keys, values = wide[0, :, :elems], wide[1, :, 3:3 + elems]
+    pos = torch.full((n_rows, page), -5, dtype=torch.long, device=DEVICE)
+    pages, slots = random_recall_plan(b, h, k, n_slots, 5, seed=11)
+    ref, ref_pos = wide.clone(), pos.clone()
+    recall_pages_reference(host, ref[0, :, :elems], ref[1, :, 3:3 + elems], ref_pos, pages, slots, rows)
     before = wide.clone()
-    gather.copy_rows(src, dst_k, dst_v, src_rows, dst_rows)
-    assert torch.equal(wide[:, :7], ref[:, :7])
-    assert torch.equal(wide[:, 7], before[:, 7])  # the trash row
-    # a plan with nothing to copy changes nothing, and an empty plan launches nothing
-    before = wide.clone()
-    gather.copy_rows(src, dst_k, dst_v, torch.full_like(src_rows, -1), dst_rows)
-    empty = src_rows[:0]
-    gather.copy_rows(src, dst_k, dst_v, empty, empty)
-    assert torch.equal(wide, before)
+    kernel_recall.recall_pages(host, keys, values, pos, pages, slots, rows, None)
+    trash = trash_mask(n_rows, rows)
+    assert torch.equal(wide[:, ~trash], ref[:, ~trash]) and torch.equal(pos[~trash], ref_pos[~trash])
+    assert torch.equal(wide[:, trash], before[:, trash]) and bool((pos[trash] == -5).all())
+    assert not torch.equal(wide, before)
+    # a plan with nothing to copy (or no pair in heads) changes nothing, and an empty plan launches nothing
+    before, before_pos = wide.clone(), pos.clone()
+    kernel_recall.recall_pages(host, keys, values, pos, torch.full_like(pages, -1), torch.full_like(slots, -1), rows,
+                               None)
+    kernel_recall.recall_pages(host, keys, values, pos, pages, slots, rows,
+                               torch.zeros(b, h, dtype=torch.bool, device=DEVICE))
+    empty = pages[..., :0]
+    kernel_recall.recall_pages(host, keys, values, pos, empty, empty, rows, None)
+    assert torch.equal(wide, before) and torch.equal(pos, before_pos)
     with pytest.raises(ValueError, match="source"):
-        gather.copy_rows(src[:, :1], dst_k, dst_v, src_rows, dst_rows)
+        kernel_recall.recall_pages(host[:, :1], keys, values, pos, pages, slots, rows, None)
+    with pytest.raises(ValueError, match="destination"):
+        kernel_recall.recall_pages(host, keys, values, pos.t().contiguous().t(), pages, slots, rows, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_copy_rows_matches_the_reference_through_a_page_table(monkeypatch, dtype):
+def test_recall_matches_the_reference_through_a_page_table(monkeypatch, dtype):
     """The engine's use: pages of a host pool layer into slots of one device buffer per (sequence, KV head) with a
-    trash page, by the dense plan; the library's copy_rows takes the kernel when kernels are on."""
+    trash page, by the dense plan; with kernels on, the table plans with the plan kernel and the library's
+    recall_pages copies with the copy kernel, and both equal the references step after step."""
     b, h, d, p, slots, pages = 2, 3, 16, 4, 4, 10
     link = Link(DEVICE)
     pool = HostPool(2, b, h, d, p, dtype, link)
@@ -177,31 +202,39 @@ def test_copy_rows_matches_the_reference_through_a_page_table(monkeypatch, dtype
     pool.write(1, to_pages(k, v, p))
     link.synchronize()
     host = pool.pages[1].view(-1, 2, p * d)
-    table = PageTable(b, h, slots, DEVICE)
-    seq_head = torch.arange(b * h, device=DEVICE).view(b, h, 1)
-    slot_rows, trash_rows = seq_head * (slots + 1), seq_head * (slots + 1) + slots
+    ref_table, table = PageTable(b, h, slots, pages, DEVICE), PageTable(b, h, slots, pages, DEVICE)
+    rows = SlotRows(heads=b * h, rows_per_head=slots + 1, first_slot=0)
     ref_k, ref_v = (torch.zeros(b, h, (slots + 1) * p, d, dtype=dtype, device=DEVICE) for _ in range(2))
-    our_k, our_v = ref_k.clone(), ref_v.clone()
+    ref_pos = torch.full((b, h, (slots + 1) * p), -1, dtype=torch.long, device=DEVICE)
+    our_k, our_v, our_pos = ref_k.clone(), ref_v.clone(), ref_pos.clone()
+    ref_count, our_count = (torch.zeros((), dtype=torch.long, device=DEVICE) for _ in range(2))
     monkeypatch.setenv("KVTIER_KERNELS", "triton")
     calls = []
-    spy(monkeypatch, gather, "copy_rows", calls)
+    spy(monkeypatch, kernel_recall, "plan_pages", calls)
+    spy(monkeypatch, kernel_recall, "recall_pages", calls)
     gen = torch.Generator().manual_seed(14)
     for step in range(3):  # later rounds hit resident pages (-1 entries) and evict others
         wanted = torch.stack([torch.randperm(pages, generator=gen)[:slots - step] for _ in range(b * h)])
-        planned, slot = table.plan(wanted.view(b, h, -1).to(DEVICE), torch.rand(b, h, pages).to(DEVICE))
-        copy = planned >= 0
-        src = torch.where(copy, planned * (b * h) + seq_head, -1).flatten()
-        dst = torch.where(copy, slot_rows + slot, trash_rows).flatten()
-        copy_rows_reference(host, ref_k.view(-1, p * d), ref_v.view(-1, p * d), src, dst)
-        recall.copy_rows(host, our_k.view(-1, p * d), our_v.view(-1, p * d), src, dst)
+        wanted, scores = wanted.view(b, h, -1).to(DEVICE), torch.rand(b, h, pages).to(DEVICE)
+        plan = plan_pages_reference(*ref_table.tensors(), wanted, scores, ref_count)
+        recall_pages_reference(host, ref_k.view(-1, p * d), ref_v.view(-1, p * d), ref_pos.view(-1, p), *plan, rows)
+        ours = table.plan(wanted, scores, our_count)
+        recall.recall_pages(host, our_k.view(-1, p * d), our_v.view(-1, p * d), our_pos.view(-1, p), *ours, rows)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
+        assert torch.equal(ours[0], plan[0]) and torch.equal(ours[1], plan[1])
+        assert torch.equal(table.slot_page, ref_table.slot_page) and torch.equal(table.page_slot, ref_table.page_slot)
+        assert int(our_count) == int(ref_count)
         n = slots * p
         assert torch.equal(our_k[:, :, :n], ref_k[:, :, :n]) and torch.equal(our_v[:, :, :n], ref_v[:, :, :n])
-        assert not our_k[:, :, n:].any() and not our_v[:, :, n:].any()  # the kernel never writes the trash page
-    assert calls == ["copy_rows"] * 3
-    # and the slots hold their pages' tokens
+        assert torch.equal(our_pos[:, :, :n], ref_pos[:, :, :n])
+        # the kernel never writes the trash page
+        assert not our_k[:, :, n:].any() and not our_v[:, :, n:].any() and bool((our_pos[:, :, n:] == -1).all())
+    assert calls == ["plan_pages", "recall_pages"] * 3
+    assert int(our_count) > 0
+    # and the slots hold their pages' tokens, at the positions the copy wrote
     pos = table.positions(p)
+    assert torch.equal(our_pos[:, :, :slots * p], pos)
     idx = pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d)
     present = pos >= 0
     assert torch.equal(our_k[:, :, :slots * p][present], k.gather(2, idx)[present])
@@ -302,11 +335,13 @@ def test_generate_through_the_kernels_gives_the_torch_tokens(tiny, monkeypatch, 
     spy(monkeypatch, digest_score, "page_scores", calls)
     spy(monkeypatch, dequant_score, "dequant_scores", calls)
     spy(monkeypatch, mixed_decode, "decode_attention_mixed", calls)
-    spy(monkeypatch, gather, "copy_rows", calls)
+    spy(monkeypatch, kernel_recall, "plan_pages", calls)
+    spy(monkeypatch, kernel_recall, "recall_pages", calls)
     out = kvtier.generate(tiny("llama").to(DEVICE), ids, method=method, max_new_tokens=6, eos_token_id=-1, **options)
     assert torch.equal(out, expected)
     # SpeCache reads the pages not recalled at low precision (rest="lowbit"): the mixed decode kernel
     assert ("decode_attention_mixed" if method == "specache" else "decode_attention") in calls
     scorer = "page_scores" if method == "freekv" and options.get("scorer") != "lowbit" else "dequant_scores"
     assert scorer in calls, "no page selection went through the kernel"
-    assert "copy_rows" in calls, "no recall went through the kernel"
+    assert "plan_pages" in calls, "no recall was planned by the kernel"
+    assert "recall_pages" in calls, "no recall went through the kernel"

@@ -13,7 +13,7 @@ from kvtier.attention import attend_mixed, RestRange
 from kvtier.kernels import native
 from kvtier.kernels.dequant_score import dequant_scores_reference
 from kvtier.quant import dequantize_value_range, quantize_keys, quantize_values
-from kvtier.retrieval.recall import copy_rows_reference
+from kvtier.retrieval.recall import PageTable, SlotRows, plan_pages_reference, recall_pages_reference
 
 pytestmark = pytest.mark.skipif(native.library() is None and shutil.which("cc") is None,
                                 reason=f"no native kernels: {native.status()}")
@@ -27,28 +27,93 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def test_copy_rows_skips_minus_one_and_equals_the_reference():
+def _recall_case(dtype=torch.float32):
+    """A host pool layer of 5 pages for 2 pairs, a buffer of 2 pairs x (1 sink + 3 slots + trash) rows of 6
+    elements, positions [rows, 3], and a plan with a skipped entry in each pair."""
     gen = _gen(0)
-    src = torch.randn(40, 2, 96, generator=gen)
-    dst_k, dst_v = torch.randn(30, 96, generator=gen), torch.randn(30, 96, generator=gen)
-    src_rows = torch.tensor([5, -1, 39, 0, -1, 17])
-    dst_rows = torch.tensor([0, 29, 7, 28, 29, 3])  # skipped entries name the trash row 29
-    ref_k, ref_v = dst_k.clone(), dst_v.clone()
-    copy_rows_reference(src, ref_k, ref_v, src_rows, dst_rows)
-    before_k, before_v = dst_k[29].clone(), dst_v[29].clone()
-    assert native.copy_rows(src, dst_k, dst_v, src_rows, dst_rows)
-    keep = torch.arange(30) != 29
-    assert torch.equal(dst_k[keep], ref_k[keep]) and torch.equal(dst_v[keep], ref_v[keep])
-    # the kernel does not touch a skipped entry's row at all (the reference writes a null row there)
-    assert torch.equal(dst_k[29], before_k) and torch.equal(dst_v[29], before_v)
+    host = torch.randn(5 * 2, 2, 6, generator=gen).to(dtype)
+    keys, values = torch.randn(10, 6, generator=gen).to(dtype), torch.randn(10, 6, generator=gen).to(dtype)
+    pos = torch.full((10, 3), -7, dtype=torch.long)
+    pages = torch.tensor([[[4, -1, 0], [-1, 2, 3]]])
+    slots = torch.tensor([[[2, -1, 0], [-1, 1, 2]]])
+    return host, keys, values, pos, pages, slots, SlotRows(heads=2, rows_per_head=5, first_slot=1)
 
 
-def test_copy_rows_declines_layouts_it_does_not_handle():
-    src = torch.randn(8, 2, 16)
-    dst = torch.zeros(16, 32)[:, ::2]  # not contiguous
-    assert not native.copy_rows(src, dst, dst, torch.tensor([0]), torch.tensor([0]))
-    assert not native.copy_rows(src, torch.zeros(8, 16, dtype=torch.float64), torch.zeros(8, 16), torch.tensor([0]),
-                                torch.tensor([0]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_recall_pages_skips_minus_one_and_equals_the_reference(dtype):
+    host, keys, values, pos, pages, slots, rows = _recall_case(dtype)
+    ref = keys.clone(), values.clone(), pos.clone()
+    recall_pages_reference(host, *ref, pages, slots, rows)
+    ours = keys.clone(), values.clone(), pos.clone()
+    assert native.recall_pages(host, *ours, pages, slots, rows, None)
+    # pair 0: page 4 into slot 2 (row 3), page 0 into slot 0 (row 1); pair 1: page 2 into row 7, page 3 into row 8
+    for row, src, page in ((3, 4 * 2 + 0, 4), (1, 0 * 2 + 0, 0), (7, 2 * 2 + 1, 2), (8, 3 * 2 + 1, 3)):
+        assert torch.equal(ours[0][row], host[src, 0]) and torch.equal(ours[1][row], host[src, 1])
+        assert ours[2][row].tolist() == [page * 3, page * 3 + 1, page * 3 + 2]
+    keep = torch.tensor([r % 5 != 4 for r in range(10)])
+    assert all(torch.equal(x[keep], y[keep]) for x, y in zip(ours, ref))
+    # the kernel does not touch the trash rows at all (the reference sends the skipped entries there)
+    assert torch.equal(ours[0][~keep], keys[~keep]) and torch.equal(ours[1][~keep], values[~keep])
+    assert bool((ours[2][~keep] == -7).all()) and bool((ref[2][~keep] == -1).all())
+    # heads: only the pairs marked copy
+    only = keys.clone(), values.clone(), pos.clone()
+    assert native.recall_pages(host, *only, pages, slots, rows, torch.tensor([[False, True]]))
+    assert all(torch.equal(x[:5], y[:5]) for x, y in zip(only, (keys, values, pos)))
+    assert all(torch.equal(x[5:], y[5:]) for x, y in zip(only, ours))
+
+
+def test_recall_pages_declines_layouts_it_does_not_handle():
+    """False, and nothing written, where the C loop's contiguous same-dtype layout does not hold: the caller runs
+    the reference then."""
+    host, keys, values, pos, pages, slots, rows = _recall_case()
+    before = keys.clone(), values.clone(), pos.clone()
+    wide = torch.zeros(10, 12)
+    declined = [
+        (host, keys.half(), values.half(), pos, pages, slots, None),  # dtypes differ from the host pool's
+        (host, keys, values.double(), pos, pages, slots, None),
+        (host, wide[:, ::2], values, pos, pages, slots, None),  # keys not contiguous
+        (host, keys, values, pos.int(), pages, slots, None),  # positions not int64
+        (host, keys, values, pos.t().contiguous().t(), pages, slots, None),  # positions not contiguous
+        (host, keys, values, pos, pages.int(), slots, None),  # the plan not int64
+        (host, keys, values, pos, pages, slots.int(), None),
+        (host.transpose(0, 1).contiguous().transpose(0, 1), keys, values, pos, pages, slots, None),  # host strided
+        (host[..., :4].contiguous(), keys, values, pos, pages, slots, None),  # rows of another width
+        (host, keys, values, pos, pages, slots, torch.ones(1, 2, dtype=torch.uint8)),  # heads not bool
+    ]
+    for host_, keys_, values_, pos_, pages_, slots_, heads in declined:
+        assert native.recall_pages(host_, keys_, values_, pos_, pages_, slots_, rows, heads) is False
+    assert torch.equal(keys, before[0]) and torch.equal(values, before[1]) and torch.equal(pos, before[2])
+    assert not wide.any()
+
+
+def test_plan_pages_equals_the_reference_and_declines_what_it_does_not_serve():
+    gen = _gen(1)
+    b, h, n_slots, n_pages = 2, 2, 4, 9
+    ours, ref = PageTable(b, h, n_slots, n_pages, "cpu"), PageTable(b, h, n_slots, n_pages, "cpu")
+    counts = torch.zeros(2, dtype=torch.long)  # the C kernel adds to a 0-dim view with an offset
+    for step in range(6):
+        wanted = torch.stack([torch.randperm(n_pages, generator=gen)[:3] for _ in range(b * h)]).view(b, h, 3)
+        scores = torch.rand(b, h, n_pages, generator=gen) if step % 3 else None
+        plan = native.plan_pages(*ours.tensors(), wanted, scores, counts[1])
+        assert plan is not None
+        expect = plan_pages_reference(*ref.tensors(), wanted, scores, counts[0:1])
+        assert torch.equal(plan[0], expect[0]) and torch.equal(plan[1], expect[1])
+        assert torch.equal(ours.slot_page, ref.slot_page) and torch.equal(ours.page_slot, ref.page_slot)
+        assert int(counts[1]) == int(counts[0]) > 0
+    before = ours.slot_page.clone(), ours.page_slot.clone()
+    wanted = torch.tensor([[[8, 7, 6]] * h] * b)
+    scores = torch.rand(b, h, n_pages, generator=gen)
+    declined = [
+        (ours.slot_page, ours.page_slot, wanted, scores.double(), None),  # scores not float32
+        (ours.slot_page, ours.page_slot, wanted, scores.transpose(0, 1).contiguous().transpose(0, 1), None),
+        (ours.slot_page, ours.page_slot, wanted.int(), scores, None),  # wanted not int64
+        (ours.slot_page, ours.page_slot, wanted, scores, torch.zeros((), dtype=torch.int32)),  # counter not int64
+        (ours.slot_page, ours.page_slot, wanted, scores, torch.zeros(2, dtype=torch.long)),  # not one counter
+        (ours.slot_page.transpose(0, 1).contiguous().transpose(0, 1), ours.page_slot, wanted, scores, None),
+    ]
+    for args in declined:
+        assert native.plan_pages(*args) is None
+    assert torch.equal(ours.slot_page, before[0]) and torch.equal(ours.page_slot, before[1])
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
@@ -167,11 +232,31 @@ def test_page_probs_equal_the_scorer_reference(monkeypatch, page, tokens, group)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_a_kernel_call_counts_as_one_op():
+def test_a_kernel_call_counts_as_one_op(monkeypatch):
+    """`StepCounter` counts a C kernel call as one op, as it counts a launch on a GPU, however many pages it moves:
+    the plan and the copy each count their wrapper's tensor operations and one more for the kernel."""
     from kvtier.stepcheck import StepCounter
 
-    src, dst_k, dst_v = torch.randn(4, 2, 8), torch.zeros(4, 8), torch.zeros(4, 8)
-    rows = torch.tensor([0, 1])
-    with StepCounter() as counter:
-        native.copy_rows(src, dst_k, dst_v, rows, rows)
-    assert counter.ops == 1
+    def ops(call):
+        with StepCounter() as counter:
+            call()
+        return counter.ops
+
+    host, keys, values, pos, pages, slots, rows = _recall_case()
+    wanted = torch.tensor([[[4, 1, 0], [2, 3, 1]]])
+
+    def plan():
+        table = PageTable(1, 2, 3, 5, "cpu")
+        got = native.plan_pages(*table.tensors(), wanted, None, None)
+        assert bool((got[0] >= 0).all())
+
+    def copy():
+        assert native.recall_pages(host, keys, values, pos, pages, slots, rows, None)
+
+    with_kernel = ops(plan), ops(copy)
+    launches = native.launches
+    assert ops(copy) == with_kernel[1] and native.launches == launches + 1  # one launch per call
+    assert with_kernel[1] == 1  # the copy's wrapper runs no tensor operation of its own
+    # the same calls with the launches left uncounted: one op less each
+    monkeypatch.setattr(native, "_launch", lambda kernel, *args: kernel(*args))
+    assert (ops(plan), ops(copy)) == (with_kernel[0] - 1, with_kernel[1] - 1)

@@ -1,15 +1,22 @@
 """The store (page layout, the host pool, the device ledger) and the retrieval engine's recall pieces it feeds: the
-page table's dense plan and the row copy from the host pool into a device buffer (CPU)."""
+page table's dense plan and the copy of planned pages from the host pool into a device buffer (CPU), each on its
+three implementations: the PyTorch reference, the C kernel and the Triton kernel (in triton's interpreter)."""
 
 from __future__ import annotations
 
+import os
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from kvtier import kernels
+from kvtier.kernels import native
 from kvtier.link import Link
-from kvtier.retrieval.recall import PageTable, copy_rows_reference
+from kvtier.retrieval import recall as recall_module
+from kvtier.retrieval.recall import (PageTable, SlotRows, plan_pages_reference, recall_pages, recall_pages_reference,
+                                     staging_needed)
 from kvtier.store import DeviceLedger, HostPool, from_pages, to_pages
 
 
@@ -203,12 +210,79 @@ def test_cpu_host_pool_is_not_pinned():
     assert pool.pin is False
 
 
-# -- PageTable: the dense plan ----------------------------------------------------------------------------
-# plan(wanted [b, h, k], page_scores [b, h, pages] | None) -> (pages, slots), both [b, h, k]: copy pages[..., i]
-# into slots[..., i], nothing where pages[..., i] is -1. Scores are what the engine passes, page probabilities.
+# -- the three implementations of the recall ------------------------------------------------------------------
+# Each test of the plan and of the copy through the library's entry points runs once per implementation (`path`):
+# KVTIER_KERNELS=torch (the PyTorch references), native (the C kernels) or triton (the Triton kernels, in triton's
+# interpreter on CPU). The fixture fails the test if any other implementation ran: a kernel that declined a call
+# it should take would otherwise pass, silently, through the reference.
 
 CPU = torch.device("cpu")
+PATHS = ("torch", "native", "triton")
 
+
+def triton_interprets() -> bool:
+    """Whether the Triton kernels run on CPU tensors here: triton imports and its interpreter was chosen before
+    triton was first imported (conftest.py does that without CUDA)."""
+    return kernels.available() and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def skip_unless_available(name: str) -> None:
+    if name == "native" and native.library() is None:
+        pytest.skip(f"no C kernels: {native.status()}")
+    if name == "triton" and not triton_interprets():
+        pytest.skip("the Triton kernels need triton and its interpreter (TRITON_INTERPRET=1) on CPU")
+
+
+def implementations(kind: str) -> dict:
+    """{path: function} of the plan ("plan") or the copy ("copy") that can run here, called directly."""
+    out = {"torch": plan_pages_reference if kind == "plan" else recall_pages_reference}
+    if native.library() is not None:
+        out["native"] = native.plan_pages if kind == "plan" else native.recall_pages
+    if triton_interprets():
+        from kvtier.kernels import recall as kernel_recall
+
+        out["triton"] = kernel_recall.plan_pages if kind == "plan" else kernel_recall.recall_pages
+    if len(out) < 2:
+        pytest.skip("only the PyTorch references run here: nothing to compare them with")
+    return out
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """KVTIER_KERNELS set to one implementation; `.ran` lists the implementations that ran, and the test fails at
+    teardown if one of the others did."""
+    name = request.param
+    skip_unless_available(name)
+    monkeypatch.setenv("KVTIER_KERNELS", name)
+    ran = []
+
+    def spy(module, attr, label):
+        original = getattr(module, attr)
+
+        def recorded(*args, **kwargs):
+            ran.append(label)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, recorded)
+
+    spy(recall_module, "plan_pages_reference", "torch")
+    spy(recall_module, "recall_pages_reference", "torch")
+    spy(native, "plan_pages", "native")
+    spy(native, "recall_pages", "native")
+    if kernels.available():
+        from kvtier.kernels import recall as kernel_recall
+
+        spy(kernel_recall, "plan_pages", "triton")
+        spy(kernel_recall, "recall_pages", "triton")
+    state = SimpleNamespace(name=name, ran=ran)
+    yield state
+    assert set(ran) <= {name}, f"KVTIER_KERNELS={name} ran {sorted(set(ran))}"
+
+
+# -- PageTable: the dense plan ----------------------------------------------------------------------------
+# plan(wanted [b, h, k], page_scores [b, h, >= pages] | None, recalled) -> (pages, slots), both [b, h, k]: copy
+# pages[..., i] into slots[..., i], nothing where pages[..., i] is -1 (slots is -1 there too). Scores are what the
+# engine passes, page probabilities.
 
 def rows(table):
     return table.slot_page.tolist()
@@ -229,27 +303,59 @@ def copies(plan):
     return out
 
 
+def check_inverse(table):
+    """page_slot is the exact inverse of slot_page (the slot of each resident page, -1 for the others), and its
+    last column, which absorbs the -1 entries of the kernels' scatters, stays -1."""
+    b, h, n_slots = table.slot_page.shape
+    assert table.page_slot.shape == (b, h, table.pages + 1)
+    assert table.slot_page.is_contiguous() and table.page_slot.is_contiguous()  # the kernels assume it
+    for s in range(b):
+        for hh in range(h):
+            held = table.slot_page[s, hh].tolist()
+            where = table.page_slot[s, hh].tolist()
+            assert where[-1] == -1, "the last column of page_slot was written"
+            assert all(-1 <= p < table.pages for p in held)
+            expect = [-1] * table.pages
+            for j, p in enumerate(held):
+                if p >= 0:
+                    expect[p] = j
+            assert where[:-1] == expect, f"page_slot {where} is not the inverse of slot_page {held}"
+
+
 def test_page_table_starts_empty():
-    table = PageTable(2, 3, 5, CPU)
-    assert table.slots == 5
+    table = PageTable(2, 3, 5, 8, CPU)
+    assert (table.slots, table.pages) == (5, 8)
     assert table.slot_page.shape == (2, 3, 5)
-    assert table.slot_page.dtype == torch.long
-    assert bool((table.slot_page == -1).all())
+    assert table.page_slot.shape == (2, 3, 9)
+    assert table.slot_page.dtype == table.page_slot.dtype == torch.long
+    assert bool((table.slot_page == -1).all()) and bool((table.page_slot == -1).all())
+    assert table.tensors() == (table.slot_page, table.page_slot)
 
 
-def test_page_table_plan_is_dense():
-    table = PageTable(2, 3, 4, CPU)
+def test_plan_takes_the_chosen_path(path):
+    """The dispatch itself: the plan and the copy each run the implementation KVTIER_KERNELS names, exactly once."""
+    pool, _, k, v = filled_pool(1, 2, 4, 2, 6)
+    rec = Recall(pool, 1, 3)
+    rec.recall(as_wanted([[[5, 0], [1, 3]]]), torch.rand(1, 2, 6))
+    assert path.ran == [path.name] * 2
+    check_recalled(rec, k, v)
+
+
+def test_page_table_plan_is_dense(path):
+    table = PageTable(2, 3, 4, 9, CPU)
     wanted = torch.stack([torch.randperm(9)[:3] for _ in range(6)]).view(2, 3, 3)
     pages, slots = table.plan(wanted, torch.rand(2, 3, 9))
     assert pages.shape == slots.shape == (2, 3, 3)
     assert pages.dtype == slots.dtype == torch.long
+    check_inverse(table)
 
 
-def test_page_table_fills_empty_slots_first_in_order():
-    table = PageTable(1, 1, 4, CPU)
+def test_page_table_fills_empty_slots_first_in_order(path):
+    table = PageTable(1, 1, 4, 10, CPU)
     pages, slots = table.plan(as_wanted([[[7, 3]]]))
     assert pages.tolist() == [[[7, 3]]] and slots.tolist() == [[[0, 1]]]
     assert rows(table) == [[[7, 3, -1, -1]]]
+    check_inverse(table)
     # the next miss takes an empty slot even when a resident page scores lowest
     scores = torch.full((1, 1, 10), 0.5)
     scores[..., 7] = 0.0
@@ -258,37 +364,40 @@ def test_page_table_fills_empty_slots_first_in_order():
     assert rows(table) == [[[7, 3, 5, -1]]]
     # a resident page among the wanted ones: only the miss is copied, into the last empty slot
     pages, slots = table.plan(as_wanted([[[3, 6]]]), scores)
-    assert pages.tolist() == [[[6, -1]]] and slots[..., 0].tolist() == [[3]]
+    assert pages.tolist() == [[[6, -1]]] and slots.tolist() == [[[3, -1]]]
     assert rows(table) == [[[7, 3, 5, 6]]]
+    check_inverse(table)
 
 
-def test_page_table_misses_come_first_in_wanted_order():
-    table = PageTable(1, 1, 6, CPU)
+def test_page_table_misses_come_first_in_wanted_order(path):
+    table = PageTable(1, 1, 6, 10, CPU)
     table.plan(as_wanted([[[4, 2]]]))
     pages, slots = table.plan(as_wanted([[[9, 2, 0, 4, 8]]]))
     assert pages.tolist() == [[[9, 0, 8, -1, -1]]]
-    assert slots[..., :3].tolist() == [[[2, 3, 4]]]
+    assert slots.tolist() == [[[2, 3, 4, -1, -1]]]
     assert rows(table) == [[[4, 2, 9, 0, 8, -1]]]
+    check_inverse(table)
 
 
-def test_page_table_resident_pages_are_not_copied_again():
-    table = PageTable(2, 2, 3, CPU)
+def test_page_table_resident_pages_are_not_copied_again(path):
+    table = PageTable(2, 2, 3, 10, CPU)
     wanted = as_wanted([[[0, 1, 2], [4, 5, 6]], [[9, 8, 7], [1, 3, 5]]])
     plan = table.plan(wanted)
     assert bool((plan[0] >= 0).all()) and len(copies(plan)) == 12
-    before = table.slot_page.clone()
+    before = table.slot_page.clone(), table.page_slot.clone()
     for _ in range(2):
-        pages, _ = table.plan(wanted, torch.rand(2, 2, 10))
-        assert bool((pages == -1).all())
-        assert torch.equal(table.slot_page, before)
+        pages, slots = table.plan(wanted, torch.rand(2, 2, 10))
+        assert bool((pages == -1).all()) and bool((slots == -1).all())
+        assert torch.equal(table.slot_page, before[0]) and torch.equal(table.page_slot, before[1])
     # a subset, in another order, is all resident too
     pages, _ = table.plan(as_wanted([[[2, 0], [6, 4]], [[7, 9], [5, 1]]]), torch.rand(2, 2, 10))
     assert pages.shape == (2, 2, 2) and bool((pages == -1).all())
-    assert torch.equal(table.slot_page, before)
+    assert torch.equal(table.slot_page, before[0]) and torch.equal(table.page_slot, before[1])
+    check_inverse(table)
 
 
-def test_page_table_evicts_lowest_scoring_unwanted_pages():
-    table = PageTable(1, 1, 4, CPU)
+def test_page_table_evicts_lowest_scoring_unwanted_pages(path):
+    table = PageTable(1, 1, 4, 20, CPU)
     table.plan(as_wanted([[[10, 11, 12, 13]]]))
     scores = torch.zeros(1, 1, 20)
     scores[0, 0, 10] = 0.5
@@ -298,22 +407,25 @@ def test_page_table_evicts_lowest_scoring_unwanted_pages():
     pages, slots = table.plan(as_wanted([[[11, 1, 2]]]), scores)
     # two misses evict the two lowest-scoring pages that are not wanted: 12 (slot 2) then 13 (slot 3)
     assert pages.tolist() == [[[1, 2, -1]]]
-    assert slots[..., :2].tolist() == [[[2, 3]]]
+    assert slots.tolist() == [[[2, 3, -1]]]
     assert rows(table) == [[[10, 11, 1, 2]]]
+    check_inverse(table)
+    assert table.page_slot[0, 0, [12, 13]].tolist() == [-1, -1]  # the evicted pages left the map
 
 
-def test_page_table_without_scores_evicts_unwanted_pages():
-    table = PageTable(1, 2, 3, CPU)
+def test_page_table_without_scores_evicts_unwanted_pages(path):
+    table = PageTable(1, 2, 3, 10, CPU)
     table.plan(as_wanted([[[0, 1, 2], [3, 4, 5]]]))
     pages, slots = table.plan(as_wanted([[[1, 9], [5, 4]]]))
     assert pages.tolist() == [[[9, -1], [-1, -1]]]  # head 1 already holds 5 and 4
     assert int(slots[0, 0, 0]) in (0, 2)  # page 0 or page 2: never the wanted page 1
     assert 1 in rows(table)[0][0] and 9 in rows(table)[0][0]
     assert rows(table)[0][1] == [3, 4, 5]
+    check_inverse(table)
 
 
-def test_page_table_rows_are_independent():
-    table = PageTable(2, 1, 2, CPU)
+def test_page_table_rows_are_independent(path):
+    table = PageTable(2, 1, 2, 3, CPU)
     table.plan(as_wanted([[[0, 1]], [[0, 1]]]))
     scores = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]])
     pages, slots = table.plan(as_wanted([[[2]], [[2]]]), scores)
@@ -321,33 +433,38 @@ def test_page_table_rows_are_independent():
     # sequence 0 evicts page 1 (lower score), sequence 1 evicts page 0
     assert slots.tolist() == [[[1]], [[0]]]
     assert rows(table) == [[[0, 2]], [[2, 1]]]
+    assert table.page_slot.tolist() == [[[0, -1, 1, -1]], [[-1, 1, 0, -1]]]
 
 
-def test_page_table_too_many_pages_raises():
-    table = PageTable(1, 1, 3, CPU)
+def test_page_table_too_many_pages_raises(path):
+    table = PageTable(1, 1, 3, 4, CPU)
     with pytest.raises(ValueError, match="slots"):
         table.plan(as_wanted([[[0, 1, 2, 3]]]))
-    assert bool((table.slot_page == -1).all())
+    with pytest.raises(ValueError, match="match"):
+        table.plan(as_wanted([[[0], [1]]]))  # two heads for a table of one
+    assert bool((table.slot_page == -1).all()) and bool((table.page_slot == -1).all())
 
 
-def test_page_table_already_resident_request_copies_nothing():
-    table = PageTable(2, 2, 3, CPU)
+def test_page_table_already_resident_request_copies_nothing(path):
+    table = PageTable(2, 2, 3, 9, CPU)
     table.plan(as_wanted([[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [0, 2, 4]]]))
-    before = table.slot_page.clone()
-    pages, slots = table.plan(as_wanted([[[1], [5]], [[6], [2]]]), torch.rand(2, 2, 9))
-    assert pages.tolist() == [[[-1], [-1]], [[-1], [-1]]]
-    assert slots.shape == (2, 2, 1)
-    assert torch.equal(table.slot_page, before)
+    before = table.slot_page.clone(), table.page_slot.clone()
+    recalled = torch.zeros((), dtype=torch.long)
+    pages, slots = table.plan(as_wanted([[[1], [5]], [[6], [2]]]), torch.rand(2, 2, 9), recalled)
+    assert pages.tolist() == slots.tolist() == [[[-1], [-1]], [[-1], [-1]]]
+    assert int(recalled) == 0
+    assert torch.equal(table.slot_page, before[0]) and torch.equal(table.page_slot, before[1])
     # and an empty request (k = 0) is an empty plan
-    pages, slots = table.plan(torch.empty(2, 2, 0, dtype=torch.long))
+    pages, slots = table.plan(torch.empty(2, 2, 0, dtype=torch.long), None, recalled)
     assert pages.shape == slots.shape == (2, 2, 0)
-    assert torch.equal(table.slot_page, before)
+    assert int(recalled) == 0
+    assert torch.equal(table.slot_page, before[0]) and torch.equal(table.page_slot, before[1])
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 @pytest.mark.parametrize("on", ["unwanted", "wanted", "all"])
-def test_page_table_never_evicts_a_wanted_page_even_with_infinite_scores(bad, on):
-    table = PageTable(1, 1, 3, CPU)
+def test_page_table_never_evicts_a_wanted_page_even_with_infinite_scores(path, bad, on):
+    table = PageTable(1, 1, 3, 10, CPU)
     table.plan(as_wanted([[[0, 1, 2]]]))
     scores = torch.zeros(1, 1, 10)
     if on in ("unwanted", "all"):
@@ -356,10 +473,13 @@ def test_page_table_never_evicts_a_wanted_page_even_with_infinite_scores(bad, on
     if on in ("wanted", "all"):
         scores[..., 0] = bad
         scores[..., 5] = bad
-    pages, _ = table.plan(as_wanted([[[5, 0]]]), scores)
-    assert pages.tolist() == [[[5, -1]]]
+    pages, slots = table.plan(as_wanted([[[5, 0]]]), scores)
+    assert pages.tolist() == [[[5, -1]]] and int(slots[0, 0, 1]) == -1
     resident = rows(table)[0][0]
     assert {0, 5} <= set(resident) and len(set(resident)) == 3
+    # pages 1 and 2 score alike once cleaned as probabilities (+inf is 1, NaN and -inf 0): the lower slot goes
+    assert resident == [0, 5, 2]
+    check_inverse(table)
 
 
 def check_plan(prev, new, wanted, scores, plan):
@@ -367,6 +487,9 @@ def check_plan(prev, new, wanted, scores, plan):
     pages, slots = plan
     b, h, n_slots = prev.shape
     assert pages.shape == slots.shape == wanted.shape
+    if scores is not None:  # compared as the plan reads them: probabilities, NaN and -inf 0, +inf 1
+        scores = scores.float().nan_to_num(0.0, 1.0, 0.0)
+    assert torch.equal(slots < 0, pages < 0), "slots must be -1 exactly where pages is"
     copied = copies(plan)
     for s in range(b):
         for hh in range(h):
@@ -403,50 +526,162 @@ def check_plan(prev, new, wanted, scores, plan):
                     assert best_evicted <= worst_kept, "evicted a page scoring higher than one kept"
 
 
+def random_wanted(rng, table, k, n_pages):
+    """[b, h, k] distinct pages per row: mostly random, or (a third of the time) mostly what is resident already,
+    in a shuffled order, to exercise hits."""
+    b, h, _ = table.slot_page.shape
+    if rng.random() < 0.35:
+        wanted = []
+        for s in range(b):
+            for hh in range(h):
+                res = [p for p in table.slot_page[s, hh].tolist() if p >= 0]
+                rest = [p for p in range(n_pages) if p not in res]
+                pick = rng.sample(res, min(k, len(res)))
+                pick += rng.sample(rest, k - len(pick))
+                rng.shuffle(pick)
+                wanted.append(pick)
+        return torch.tensor(wanted, dtype=torch.long).view(b, h, k)
+    return torch.tensor([rng.sample(range(n_pages), k) for _ in range(b * h)], dtype=torch.long).view(b, h, k)
+
+
 @pytest.mark.parametrize("seed", range(6))
-def test_page_table_randomized_invariants(seed):
+def test_page_table_randomized_invariants(path, seed):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     b, h = rng.choice([1, 2]), rng.choice([1, 3])
     n_slots = rng.choice([1, 3, 6])
     n_pages = rng.choice([n_slots, n_slots + 2, 20])
-    table = PageTable(b, h, n_slots, CPU)
+    table = PageTable(b, h, n_slots, n_pages, CPU)
+    recalled = torch.zeros((), dtype=torch.long)
     total_copies = 0
-    for _ in range(60):
+    for _ in range(20 if path.name == "triton" else 60):  # the interpreter is slow; test_plan_paths_agree covers it
         k = rng.randint(0, n_slots)
-        if rng.random() < 0.3:
-            # mostly what is resident already, to exercise hits
-            wanted = []
-            for s in range(b):
-                row = []
-                for hh in range(h):
-                    res = [p for p in table.slot_page[s, hh].tolist() if p >= 0]
-                    rest = [p for p in range(n_pages) if p not in res]
-                    pick = rng.sample(res, min(k, len(res)))
-                    pick += rng.sample(rest, k - len(pick))
-                    rng.shuffle(pick)
-                    row.append(pick)
-                wanted.append(row)
-            wanted = torch.tensor(wanted, dtype=torch.long).view(b, h, k)
-        else:
-            wanted = torch.stack([torch.randperm(n_pages)[:k] for _ in range(b * h)]).view(b, h, k)
+        wanted = random_wanted(rng, table, k, n_pages)
         scores = torch.softmax(4 * torch.randn(b, h, n_pages), -1) if rng.random() < 0.7 else None
         prev = table.slot_page.clone()
-        plan = table.plan(wanted, scores)
+        plan = table.plan(wanted, scores, recalled)
         check_plan(prev, table.slot_page, wanted, scores, plan)
+        check_inverse(table)
         total_copies += int((plan[0] >= 0).sum())
+        assert int(recalled) == total_copies, "the counter counts the pages to copy"
         # planning the same pages again copies nothing and leaves the table as it is
-        after = table.slot_page.clone()
-        again, _ = table.plan(wanted, scores)
-        assert bool((again == -1).all())
-        assert torch.equal(table.slot_page, after)
+        after = table.slot_page.clone(), table.page_slot.clone()
+        again, again_slots = table.plan(wanted, scores, recalled)
+        assert bool((again == -1).all()) and bool((again_slots == -1).all())
+        assert torch.equal(table.slot_page, after[0]) and torch.equal(table.page_slot, after[1])
+        assert int(recalled) == total_copies
     assert total_copies > 0
 
 
-# -- PageTable: positions and residency ----------------------------------------------------------------------
+def test_grow_keeps_the_map(path):
+    torch.manual_seed(5)
+    table = PageTable(2, 2, 3, 6, CPU)
+    table.plan(torch.stack([torch.randperm(6)[:3] for _ in range(4)]).view(2, 2, 3), torch.rand(2, 2, 6))
+    before = table.slot_page.clone(), table.page_slot.clone()
+    table.grow(4)  # smaller: nothing changes
+    assert table.pages == 6 and torch.equal(table.page_slot, before[1])
+    table.grow(11)
+    assert table.pages == 11 and table.page_slot.shape == (2, 2, 12)
+    assert torch.equal(table.slot_page, before[0])
+    assert torch.equal(table.page_slot[..., :6], before[1][..., :6])
+    assert bool((table.page_slot[..., 6:] == -1).all())
+    check_inverse(table)
+    # pages past the old capacity plan like any other: they evict, the map follows
+    recalled = torch.zeros((), dtype=torch.long)
+    prev = table.slot_page.clone()
+    wanted = as_wanted([[[10, 6], [7, 8]], [[9, 10], [6, 7]]])
+    scores = torch.rand(2, 2, 11)
+    plan = table.plan(wanted, scores, recalled)
+    check_plan(prev, table.slot_page, wanted, scores, plan)
+    check_inverse(table)
+    assert int(recalled) == 8
+
+
+# -- the plan's implementations against each other ------------------------------------------------------------
+
+def random_scores(rng, b, h, n_pages, kind):
+    """Page scores of one kind: None, probabilities, ties with NaN, infinities and -0.0 (all mapped as the
+    reference's nan_to_num does), or a non-contiguous view of probabilities (probs[:, :, 0] of [b, h, t, pages+]
+    as the engine passes them)."""
+    if kind == "none":
+        return None
+    if kind == "probs":
+        return torch.softmax(4 * torch.randn(b, h, n_pages), -1)
+    if kind == "ties":
+        choices = torch.tensor([0.0, -0.0, 0.25, 0.25, 1.0, float("nan"), float("inf"), float("-inf")])
+        return choices[torch.randint(0, len(choices), (b, h, n_pages))]
+    probs = torch.softmax(torch.randn(b, h, 3, n_pages + 2), -1)
+    return probs[:, :, rng.randrange(3)]  # rows t apart, two pages beyond the table's
+
+
+@pytest.mark.parametrize("b, h, n_slots, n_pages, steps", [
+    (1, 1, 3, 7, 25),
+    (2, 3, 4, 9, 25),
+    (2, 2, 20, 26, 20),  # more than 16 misses: the C kernel's sort rather than its selection
+    (1, 4, 1, 2, 15),
+])
+def test_plan_paths_agree(b, h, n_slots, n_pages, steps):
+    """Random sequences of plans, each implementation on its own copy of one table: the same plan, the same
+    table (both maps) and the same count, step after step."""
+    impls = implementations("plan")
+    rng = random.Random(b * 100 + n_slots)
+    torch.manual_seed(n_pages)
+    tables = {name: PageTable(b, h, n_slots, n_pages, CPU) for name in impls}
+    counters = {name: torch.zeros((), dtype=torch.long) for name in impls}
+    ref = tables["torch"]
+    kinds = ["none", "probs", "ties", "view"]
+    for step in range(steps):
+        k = rng.choice([0, n_slots, rng.randint(1, n_slots), rng.randint(1, n_slots)])
+        wanted = random_wanted(rng, ref, k, n_pages)
+        scores = random_scores(rng, b, h, n_pages, kinds[step % 4])
+        prev = ref.slot_page.clone()
+        out = {}
+        for name, plan in impls.items():
+            table = tables[name]
+            got = plan(table.slot_page, table.page_slot, wanted, scores, counters[name])
+            assert got is not None, f"{name} declined a float32 plan"
+            out[name] = got
+        check_plan(prev, ref.slot_page, wanted, scores, out["torch"])
+        for name in impls:
+            check_inverse(tables[name])
+            assert torch.equal(out[name][0], out["torch"][0]), f"{name}: pages differ at step {step}"
+            assert torch.equal(out[name][1], out["torch"][1]), f"{name}: slots differ at step {step}"
+            assert torch.equal(tables[name].slot_page, ref.slot_page), f"{name}: slot_page differs at step {step}"
+            assert torch.equal(tables[name].page_slot, ref.page_slot), f"{name}: page_slot differs at step {step}"
+            assert int(counters[name]) == int(counters["torch"]), f"{name}: recalled differs at step {step}"
+    assert int(counters["torch"]) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_plan_paths_agree_on_scores_of_other_dtypes(dtype):
+    """The Triton kernel and the reference read scores of any float dtype; the C kernel takes float32 only and
+    declines others (None) without touching the table, so that the reference can run on it."""
+    impls = implementations("plan")
+    rng = random.Random(7)
+    b, h, n_slots, n_pages = 2, 2, 3, 8
+    tables = {name: PageTable(b, h, n_slots, n_pages, CPU) for name in impls}
+    for step in range(6):
+        wanted = random_wanted(rng, tables["torch"], rng.randint(1, n_slots), n_pages)
+        scores = random_scores(rng, b, h, n_pages, "ties" if step % 2 else "probs").to(dtype)
+        expect = plan_pages_reference(*tables["torch"].tensors(), wanted, scores)
+        if "native" in impls:
+            table = tables["native"]
+            before = table.slot_page.clone(), table.page_slot.clone()
+            assert native.plan_pages(*table.tensors(), wanted, scores, None) is None
+            assert torch.equal(table.slot_page, before[0]) and torch.equal(table.page_slot, before[1])
+            plan_pages_reference(*table.tensors(), wanted, scores)
+        if "triton" in impls:
+            got = impls["triton"](*tables["triton"].tensors(), wanted, scores, None)
+            assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+        for table in tables.values():
+            assert torch.equal(table.slot_page, tables["torch"].slot_page)
+            assert torch.equal(table.page_slot, tables["torch"].page_slot)
+
+
+# -- PageTable: positions ---------------------------------------------------------------------------------------
 
 def test_positions_values():
-    table = PageTable(1, 2, 3, CPU)
+    table = PageTable(1, 2, 3, 6, CPU)
     assert table.positions(3).tolist() == [[[-1] * 9, [-1] * 9]]
     table.slot_page[0, 0] = torch.tensor([2, -1, 0])
     table.slot_page[0, 1] = torch.tensor([-1, 5, -1])
@@ -456,125 +691,171 @@ def test_positions_values():
     assert table.positions(1).tolist() == [[[2, -1, 0], [-1, 5, -1]]]
 
 
-def test_resident_marks_the_pages_in_slots():
-    table = PageTable(2, 2, 3, CPU)
-    resident = table.resident(6)
-    assert resident.shape == (2, 2, 7) and resident.dtype == torch.bool
-    assert not resident[..., :6].any() and resident[..., 6].all()  # every slot empty: only the last column
-    table.slot_page[0, 0] = torch.tensor([2, -1, 0])
-    table.slot_page[0, 1] = torch.tensor([5, 4, 3])
-    table.slot_page[1, 0] = torch.tensor([1, -1, -1])
-    resident = table.resident(6)
-    expect = torch.zeros(2, 2, 7, dtype=torch.bool)
-    expect[0, 0, [0, 2, 6]] = True
-    expect[0, 1, [3, 4, 5]] = True
-    expect[1, 0, [1, 6]] = True
-    expect[1, 1, 6] = True
-    assert torch.equal(resident, expect)
-
-
-def test_resident_follows_plans():
+def test_page_slot_marks_the_resident_pages_after_plans(path):
+    """`page_slot >= 0` is what `resident` was: every wanted page, and as many pages as there are full slots."""
     torch.manual_seed(4)
-    table = PageTable(2, 3, 4, CPU)
-    for _ in range(10):
+    table = PageTable(2, 3, 4, 11, CPU)
+    for _ in range(6):
         wanted = torch.stack([torch.randperm(11)[:3] for _ in range(6)]).view(2, 3, 3)
         table.plan(wanted, torch.rand(2, 3, 11))
-        resident = table.resident(11)
+        resident = table.page_slot >= 0
         assert bool(resident.gather(-1, wanted).all())
-        assert torch.equal(resident[..., :11].sum(-1), (table.slot_page >= 0).sum(-1))
+        assert torch.equal(resident.sum(-1), (table.slot_page >= 0).sum(-1))
+        check_inverse(table)
 
 
-# -- copy_rows_reference ----------------------------------------------------------------------------------
+# -- recall_pages: the copy of a plan --------------------------------------------------------------------------
+# The device buffer as rows of one page: per (sequence, KV head) pair `rows_per_head` rows, slot j at row
+# first_slot + j, the last row a trash row (the reference sends skipped entries there); the host pool's row of
+# page p of pair r is p * pairs + r. Positions [rows, P] get page * P + j for the rows copied.
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def random_copy(n_src, n_dst, elems, n, skip, dtype, seed):
-    """src [n_src, 2, elems], dst_k, dst_v [n_dst + 1, elems] (the last row is the trash row) and a plan of n
-    distinct destination rows, a share `skip` of its entries -1 (pointed at the trash row)."""
+def random_recall(b, h, k, n_slots, n_pages, page_size, d, dtype, seed, first_slot=1, after=1):
+    """(host [n_pages * b * h, 2, P*d], keys, values [rows, P*d], positions [rows, P] (all random), pages, slots
+    [b, h, k] (distinct pages and slots per pair, about a third of the entries -1 in both, anywhere), rows)."""
     g = torch.Generator().manual_seed(seed)
-    src = torch.randn(n_src, 2, elems, generator=g).to(dtype)
-    dst_k = torch.randn(n_dst + 1, elems, generator=g).to(dtype)
-    dst_v = torch.randn(n_dst + 1, elems, generator=g).to(dtype)
-    src_rows = torch.randint(0, n_src, (n,), generator=g)
-    dst_rows = torch.randperm(n_dst, generator=g)[:n]
-    off = torch.rand(n, generator=g) < skip
-    src_rows[off] = -1
-    dst_rows[off] = n_dst
-    return src, dst_k, dst_v, src_rows, dst_rows
+    pairs, elems = b * h, page_size * d
+    rows_ = SlotRows(heads=pairs, rows_per_head=first_slot + n_slots + after + 1, first_slot=first_slot)
+    host = torch.randn(n_pages * pairs, 2, elems, generator=g).to(dtype)
+    n_rows = pairs * rows_.rows_per_head
+    keys, values = (torch.randn(n_rows, elems, generator=g).to(dtype) for _ in range(2))
+    positions = torch.randint(-1, 1000, (n_rows, page_size), generator=g)
+    pages = torch.stack([torch.randperm(n_pages, generator=g)[:k] for _ in range(pairs)]).view(b, h, k)
+    slots = torch.stack([torch.randperm(n_slots, generator=g)[:k] for _ in range(pairs)]).view(b, h, k)
+    skip = torch.rand(b, h, k, generator=g) < 0.35
+    pages[skip], slots[skip] = -1, -1
+    return host, keys, values, positions, pages, slots, rows_
+
+
+def check_copy(host, before, after, pages, slots, rows_, heads, trash_untouched):
+    """Copied rows hold their host page's keys and values and its tokens' positions; every other row is as it was
+    (the trash rows too, for the kernels: `trash_untouched`)."""
+    keys0, values0, pos0 = before
+    keys, values, pos = after
+    pairs, page_size = rows_.heads, pos.shape[-1]
+    written = set()
+    for r in range(pairs):
+        if heads is not None and not bool(heads.view(-1)[r]):
+            continue
+        for p, j in zip(pages.view(pairs, -1)[r].tolist(), slots.view(pairs, -1)[r].tolist()):
+            if p < 0:
+                continue
+            row = r * rows_.rows_per_head + rows_.first_slot + j
+            assert torch.equal(keys[row], host[p * pairs + r, 0]) and torch.equal(values[row], host[p * pairs + r, 1])
+            assert pos[row].tolist() == list(range(p * page_size, (p + 1) * page_size))
+            written.add(row)
+    for row in range(keys.shape[0]):
+        trash = row % rows_.rows_per_head == rows_.rows_per_head - 1
+        if row in written or (trash and not trash_untouched):
+            continue
+        assert torch.equal(keys[row], keys0[row]) and torch.equal(values[row], values0[row]), f"row {row} changed"
+        assert torch.equal(pos[row], pos0[row]), f"positions of row {row} changed"
+    return written
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("skip", [0.0, 0.4, 1.0])
-def test_copy_rows_reference_copies_rows_exactly(dtype, skip):
-    n_src, n_dst, elems = 13, 10, 24
-    src, dst_k, dst_v, src_rows, dst_rows = random_copy(n_src, n_dst, elems, 7, skip, dtype, seed=int(skip * 10))
-    old_k, old_v = dst_k.clone(), dst_v.clone()
-    copy_rows_reference(src, dst_k, dst_v, src_rows, dst_rows)
-    written = set()
-    for s, d in zip(src_rows.tolist(), dst_rows.tolist()):
-        if s >= 0:
-            assert torch.equal(dst_k[d], src[s, 0]) and torch.equal(dst_v[d], src[s, 1])
-            written.add(d)
-    # every row but the written ones and the trash row is untouched, bit for bit
-    for d in range(n_dst):
-        if d not in written:
-            assert torch.equal(dst_k[d], old_k[d]) and torch.equal(dst_v[d], old_v[d])
-    if skip == 1.0:
-        assert not written
+@pytest.mark.parametrize("page_size", [1, 4])
+@pytest.mark.parametrize("with_heads", [False, True])
+def test_recall_paths_agree(dtype, page_size, with_heads):
+    """The reference, the C kernel and the Triton kernel copy the same rows and write the same positions; the
+    kernels leave the trash rows alone, the reference sends skipped entries there (positions -1)."""
+    impls = implementations("copy")
+    b, h, k, n_slots, n_pages, d = 2, 3, 3, 4, 7, 4
+    host, keys, values, pos, pages, slots, rows_ = random_recall(b, h, k, n_slots, n_pages, page_size, d, dtype,
+                                                                 seed=page_size * 10 + with_heads)
+    heads = torch.tensor([[True, False, True], [False, True, True]]) if with_heads else None
+    before = keys.clone(), values.clone(), pos.clone()
+    out = {}
+    for name, copy in impls.items():
+        got = tuple(x.clone() for x in before)
+        done = copy(host, *got, pages, slots, rows_, heads)
+        assert done is not False, f"{name} declined a contiguous layout"
+        written = check_copy(host, before, got, pages, slots, rows_, heads, trash_untouched=name != "torch")
+        assert written, "the plan copies something"
+        out[name] = got
+    trash = torch.arange(keys.shape[0]) % rows_.rows_per_head == rows_.rows_per_head - 1
+    for name, got in out.items():
+        for x, ref in zip(got, out["torch"]):
+            assert torch.equal(x[~trash], ref[~trash]), f"{name} differs from the reference"
+    # a pair with a skipped entry (page -1, or a pair left out by heads): the reference's trash row has position -1
+    skipped = (pages < 0).view(b * h, k).any(-1)
+    if heads is not None:
+        skipped |= ~heads.view(-1)
+    assert bool(skipped.any())
+    ref_trash = out["torch"][2][trash]
+    assert bool((ref_trash[skipped] == -1).all())
 
 
-def test_copy_rows_reference_skipped_entries_touch_only_the_trash_row():
-    src = torch.arange(4 * 2 * 3, dtype=torch.float32).view(4, 2, 3)
-    dst_k, dst_v = torch.full((5, 3), -1.0), torch.full((5, 3), -2.0)
-    copy_rows_reference(src, dst_k, dst_v, torch.tensor([-1, 2, -1]), torch.tensor([4, 0, 4]))
-    assert torch.equal(dst_k[0], src[2, 0]) and torch.equal(dst_v[0], src[2, 1])
-    assert bool((dst_k[1:4] == -1).all()) and bool((dst_v[1:4] == -2).all())
+@pytest.mark.parametrize("with_heads", [False, True])
+def test_recall_of_a_plan_with_nothing_to_copy_changes_nothing(with_heads):
+    """An all -1 plan (or heads all False): the kernels write nothing at all, the reference only its trash rows."""
+    impls = implementations("copy")
+    host, keys, values, pos, pages, slots, rows_ = random_recall(2, 2, 3, 3, 5, 2, 4, torch.float32, seed=3)
+    heads = None
+    if with_heads:
+        heads = torch.zeros(2, 2, dtype=torch.bool)
+    else:
+        pages, slots = torch.full_like(pages, -1), torch.full_like(slots, -1)
+    before = keys.clone(), values.clone(), pos.clone()
+    for name, copy in impls.items():
+        got = tuple(x.clone() for x in before)
+        copy(host, *got, pages, slots, rows_, heads)
+        assert not check_copy(host, before, got, pages, slots, rows_, heads, trash_untouched=name != "torch")
+        if name != "torch":
+            assert all(torch.equal(x, y) for x, y in zip(got, before))
 
 
-def test_copy_rows_reference_of_an_empty_plan_changes_nothing():
-    src = torch.randn(3, 2, 4)
-    dst_k, dst_v = torch.randn(2, 4), torch.randn(2, 4)
-    before = dst_k.clone(), dst_v.clone()
-    empty = torch.empty(0, dtype=torch.long)
-    copy_rows_reference(src, dst_k, dst_v, empty, empty)
-    assert torch.equal(dst_k, before[0]) and torch.equal(dst_v, before[1])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_recall_reference_with_a_staging_buffer(dtype):
+    """The engine hands the reference a reused buffer for the gathered rows: the same copy as without one."""
+    host, keys, values, pos, pages, slots, rows_ = random_recall(1, 2, 3, 4, 6, 2, 4, dtype, seed=9)
+    plain = keys.clone(), values.clone(), pos.clone()
+    staged = keys.clone(), values.clone(), pos.clone()
+    recall_pages_reference(host, *plain, pages, slots, rows_)
+    staging = host.new_full((pages.numel(), *host.shape[1:]), 7.0)
+    recall_pages_reference(host, *staged, pages, slots, rows_, staging=staging)
+    assert all(torch.equal(x, y) for x, y in zip(plain, staged))
+    check_copy(host, (keys, values, pos), staged, pages, slots, rows_, None, trash_untouched=False)
 
 
 # -- recall: host pool -> plan -> copy into a device buffer ------------------------------------------------
-# The engine's layout (retrieval/engine.py): per (sequence, KV head) a buffer of `slots` pages and one trash page,
-# viewed as rows of one page [rows, P*d]; the host pool's layer viewed as [page * b * h + seq * h + head, 2, P*d].
+# The engine's layout (retrieval/engine.py): per (sequence, KV head) a buffer of a sink page, `slots` pages, a ring
+# page and a trash page, viewed as rows of one page [rows, P*d] (positions [rows, P]); the host pool's layer viewed
+# as [page * b * h + seq * h + head, 2, P*d].
 
 class Recall:
+    SINK, RING = 1, 1  # pages before and after the slots, which a recall must never write
+
     def __init__(self, pool: HostPool, layer: int, slots: int, device=CPU):
         b, h, _, p, d = pool.shape_tail
-        self.pool, self.layer, self.p = pool, layer, p
-        self.table = PageTable(b, h, slots, device)
-        self.k = torch.zeros(b, h, (slots + 1) * p, d, dtype=pool.dtype, device=device)
+        self.pool, self.layer, self.p, self.n_slots = pool, layer, p, slots
+        self.table = PageTable(b, h, slots, pool.num_pages[layer], device)
+        self.rows = SlotRows(heads=b * h, rows_per_head=self.SINK + slots + self.RING + 1, first_slot=self.SINK)
+        self.k = torch.zeros(b, h, self.rows.rows_per_head * p, d, dtype=pool.dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        seq_head = torch.arange(b * h, device=device).view(b, h, 1)
-        self.slot_rows = seq_head * (slots + 1)
-        self.trash_rows = self.slot_rows + slots
-        self.pool_rows = seq_head
+        self.pos = torch.full((b, h, self.rows.rows_per_head * p), -1, dtype=torch.long, device=device)
+        self.recalled = torch.zeros((), dtype=torch.long, device=device)
 
-    def rows(self, plan):
-        pages, slots = plan
-        b, h = pages.shape[:2]
-        copy = pages >= 0
-        src = torch.where(copy, pages * (b * h) + self.pool_rows, -1).flatten()
-        dst = torch.where(copy, self.slot_rows + slots, self.trash_rows).flatten()
-        return src, dst
-
-    def recall(self, wanted, scores=None, copy=copy_rows_reference):
-        plan = self.table.plan(wanted, scores)
-        host = self.pool.pages[self.layer].view(-1, 2, self.p * self.k.shape[-1])
-        copy(host, self.k.view(-1, self.p * self.k.shape[-1]), self.v.view(-1, self.p * self.k.shape[-1]),
-             *self.rows(plan))
+    def recall(self, wanted, scores=None):
+        plan = self.table.plan(wanted, scores, self.recalled)
+        elems = self.p * self.k.shape[-1]
+        host = self.pool.pages[self.layer].view(-1, 2, elems)
+        keys, values = self.k.view(-1, elems), self.v.view(-1, elems)
+        staging = host.new_empty((plan[0].numel(), 2, elems)) if staging_needed(host, keys) else None
+        recall_pages(host, keys, values, self.pos.view(-1, self.p), *plan, self.rows, staging=staging)
         return plan
 
     def slots_kv(self):
-        n = self.table.slots * self.p
-        return self.k[:, :, :n], self.v[:, :, :n]
+        lo, hi = self.SINK * self.p, (self.SINK + self.n_slots) * self.p
+        return self.k[:, :, lo:hi], self.v[:, :, lo:hi], self.pos[:, :, lo:hi]
+
+    def outside(self):
+        """Keys, values and positions of the sink and ring pages."""
+        lo, hi = self.SINK * self.p, (self.SINK + self.n_slots) * self.p
+        end = hi + self.RING * self.p
+        return [torch.cat([x[:, :, :lo], x[:, :, hi:end]], dim=2) for x in (self.k, self.v, self.pos)]
 
 
 def filled_pool(batch, heads, d, page_size, n_pages, dtype=torch.float32, seed=0):
@@ -588,10 +869,11 @@ def filled_pool(batch, heads, d, page_size, n_pages, dtype=torch.float32, seed=0
 
 
 def check_recalled(rec, k, v):
-    """Every slot holds its page's keys and values (empty slots zero), checked through the host pool and
-    through the token positions against the original keys and values."""
+    """Every slot holds its page's keys and values (empty slots zero) and its tokens' positions (the table's),
+    checked through the host pool and through the token positions against the original keys and values; the
+    sink and ring pages are never written."""
     p = rec.p
-    slot_k, slot_v = rec.slots_kv()
+    slot_k, slot_v, slot_pos = rec.slots_kv()
     b, h, slots = rec.table.slot_page.shape
     for s in range(b):
         for hh in range(h):
@@ -605,31 +887,38 @@ def check_recalled(rec, k, v):
                 assert torch.equal(got_k, host[0]) and torch.equal(got_v, host[1])
     pos = rec.table.positions(p)
     assert pos.shape == (b, h, slots * p)
+    assert torch.equal(slot_pos, pos), "the copy wrote other positions than the table's"
     present = pos >= 0
     idx = pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
     assert torch.equal(slot_k[present], k.gather(2, idx)[present])
     assert torch.equal(slot_v[present], v.gather(2, idx)[present])
+    out_k, out_v, out_pos = rec.outside()
+    assert not out_k.any() and not out_v.any() and bool((out_pos == -1).all())
+    check_inverse(rec.table)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_recall_through_the_plan(dtype, page_size):
+def test_recall_through_the_plan(path, dtype, page_size):
     batch, heads, d, n_pages, slots = 2, 3, 5, 9, 4
     pool, _, k, v = filled_pool(batch, heads, d, page_size, n_pages, dtype)
     rec = Recall(pool, 1, slots)
     assert bool((rec.table.positions(page_size) == -1).all())
     torch.manual_seed(3)
+    copied = 0
     for step in range(8):
         kk = [1, 4, 3, 4, 2, 4, 0, 4][step]
         wanted = torch.stack([torch.randperm(n_pages)[:kk] for _ in range(batch * heads)]).view(batch, heads, kk)
         scores = torch.rand(batch, heads, n_pages)
         prev_k = rec.slots_kv()[0].clone()
         pages, slots_ = rec.recall(wanted, scores)
+        copied += int((pages >= 0).sum())
+        assert int(rec.recalled) == copied
         check_recalled(rec, k, v)
         # slots that were not copied into are untouched
-        written = torch.zeros(batch, heads, slots, dtype=torch.bool)
-        written.scatter_(-1, slots_, pages >= 0)
-        untouched = ~written.repeat_interleave(page_size, dim=-1)
+        written = torch.zeros(batch, heads, slots + 1, dtype=torch.bool)
+        written.scatter_(-1, torch.where(pages >= 0, slots_, slots), True)  # -1 entries land in a spare column
+        untouched = ~written[..., :slots].repeat_interleave(page_size, dim=-1)
         assert torch.equal(rec.slots_kv()[0][untouched], prev_k[untouched])
         # every wanted page's tokens are at their positions
         pos = rec.table.positions(page_size)
@@ -638,19 +927,19 @@ def test_recall_through_the_plan(dtype, page_size):
                 have = set(pos[s, hh].tolist())
                 for pg in wanted[s, hh].tolist():
                     assert set(range(pg * page_size, (pg + 1) * page_size)) <= have
+    assert copied > 0
 
 
-def test_recall_of_the_same_pages_copies_nothing():
+def test_recall_of_the_same_pages_copies_nothing(path):
     pool, _, k, v = filled_pool(1, 2, 4, 2, 6)
     rec = Recall(pool, 1, 3)
     wanted = torch.tensor([[[5, 0, 2], [1, 3, 4]]])
     pages, _ = rec.recall(wanted)
-    assert bool((pages >= 0).all())
+    assert bool((pages >= 0).all()) and int(rec.recalled) == 6
     check_recalled(rec, k, v)
-    before = rec.slots_kv()[0].clone(), rec.slots_kv()[1].clone()
-    plan = rec.recall(wanted)
-    assert bool((plan[0] == -1).all())
-    src, dst = rec.rows(plan)
-    assert bool((src == -1).all()) and torch.equal(dst, rec.trash_rows.expand(1, 2, 3).flatten())
-    assert torch.equal(rec.slots_kv()[0], before[0]) and torch.equal(rec.slots_kv()[1], before[1])
+    before = rec.slots_kv()[0].clone(), rec.slots_kv()[1].clone(), rec.slots_kv()[2].clone()
+    pages, slots = rec.recall(wanted)
+    assert bool((pages == -1).all()) and bool((slots == -1).all())
+    assert int(rec.recalled) == 6
+    assert all(torch.equal(x, y) for x, y in zip(rec.slots_kv(), before))
     check_recalled(rec, k, v)

@@ -11,7 +11,7 @@ import kvtier
 from kvtier.quant import LowBitKeys, LowBitValues, quantize_keys, quantize_values
 from kvtier.link import nbytes
 from kvtier.retrieval.scorer import DigestScorer, LowBitScorer
-from kvtier.selection import group_page_probs, page_digest, page_scores, query_similarity
+from kvtier.selection import digest_page_probs, page_digest, page_scores, query_similarity
 from kvtier.store import from_pages
 
 SMALL = dict(page_size=4, sink=8, window=8)
@@ -47,13 +47,16 @@ def test_page_score_bounds_every_key_in_the_page():
     torch.testing.assert_close(tight, torch.einsum("bhgd,bhnd->bhgn", qg, keys))
 
 
-def test_group_probabilities_average_each_query_heads_softmax():
+def test_page_probabilities_average_each_query_heads_softmax_over_the_range():
     torch.manual_seed(2)
-    scores = torch.randn(1, 2, 3, 7)
-    probs = group_page_probs(scores, 0.5)
+    keys, q = torch.randn(1, 2, 28, 8), torch.randn(1, 6, 1, 8)
+    dmax, dmin = page_digest(keys, 4)
+    probs = digest_page_probs(q, dmax, dmin, 0.5, 1, 6)
+    scores = page_scores(q[:, :, 0], dmax[:, :, 1:6], dmin[:, :, 1:6])  # [1, 2, 3 heads per group, 5 pages]
     expected = torch.softmax(scores * 0.5, dim=-1).mean(dim=2)
-    torch.testing.assert_close(probs, expected)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2))
+    torch.testing.assert_close(probs[:, :, 0, 1:6], expected)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2, 1))
+    assert not probs[..., 0].any() and not probs[..., 6].any()
 
 
 def test_digest_scorer_ranks_pages_of_its_range_only():
@@ -66,7 +69,7 @@ def test_digest_scorer_ranks_pages_of_its_range_only():
     assert probs.shape == (1, 2, 2, 12)
     dmax, dmin = page_digest(keys, 4)
     for t in range(2):
-        expected = group_page_probs(page_scores(q[:, :, t], dmax[:, :, 3:9], dmin[:, :, 3:9]), 0.35)
+        expected = torch.softmax(page_scores(q[:, :, t], dmax[:, :, 3:9], dmin[:, :, 3:9]) * 0.35, -1).mean(2)
         torch.testing.assert_close(probs[:, :, t, 3:9], expected)
     assert not probs[..., :3].any() and not probs[..., 9:].any(), "pages outside the range get nothing"
 

@@ -83,10 +83,15 @@ def test_page_scores_and_probs(b, kv, group, pages, d, dtype):
     scores = digest_score.page_scores(q, dmax, dmin)
     assert scores.dtype == torch.float32 and scores.shape == (b, kv, group, pages)
     assert_close(scores, digest_score.page_scores_reference(q, dmax, dmin).to(dtype))
-    probs = digest_score.page_probs(q, dmax, dmin, d ** -0.5)
-    expected = digest_score.page_probs_reference(q, dmax, dmin, d ** -0.5)
-    torch.testing.assert_close(probs, expected, rtol=0, atol=TOL[dtype] / pages)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(b, kv, device=DEVICE))
+    # two query tokens (a speculative step), and a range of pages inside the digests
+    q2 = torch.stack((q, randn(b, kv * group, d, dtype=dtype, seed=9)), dim=2)
+    for lo, hi in ((0, pages), (3, pages - 2)):
+        probs = digest_score.page_probs(q2, dmax, dmin, d ** -0.5, lo, hi)
+        expected = digest_score.page_probs_reference(q2, dmax, dmin, d ** -0.5, lo, hi)
+        assert probs.shape == (b, kv, 2, pages)
+        torch.testing.assert_close(probs, expected, rtol=0, atol=TOL[dtype] / (hi - lo))
+        torch.testing.assert_close(probs.sum(-1), torch.ones(b, kv, 2, device=DEVICE))
+        assert not probs[..., :lo].any() and not probs[..., hi:].any()
 
 
 def test_page_scores_and_the_digest_scorer_take_the_fused_path(monkeypatch):
@@ -99,10 +104,11 @@ def test_page_scores_and_the_digest_scorer_take_the_fused_path(monkeypatch):
     monkeypatch.setenv("KVTIER_KERNELS", "triton")
     calls = []
     spy(monkeypatch, digest_score, "page_scores", calls)
+    spy(monkeypatch, digest_score, "page_probs", calls)
     assert_close(page_scores(q[:, :, 0], dmax, dmin), expected_scores)
     assert calls == ["page_scores"]
     probs = scorer.page_probs(q, 3, 28, 0.125)
-    assert calls == ["page_scores"] * 2
+    assert calls == ["page_scores", "page_probs"]  # the scorer's probabilities in one launch
     assert_close(probs, expected)
     assert not probs[..., :3].any() and not probs[..., 28:].any()  # pages outside [lo, hi) get nothing
     assert torch.equal(probs.topk(5, dim=-1).indices, expected.topk(5, dim=-1).indices)
@@ -332,7 +338,7 @@ def test_generate_through_the_kernels_gives_the_torch_tokens(tiny, monkeypatch, 
     monkeypatch.setenv("KVTIER_KERNELS", "triton")
     calls = []
     spy(monkeypatch, decode, "decode_attention", calls)
-    spy(monkeypatch, digest_score, "page_scores", calls)
+    spy(monkeypatch, digest_score, "page_probs", calls)
     spy(monkeypatch, dequant_score, "dequant_scores", calls)
     spy(monkeypatch, mixed_decode, "decode_attention_mixed", calls)
     spy(monkeypatch, kernel_recall, "plan_pages", calls)
@@ -341,7 +347,7 @@ def test_generate_through_the_kernels_gives_the_torch_tokens(tiny, monkeypatch, 
     assert torch.equal(out, expected)
     # SpeCache reads the pages not recalled at low precision (rest="lowbit"): the mixed decode kernel
     assert ("decode_attention_mixed" if method == "specache" else "decode_attention") in calls
-    scorer = "page_scores" if method == "freekv" and options.get("scorer") != "lowbit" else "dequant_scores"
+    scorer = "page_probs" if method == "freekv" and options.get("scorer") != "lowbit" else "dequant_scores"
     assert scorer in calls, "no page selection went through the kernel"
     assert "plan_pages" in calls, "no recall was planned by the kernel"
     assert "recall_pages" in calls, "no recall went through the kernel"

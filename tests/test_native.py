@@ -232,6 +232,29 @@ def test_page_probs_equal_the_scorer_reference(monkeypatch, page, tokens, group)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("tokens,group,d,lo,hi", [(1, 3, 64, 2, 30), (2, 4, 20, 0, 33), (1, 1, 128, 5, 6)])
+def test_digest_probs_equal_the_scorer_reference(monkeypatch, tokens, group, d, lo, hi):
+    from kvtier.retrieval.scorer import DigestScorer
+
+    gen = _gen(d)
+    b, h, pages = 2, 3, 33
+    keys = torch.randn(b, h, pages * 4, d, generator=gen)
+    q = torch.randn(b, h * group, tokens, d, generator=gen)
+    scorer = DigestScorer(keys, pages, 4)
+    scorer.add_pages(0, keys)
+    before = native.launches
+    out = scorer.page_probs(q, lo, hi, d ** -0.5)
+    assert native.launches == before + 1
+    monkeypatch.setenv("KVTIER_KERNELS", "torch")
+    expected = scorer.page_probs(q, lo, hi, d ** -0.5)
+    assert out.shape == expected.shape == (b, h, tokens, pages)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
+    assert not out[..., :lo].any() and not out[..., hi:].any()
+    # declined (the reference runs): another dtype, an empty range
+    assert native.digest_probs(q.double(), scorer.max, scorer.min, 1.0, lo, hi) is None
+    assert native.digest_probs(q, scorer.max, scorer.min, 1.0, lo, lo) is None
+
+
 def test_a_kernel_call_counts_as_one_op(monkeypatch):
     """`StepCounter` counts a C kernel call as one op, as it counts a launch on a GPU, however many pages it moves:
     the plan and the copy each count their wrapper's tensor operations and one more for the kernel."""

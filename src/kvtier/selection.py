@@ -36,9 +36,18 @@ def page_scores(q: torch.Tensor, digest_max: torch.Tensor, digest_min: torch.Ten
     return upper.view(b, num_kv, num_heads // num_kv, pages)
 
 
-def group_page_probs(scores: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Softmax over pages per query head, averaged over each KV head's group -> [b, H_kv, pages]."""
-    return torch.softmax(scores * scaling, dim=-1).mean(dim=2)
+def digest_page_probs(q: torch.Tensor, digest_max: torch.Tensor, digest_min: torch.Tensor, scaling: float,
+                      lo: int, hi: int) -> torch.Tensor:
+    """q [b, H, t, d] -> [b, H_kv, t, pages]: per query row, the softmax over pages [lo, hi) of its page scores
+    times `scaling`, averaged over each KV head's group; pages outside [lo, hi) get 0."""
+    b, num_heads, t, d = q.shape
+    num_kv, pages = digest_max.shape[1], digest_max.shape[2]
+    # a query token is one more query head of its group: rows (head in group, token), as attend groups them
+    upper = page_scores(q.reshape(b, num_heads * t, d), digest_max, digest_min)
+    outside = torch.arange(pages, device=q.device)
+    upper = upper.masked_fill_((outside < lo) | (outside >= hi), float("-inf"))
+    probs = torch.softmax(upper.mul_(scaling), dim=-1)
+    return probs.view(b, num_kv, num_heads // num_kv, t, pages).mean(2)
 
 
 def query_similarity(q: torch.Tensor, previous: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -11,6 +11,12 @@
 #define LANES 8
 #define MAX_ROWS 64  /* query rows (group x query tokens) one call handles; native.py checks it */
 #define MAX_DIM 512  /* channels; native.py checks it */
+/* Below this much work (heads x tokens x rows) a kernel runs on one thread: waking the others costs more. Built
+ * with OpenMP (native.py tries that first), the loops marked `omp parallel` run on torch's own thread pool (the
+ * process's one libgomp), as many threads as torch.get_num_threads(). */
+#define PARALLEL_WORK 65536
+#define PROBS_CHUNK 256  /* pages one work item of kvt_page_probs_f32 sums */
+#define MIX_CHUNK 512    /* columns one work item of kvt_mixed_attention_f32 attends */
 
 /* retrieval.recall.recall_pages_reference: for each (sequence, KV head) pair r (skipped where heads is not NULL
  * and heads[r] is 0) and each plan entry i with page = pages[r * k + i] >= 0, copy the host pool's row
@@ -203,52 +209,53 @@ void kvt_dequant_scores_f32(const float *q, const uint8_t *packed, const float *
     static _Thread_local uint8_t byte_t[MAX_DIM][BLOCK];
     const int per_byte = 8 / bits, mask = (1 << bits) - 1;
     const int64_t bytes = (d * bits + 7) / 8;
-    for (int64_t h = 0; h < heads; h++) {
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    /* a block of tokens of one head per work item: threads split the tokens evenly whatever the head count */
+    #pragma omp parallel for schedule(static) if (heads * n * rows >= PARALLEL_WORK)
+    for (int64_t w = 0; w < heads * blocks; w++) {
+        int64_t h = w / blocks, t0 = (w % blocks) * BLOCK;
         const float *qh = q + h * rows * d;
         float *oh = out + h * rows * n;
-        int64_t scaled_group = -1;
-        for (int64_t t0 = 0; t0 < n; t0 += BLOCK) {
-            int64_t width = n - t0 < BLOCK ? n - t0 : BLOCK;
-            for (int64_t j = 0; j < width; j++) {
-                const uint8_t *row = packed + h * sp_h + (t0 + j) * sp_n;
-                for (int64_t i = 0; i < bytes; i++) byte_t[i][j] = row[i];
-            }
-            for (int64_t c = 0; c < d; c++) {
-                const uint8_t *src = byte_t[c / per_byte];
-                int shift = (int)(c % per_byte) * bits;
-                for (int64_t j = 0; j < BLOCK; j++) code_t[c][j] = (float)((src[j] >> shift) & mask);
-            }
-            for (int64_t j0 = 0; j0 < width;) {  /* the tokens of one key group at a time */
-                int64_t g = (t0 + j0) / group;
-                int64_t j1 = (g + 1) * group - t0;
-                if (j1 > width) j1 = width;
-                if (g != scaled_group) {
-                    const float *s = scale + h * sz_h + g * sz_g, *z = zero + h * sz_h + g * sz_g;
-                    for (int64_t m = 0; m < rows; m++) {
-                        float part[LANES] = {0}, sum = 0.0f;
-                        for (int64_t c = 0; c < d; c++) {
-                            qs[m][c] = qh[m * d + c] * s[c];
-                            part[c % LANES] += qh[m * d + c] * z[c];
-                        }
-                        for (int j = 0; j < LANES; j++) sum += part[j];
-                        qz[m] = sum;
+        int64_t width = n - t0 < BLOCK ? n - t0 : BLOCK, scaled_group = -1;
+        for (int64_t j = 0; j < width; j++) {
+            const uint8_t *row = packed + h * sp_h + (t0 + j) * sp_n;
+            for (int64_t i = 0; i < bytes; i++) byte_t[i][j] = row[i];
+        }
+        for (int64_t c = 0; c < d; c++) {
+            const uint8_t *src = byte_t[c / per_byte];
+            int shift = (int)(c % per_byte) * bits;
+            for (int64_t j = 0; j < BLOCK; j++) code_t[c][j] = (float)((src[j] >> shift) & mask);
+        }
+        for (int64_t j0 = 0; j0 < width;) {  /* the tokens of one key group at a time */
+            int64_t g = (t0 + j0) / group;
+            int64_t j1 = (g + 1) * group - t0;
+            if (j1 > width) j1 = width;
+            if (g != scaled_group) {
+                const float *s = scale + h * sz_h + g * sz_g, *z = zero + h * sz_h + g * sz_g;
+                for (int64_t m = 0; m < rows; m++) {
+                    float part[LANES] = {0}, sum = 0.0f;
+                    for (int64_t c = 0; c < d; c++) {
+                        qs[m][c] = qh[m * d + c] * s[c];
+                        part[c % LANES] += qh[m * d + c] * z[c];
                     }
-                    scaled_group = g;
+                    for (int j = 0; j < LANES; j++) sum += part[j];
+                    qz[m] = sum;
                 }
-                for (int64_t m0 = 0; m0 < rows; m0 += 8) {
-                    switch (rows - m0 < 8 ? rows - m0 : 8) {  /* a constant row count unrolls into registers */
-                        case 1: SCORE_ROWS(1) break;
-                        case 2: SCORE_ROWS(2) break;
-                        case 3: SCORE_ROWS(3) break;
-                        case 4: SCORE_ROWS(4) break;
-                        case 5: SCORE_ROWS(5) break;
-                        case 6: SCORE_ROWS(6) break;
-                        case 7: SCORE_ROWS(7) break;
-                        default: SCORE_ROWS(8) break;
-                    }
-                }
-                j0 = j1;
+                scaled_group = g;
             }
+            for (int64_t m0 = 0; m0 < rows; m0 += 8) {
+                switch (rows - m0 < 8 ? rows - m0 : 8) {  /* a constant row count unrolls into registers */
+                    case 1: SCORE_ROWS(1) break;
+                    case 2: SCORE_ROWS(2) break;
+                    case 3: SCORE_ROWS(3) break;
+                    case 4: SCORE_ROWS(4) break;
+                    case 5: SCORE_ROWS(5) break;
+                    case 6: SCORE_ROWS(6) break;
+                    case 7: SCORE_ROWS(7) break;
+                    default: SCORE_ROWS(8) break;
+                }
+            }
+            j0 = j1;
         }
     }
 }
@@ -278,6 +285,54 @@ static inline v8 vmax8(v8 a, v8 b) {
     return (v8)(((v8i)a & greater) | ((v8i)b & ~greater));
 }
 
+/* selection.digest_page_probs: per KV head and query token, each query row's softmax over pages [lo, hi) of the
+ * upper bound sum_c max(q_c max_pc, q_c min_pc) * scaling, averaged over the `group` rows; other pages get 0.
+ * q [pairs / kv_heads][kv_heads * group][tokens][d] (contiguous); dmax, dmin [pairs][>= hi][d] at strides
+ * (sd_h, sd_p) (channels contiguous); out [pairs][tokens][pages] (contiguous). Returns 0, or -1 where memory
+ * for the scores could not be had (nothing written). */
+int kvt_digest_probs_f32(const float *q, const float *dmax, const float *dmin, float *out, int64_t pairs,
+                         int64_t kv_heads, int64_t group, int64_t tokens, int64_t pages, int64_t d, int64_t lo,
+                         int64_t hi, float scaling, int64_t sd_h, int64_t sd_p) {
+    const float NEG_INF = -__builtin_inff();
+    const int64_t n = hi - lo;
+    float *scores = malloc(sizeof(float) * (size_t)(pairs * tokens * (n + 8)));
+    if (!scores) return -1;
+    #pragma omp parallel for schedule(static) if (pairs * tokens * group * n * d >= 16 * PARALLEL_WORK)
+    for (int64_t item = 0; item < pairs * tokens; item++) {
+        int64_t x = item / tokens, tok = item % tokens, h = x % kv_heads, bi = x / kv_heads;
+        float *o = out + item * pages, *s = scores + item * (n + 8);
+        const float *mx = dmax + x * sd_h + lo * sd_p, *mn = dmin + x * sd_h + lo * sd_p;
+        memset(o, 0, sizeof(float) * (size_t)pages);
+        for (int64_t g = 0; g < group; g++) {
+            const float *qr = q + (((bi * kv_heads + h) * group + g) * tokens + tok) * d;
+            for (int64_t p = 0; p < n; p++) {
+                v8 acc = (v8){0};
+                int64_t c = 0;
+                for (; c + 8 <= d; c += 8) {
+                    v8 qv = load8(qr + c);
+                    acc += vmax8(qv * load8(mx + p * sd_p + c), qv * load8(mn + p * sd_p + c));
+                }
+                float tail = 0.0f;
+                for (; c < d; c++) {
+                    float a = qr[c] * mx[p * sd_p + c], b = qr[c] * mn[p * sd_p + c];
+                    tail += a > b ? a : b;
+                }
+                s[p] = (vsum(acc) + tail) * scaling;
+            }
+            v8 best = (v8){0} + NEG_INF, total = (v8){0};
+            for (int64_t i = 0; i < n; i += 8) best = vmax8(best, load_part(s + i, n - i, NEG_INF));
+            float top = vmax(best);
+            for (int64_t i = 0; i < n; i += 8) total += exp8(load_part(s + i, n - i, NEG_INF) - top);
+            float w = 1.0f / (vsum(total) * (float)group);
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) store8(o + lo + i, load8(o + lo + i) + exp8(load8(s + i) - top) * w);
+            for (; i < n; i++) o[lo + i] += exp8(load_part(s + i, 1, NEG_INF) - top)[0] * w;
+        }
+    }
+    free(scores);
+    return 0;
+}
+
 /* retrieval.scorer.LowBitScorer.page_probs from raw token scores: per KV head and query token, the softmax of
  * each query row over tokens [lo, hi), summed per page of `page` tokens and averaged over the `group` rows of
  * that token; pages outside [lo / page, hi / page) get 0. raw [heads][group * tokens][>= hi] at strides
@@ -285,29 +340,138 @@ static inline v8 vmax8(v8 a, v8 b) {
 void kvt_page_probs_f32(const float *raw, float *out, int64_t heads, int64_t group, int64_t tokens,
                         int64_t pages, int64_t lo, int64_t hi, int64_t page, int64_t sr_h, int64_t sr_m) {
     const float NEG_INF = -__builtin_inff();
-    const int64_t n = hi - lo;
-    for (int64_t h = 0; h < heads; h++) {
-        for (int64_t tok = 0; tok < tokens; tok++) {
-            float *o = out + (h * tokens + tok) * pages;
-            memset(o, 0, sizeof(float) * (size_t)pages);
-            for (int64_t gi = 0; gi < group; gi++) {
-                const float *s = raw + h * sr_h + (gi * tokens + tok) * sr_m + lo;
-                v8 best = (v8){0} + NEG_INF, total = (v8){0};
-                for (int64_t i = 0; i < n; i += 8) best = vmax8(best, load_part(s + i, n - i, NEG_INF));
-                float top = vmax(best);
-                for (int64_t i = 0; i < n; i += 8) total += exp8(load_part(s + i, n - i, NEG_INF) - top);
-                float w = 1.0f / (vsum(total) * (float)group);
-                float *op = o + lo / page;
-                if (page == 1) {
-                    int64_t i = 0;
-                    for (; i + 8 <= n; i += 8) store8(op + i, load8(op + i) + exp8(load8(s + i) - top) * w);
-                    for (; i < n; i++) op[i] += exp8(load_part(s + i, 1, NEG_INF) - top)[0] * w;
+    const int64_t n = hi - lo, rows = heads * tokens * group;
+    const int64_t first = lo / page, last = hi / page, chunks = (last - first + PROBS_CHUNK - 1) / PROBS_CHUNK;
+    float top[rows], weight[rows];
+    /* each row's largest score and normalizer, then the pages in chunks: both split evenly over threads */
+    #pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_WORK)
+    for (int64_t x = 0; x < rows; x++) {
+        int64_t h = x / (tokens * group), tok = x / group % tokens, gi = x % group;
+        const float *s = raw + h * sr_h + (gi * tokens + tok) * sr_m + lo;
+        v8 best = (v8){0} + NEG_INF, total = (v8){0};
+        for (int64_t i = 0; i < n; i += 8) best = vmax8(best, load_part(s + i, n - i, NEG_INF));
+        top[x] = vmax(best);
+        for (int64_t i = 0; i < n; i += 8) total += exp8(load_part(s + i, n - i, NEG_INF) - top[x]);
+        weight[x] = 1.0f / (vsum(total) * (float)group);
+    }
+    #pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_WORK)
+    for (int64_t item = 0; item < heads * tokens * chunks; item++) {
+        int64_t h = item / (tokens * chunks), tok = item / chunks % tokens, c = item % chunks;
+        float *o = out + (h * tokens + tok) * pages;
+        int64_t p0 = first + c * PROBS_CHUNK, p1 = p0 + PROBS_CHUNK < last ? p0 + PROBS_CHUNK : last;
+        if (c == 0) {  /* the pages outside the range */
+            memset(o, 0, sizeof(float) * (size_t)first);
+            memset(o + last, 0, sizeof(float) * (size_t)(pages - last));
+        }
+        memset(o + p0, 0, sizeof(float) * (size_t)(p1 - p0));
+        for (int64_t gi = 0; gi < group; gi++) {
+            int64_t x = (h * tokens + tok) * group + gi;
+            const float *s = raw + h * sr_h + (gi * tokens + tok) * sr_m;
+            float t = top[x], w = weight[x];
+            if (page == 1) {
+                int64_t i = p0;
+                for (; i + 8 <= p1; i += 8) store8(o + i, load8(o + i) + exp8(load8(s + i) - t) * w);
+                for (; i < p1; i++) o[i] += exp8(load_part(s + i, 1, NEG_INF) - t)[0] * w;
+            } else {
+                for (int64_t pg = p0; pg < p1; pg++) {
+                    v8 sum = (v8){0};
+                    for (int64_t i = pg * page; i < (pg + 1) * page; i += 8)
+                        sum += exp8(load_part(s + i, (pg + 1) * page - i, NEG_INF) - t);
+                    o[pg] += vsum(sum) * w;
+                }
+            }
+        }
+    }
+}
+
+/* One work item of kvt_mixed_attention_f32: per query row, the largest score, the sum of exponentials against
+ * it, and the weighted sum of values, over columns [c0, c1) of the full-precision part or tokens [t0, t1) of
+ * the low-bit part (written to top, total and acc[rows][d]); combined across items by the caller. */
+typedef struct {
+    const float *s_full, *v_full, *raw, *scale, *zero;
+    const uint8_t *resident, *valid, *packed;
+    int64_t L, sr_h, sr_m, lo, hi, srs_h, page, sv_b, kv_heads, sp_h, sp_n, sz_h, sz_n, group, rows, d;
+    int bits;
+} mixed_args;
+
+static void mixed_full_part(const mixed_args *a, int64_t h, int64_t c0, int64_t c1, float *top, float *total,
+                            float *acc) {
+    const float NEG_INF = -__builtin_inff();
+    const int64_t L = a->L, d = a->d, n = c1 - c0;
+    for (int64_t m = 0; m < a->rows; m++) {
+        const float *sf = a->s_full + (h * a->rows + m) * L + c0;
+        float *o = acc + m * d;
+        v8 best = (v8){0} + NEG_INF, sum = (v8){0};
+        for (int64_t l = 0; l < n; l += 8) best = vmax8(best, load_part(sf + l, n - l, NEG_INF));
+        float t = vmax(best);
+        memset(o, 0, sizeof(float) * (size_t)d);
+        for (int64_t l0 = 0; l0 < n; l0 += 8) {
+            v8 w = exp8(load_part(sf + l0, n - l0, NEG_INF) - t);
+            sum += w;
+            for (int64_t j = 0; j < 8 && l0 + j < n; j++) {
+                if (w[j] == 0.0f) continue;
+                const float *vl = a->v_full + (h * L + c0 + l0 + j) * d;
+                for (int64_t c = 0; c < d; c++) o[c] += w[j] * vl[c];
+            }
+        }
+        top[m] = t;
+        total[m] = vsum(sum);
+    }
+}
+
+static void mixed_lowbit_part(const mixed_args *a, int64_t h, int64_t t0, int64_t t1, float *top, float *total,
+                              float *acc) {
+    static _Thread_local float codes[8][MAX_DIM + 8], weight[MAX_ROWS][8], skip[MIX_CHUNK];
+    const float NEG_INF = -__builtin_inff();
+    const float (*table)[8] = table_for(a->bits);
+    const int64_t n = t1 - t0, d = a->d, rows = a->rows, group = a->group;
+    const int vector = group % 8 == 0;
+    const uint8_t *held = a->resident + h * a->srs_h;
+    const uint8_t *ok = a->valid ? a->valid + (h / a->kv_heads) * a->sv_b : NULL;
+    /* 0 for a token that counts, -inf for one on a resident page or in padding */
+    for (int64_t t = t0; t < t1; t++) skip[t - t0] = held[t / a->page] || (ok && !ok[t]) ? NEG_INF : 0.0f;
+    for (int64_t m = 0; m < rows; m++) {
+        const float *sr = a->raw + h * a->sr_h + m * a->sr_m + t0;
+        v8 best = (v8){0} + NEG_INF;
+        for (int64_t i = 0; i < n; i += 8)
+            best = vmax8(best, load_part(sr + i, n - i, NEG_INF) + load_part(skip + i, n - i, NEG_INF));
+        top[m] = vmax(best);
+        total[m] = 0.0f;
+        memset(acc + m * d, 0, sizeof(float) * (size_t)d);
+    }
+    /* eight tokens at a time: p * scale per token and group, the zeros' share at once */
+    for (int64_t i0 = 0; i0 < n; i0 += 8) {
+        int64_t tw = n - i0 < 8 ? n - i0 : 8, tok = t0 + i0;
+        v8 any = (v8){0};
+        v8 mask = load_part(skip + i0, tw, NEG_INF);
+        for (int64_t m = 0; m < rows; m++) {
+            v8 w = top[m] == NEG_INF ? (v8){0} : exp8(load_part(a->raw + h * a->sr_h + m * a->sr_m + tok, tw, NEG_INF)
+                                                       + mask - top[m]);
+            store8(weight[m], w);
+            total[m] += vsum(w);
+            any += w;
+        }
+        if (vsum(any) == 0.0f) continue;
+        for (int64_t j = 0; j < tw; j++) unpack_row(a->packed + h * a->sp_h + (tok + j) * a->sp_n, d, a->bits, table, codes[j]);
+        for (int64_t c0 = 0, g = 0; c0 < d; c0 += group, g++) {
+            for (int64_t m = 0; m < rows; m++) {
+                float sw[8], shift = 0.0f;
+                for (int64_t j = 0; j < tw; j++) {
+                    sw[j] = weight[m][j] * a->scale[h * a->sz_h + (tok + j) * a->sz_n + g];
+                    shift += weight[m][j] * a->zero[h * a->sz_h + (tok + j) * a->sz_n + g];
+                }
+                float *o = acc + m * d;
+                if (vector) {  /* eight channels in a register across the block's tokens */
+                    for (int64_t c = c0; c < c0 + group; c += 8) {
+                        v8 sum = load8(o + c) + shift;
+                        for (int64_t j = 0; j < tw; j++) sum += sw[j] * load8(codes[j] + c);
+                        store8(o + c, sum);
+                    }
                 } else {
-                    for (int64_t i0 = 0; i0 < n; i0 += page) {
-                        v8 sum = (v8){0};
-                        for (int64_t i = i0; i < i0 + page; i += 8)
-                            sum += exp8(load_part(s + i, i0 + page - i, NEG_INF) - top);
-                        op[i0 / page] += vsum(sum) * w;
+                    for (int64_t c = c0; c < c0 + group; c++) o[c] += shift;
+                    for (int64_t j = 0; j < tw; j++) {
+                        const float *code = codes[j], w = sw[j];
+                        for (int64_t c = c0; c < c0 + group; c++) o[c] += w * code[c];
                     }
                 }
             }
@@ -320,92 +484,55 @@ void kvt_page_probs_f32(const float *raw, float *out, int64_t heads, int64_t gro
  * (resident [heads][pages] bytes at stride srs_h) and valid (valid [batch][>= hi] bytes at stride sv_b, or NULL;
  * head h is sequence h / kv_heads), whose scores are raw [heads][rows][>= hi] at strides (sr_h, sr_m); values
  * v_full [heads][L][d] (contiguous) and the low-bit values (codes at strides (sp_h, sp_n), scale and zero
- * [heads][N][d / group] at strides (sz_h, sz_n)). out [heads][rows][d] (contiguous) is written. */
-void kvt_mixed_attention_f32(const float *s_full, const float *v_full, int64_t L, const float *raw, int64_t sr_h,
-                             int64_t sr_m, int64_t lo, int64_t hi, const uint8_t *resident, int64_t srs_h,
-                             int64_t page, const uint8_t *valid, int64_t sv_b, int64_t kv_heads,
-                             const uint8_t *packed, const float *scale, const float *zero, int64_t sp_h,
-                             int64_t sp_n, int64_t sz_h, int64_t sz_n, int64_t group, int bits, float *out,
-                             int64_t heads, int64_t rows, int64_t d, float *skip) {
-    /* skip: caller's scratch of hi - lo floats: 0 for a low-bit token that counts, -inf for one that does not */
-    const float (*table)[8] = table_for(bits);
-    static _Thread_local float codes[8][MAX_DIM + 8], weight[MAX_ROWS][8], top[MAX_ROWS], inv[MAX_ROWS];
-    const float NEG_INF = -__builtin_inff();
-    const int64_t n = hi - lo;
-    const int vector = group % 8 == 0;
-    for (int64_t h = 0; h < heads; h++) {
-        const uint8_t *held = resident + h * srs_h;
-        const uint8_t *ok = valid ? valid + (h / kv_heads) * sv_b : NULL;
-        float *oh = out + h * rows * d;
-        for (int64_t first = lo / page * page; first < hi; first += page) {  /* page by page: no division per token */
-            int64_t a = first > lo ? first : lo, z = first + page < hi ? first + page : hi;
-            float fill = held[first / page] ? NEG_INF : 0.0f;
-            for (int64_t t = a; t < z; t++) skip[t - lo] = fill;
-        }
-        if (ok)
-            for (int64_t t = lo; t < hi; t++) skip[t - lo] = ok[t] ? skip[t - lo] : NEG_INF;
-        for (int64_t m = 0; m < rows; m++) {  /* the row's largest score, then its exponentials' sum */
-            const float *sf = s_full + (h * rows + m) * L, *sr = raw + h * sr_h + m * sr_m + lo;
-            v8 best = (v8){0} + NEG_INF;
-            for (int64_t l = 0; l < L; l += 8) best = vmax8(best, load_part(sf + l, L - l, NEG_INF));
-            for (int64_t i = 0; i < n; i += 8)
-                best = vmax8(best, load_part(sr + i, n - i, NEG_INF) + load_part(skip + i, n - i, NEG_INF));
-            float t = vmax(best);
-            v8 total = (v8){0};
-            for (int64_t l = 0; l < L; l += 8) total += exp8(load_part(sf + l, L - l, NEG_INF) - t);
-            for (int64_t i = 0; i < n; i += 8)
-                total += exp8(load_part(sr + i, n - i, NEG_INF) + load_part(skip + i, n - i, NEG_INF) - t);
-            top[m] = t;
-            inv[m] = 1.0f / vsum(total);
-        }
-        for (int64_t m = 0; m < rows; m++) {  /* the full-precision part */
-            const float *sf = s_full + (h * rows + m) * L;
-            float *o = oh + m * d;
-            memset(o, 0, sizeof(float) * (size_t)d);
-            for (int64_t l0 = 0; l0 < L; l0 += 8) {
-                v8 w = exp8(load_part(sf + l0, L - l0, NEG_INF) - top[m]) * inv[m];
-                for (int64_t j = 0; j < 8 && l0 + j < L; j++) {
-                    if (w[j] == 0.0f) continue;
-                    const float *vl = v_full + (h * L + l0 + j) * d;
-                    for (int64_t c = 0; c < d; c++) o[c] += w[j] * vl[c];
-                }
-            }
-        }
-        /* the low-bit part, eight tokens at a time: p * scale per token and group, the zeros' share at once */
-        for (int64_t i0 = 0; i0 < n; i0 += 8) {
-            int64_t tw = n - i0 < 8 ? n - i0 : 8, t0 = lo + i0;
-            v8 none = (v8){0};
-            v8 mask = load_part(skip + i0, tw, NEG_INF);
-            for (int64_t m = 0; m < rows; m++) {
-                v8 w = exp8(load_part(raw + h * sr_h + m * sr_m + t0, tw, NEG_INF) + mask - top[m]) * inv[m];
-                store8(weight[m], w);
-                none += w;
-            }
-            if (vsum(none) == 0.0f) continue;
-            for (int64_t j = 0; j < tw; j++) unpack_row(packed + h * sp_h + (t0 + j) * sp_n, d, bits, table, codes[j]);
-            for (int64_t c0 = 0, g = 0; c0 < d; c0 += group, g++) {
-                for (int64_t m = 0; m < rows; m++) {
-                    float sw[8], shift = 0.0f;
-                    for (int64_t j = 0; j < tw; j++) {
-                        sw[j] = weight[m][j] * scale[h * sz_h + (t0 + j) * sz_n + g];
-                        shift += weight[m][j] * zero[h * sz_h + (t0 + j) * sz_n + g];
-                    }
-                    float *o = oh + m * d;
-                    if (vector) {  /* eight channels in a register across the block's tokens */
-                        for (int64_t c = c0; c < c0 + group; c += 8) {
-                            v8 acc = load8(o + c) + shift;
-                            for (int64_t j = 0; j < tw; j++) acc += sw[j] * load8(codes[j] + c);
-                            store8(o + c, acc);
-                        }
-                    } else {
-                        for (int64_t c = c0; c < c0 + group; c++) o[c] += shift;
-                        for (int64_t j = 0; j < tw; j++) {
-                            const float *code = codes[j], w = sw[j];
-                            for (int64_t c = c0; c < c0 + group; c++) o[c] += w * code[c];
-                        }
-                    }
-                }
-            }
+ * [heads][N][d / group] at strides (sz_h, sz_n)). out [heads][rows][d] (contiguous) is written.
+ * The columns are cut into chunks (work items, run in parallel), each with its own running maximum; the chunks
+ * of a head are then combined, as split-K decode attention does on a GPU. Returns 0, or -1 where memory for the
+ * chunks' partial sums could not be had (nothing written). */
+int kvt_mixed_attention_f32(const float *s_full, const float *v_full, int64_t L, const float *raw, int64_t sr_h,
+                            int64_t sr_m, int64_t lo, int64_t hi, const uint8_t *resident, int64_t srs_h,
+                            int64_t page, const uint8_t *valid, int64_t sv_b, int64_t kv_heads,
+                            const uint8_t *packed, const float *scale, const float *zero, int64_t sp_h,
+                            int64_t sp_n, int64_t sz_h, int64_t sz_n, int64_t group, int bits, float *out,
+                            int64_t heads, int64_t rows, int64_t d) {
+    const mixed_args a = {s_full, v_full, raw, scale, zero, resident, valid, packed, L, sr_h, sr_m, lo, hi, srs_h,
+                          page, sv_b, kv_heads, sp_h, sp_n, sz_h, sz_n, group, rows, d, bits};
+    const int64_t full_items = (L + MIX_CHUNK - 1) / MIX_CHUNK;
+    const int64_t per_head = full_items + (hi - lo + MIX_CHUNK - 1) / MIX_CHUNK, items = heads * per_head;
+    const int64_t stride = rows * (d + 2);  /* one item's top[rows], total[rows], acc[rows][d] */
+    float *part = malloc(sizeof(float) * (size_t)(items * stride));
+    if (!part) return -1;
+    #pragma omp parallel for schedule(dynamic) if (heads * rows * (L + hi - lo) >= PARALLEL_WORK)
+    for (int64_t item = 0; item < items; item++) {
+        int64_t h = item / per_head, c = item % per_head;
+        float *top = part + item * stride, *total = top + rows, *acc = total + rows;
+        if (c < full_items) {
+            int64_t c0 = c * MIX_CHUNK;
+            mixed_full_part(&a, h, c0, c0 + MIX_CHUNK < L ? c0 + MIX_CHUNK : L, top, total, acc);
+        } else {
+            int64_t t0 = lo + (c - full_items) * MIX_CHUNK;
+            mixed_lowbit_part(&a, h, t0, t0 + MIX_CHUNK < hi ? t0 + MIX_CHUNK : hi, top, total, acc);
         }
     }
+    const float NEG_INF = -__builtin_inff();
+    for (int64_t h = 0; h < heads; h++) {
+        for (int64_t m = 0; m < rows; m++) {
+            float best = NEG_INF, sum = 0.0f, *o = out + (h * rows + m) * d;
+            for (int64_t c = 0; c < per_head; c++) {
+                float t = part[(h * per_head + c) * stride + m];
+                best = t > best ? t : best;
+            }
+            memset(o, 0, sizeof(float) * (size_t)d);
+            if (best == NEG_INF) continue;  /* nothing to attend: zeros, not NaN */
+            for (int64_t c = 0; c < per_head; c++) {
+                const float *top = part + (h * per_head + c) * stride, *total = top + rows, *acc = total + rows;
+                if (top[m] == NEG_INF) continue;
+                float f = exp1(top[m] - best);
+                sum += total[m] * f;
+                for (int64_t i = 0; i < d; i++) o[i] += acc[m * d + i] * f;
+            }
+            for (int64_t i = 0; i < d; i++) o[i] /= sum;
+        }
+    }
+    free(part);
+    return 0;
 }

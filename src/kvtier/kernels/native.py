@@ -6,7 +6,8 @@ and low-bit scoring and low-bit attention write a whole dequantized layer out be
 functions do what the Triton kernels do instead: skip -1 entries, dequantize in registers. Like a GPU kernel
 they read the plan from memory, so nothing is read back to Python and the step stays free of host syncs.
 
-The library is compiled once per machine with the C compiler ($CC, else `cc`) into the user cache
+The library is compiled once per machine with the C compiler ($CC, else `cc`), with OpenMP where torch runs on
+GNU OpenMP (its loops then share torch's threads, as many as torch.get_num_threads()), into the user cache
 ($KVTIER_CACHE, else ~/.cache/kvtier; the temporary folder where that is not writable), named by the hash of
 the source, flags and processor, and loaded with ctypes.
 Without a compiler the references run, and `status()` says why (`kvtier info` prints it).
@@ -27,6 +28,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+THREADED = ("-fopenmp",)  # first choice where torch's own libgomp is in the process (see _torch_uses_libgomp)
 MAX_ROWS, MAX_DIM = 64, 512  # as native.c
 _BITS = (1, 2, 4)
 
@@ -36,12 +38,14 @@ _SIGNATURES = {
     "kvt_plan_pages": [_c_ptr] * 4 + [_c_i64] * 5 + [_c_ptr] * 3,
     "kvt_dequant_scores_f32": [_c_ptr] * 5 + [_c_i64] * 5 + [_c_int, _c_float] + [_c_i64] * 4,
     "kvt_page_probs_f32": [_c_ptr] * 2 + [_c_i64] * 9,
+    "kvt_digest_probs_f32": [_c_ptr] * 4 + [_c_i64] * 8 + [_c_float] + [_c_i64] * 2,
     "kvt_mixed_attention_f32": ([_c_ptr] * 2 + [_c_i64] + [_c_ptr] + [_c_i64] * 4 + [_c_ptr] + [_c_i64] * 2
                                 + [_c_ptr] + [_c_i64] * 2 + [_c_ptr] * 3 + [_c_i64] * 5 + [_c_int] + [_c_ptr]
-                                + [_c_i64] * 3 + [_c_ptr]),
+                                + [_c_i64] * 3),
 }
-_RETURNS_STATUS = {"kvt_plan_pages"}  # 0, or -1 where it could not run (nothing changed)
+_RETURNS_STATUS = {"kvt_plan_pages", "kvt_mixed_attention_f32", "kvt_digest_probs_f32"}  # 0, or -1 where it could not run (nothing changed)
 _error: str | None = None
+threaded = False  # whether the kernels run their loops on torch's OpenMP threads (else on one)
 launches = 0  # kernel calls so far: `stepcheck.StepCounter` counts each as one op (a launch on a GPU)
 
 
@@ -60,11 +64,20 @@ def _cpu_id() -> str:
         return os.uname().machine
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _torch_uses_libgomp() -> bool:
+    """Whether this process has GNU OpenMP loaded (torch's CPU wheels for Linux bring it): then kernels built with
+    -fopenmp share torch's thread pool. Another OpenMP runtime beside torch's would fight it for the cores."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
@@ -82,18 +95,23 @@ def library() -> ctypes.CDLL | None:
     if not SOURCE.is_file():
         _error = f"{SOURCE} is missing from this install: the CPU runs the PyTorch references"
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    name = f"native-{key}.so"
+    global threaded
     lib = None
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"kvtier-{os.getuid()}"):  # a read-only home too
-        target = folder / name
-        try:
-            if not target.exists():
-                _compile(compiler, target)
-            lib = ctypes.CDLL(str(target))
+    source = SOURCE.read_bytes()
+    for flags in ((FLAGS + THREADED, FLAGS) if _torch_uses_libgomp() else (FLAGS,)):
+        key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_id().encode()).hexdigest()[:16]
+        for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"kvtier-{os.getuid()}"):  # a read-only home too
+            target = folder / f"native-{key}.so"
+            try:
+                if not target.exists():
+                    _compile(compiler, flags, target)
+                lib = ctypes.CDLL(str(target))
+                break
+            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                _error = f"could not build the CPU kernels ({err}): the CPU runs the PyTorch references"
+        if lib is not None:
+            threaded = flags != FLAGS
             break
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            _error = f"could not build the CPU kernels ({err}): the CPU runs the PyTorch references"
     if lib is None:
         return None
     for name, args in _SIGNATURES.items():
@@ -110,7 +128,9 @@ def _launch(kernel, *args):
 
 def status() -> str:
     lib = library()
-    return "native CPU kernels loaded" if lib is not None else _error
+    if lib is None:
+        return _error
+    return "native CPU kernels loaded, " + ("on torch's OpenMP threads" if threaded else "on one thread")
 
 
 def recall_pages(host: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -203,14 +223,13 @@ def mixed_attention(s_full: torch.Tensor, v_full: torch.Tensor, raw: torch.Tenso
     held = resident.contiguous().view(torch.uint8)  # bool and uint8 share their bytes: no copy
     ok = None if valid is None else valid.contiguous().view(torch.uint8)
     out = s_full.new_empty((b * h, rows, d))
-    skip = s_full.new_empty((max(hi - lo, 1),))
-    _launch(
+    status = _launch(
         library().kvt_mixed_attention_f32, s_full.data_ptr(), v_full.data_ptr(), L, raw.data_ptr(), *raw_strides,
         lo, hi, held.data_ptr(), held.shape[-1], page, 0 if ok is None else ok.data_ptr(),
         0 if ok is None else ok.stride(0), h,
         values.packed.data_ptr(), values.scale.data_ptr(), values.zero.data_ptr(), *codes, *params,
-        values.group_size, values.bits, out.data_ptr(), b * h, rows, d, skip.data_ptr())
-    return out
+        values.group_size, values.bits, out.data_ptr(), b * h, rows, d)
+    return out if status == 0 else None
 
 
 def page_probs(raw: torch.Tensor, group: int, tokens: int, pages: int, lo: int, hi: int,
@@ -226,3 +245,21 @@ def page_probs(raw: torch.Tensor, group: int, tokens: int, pages: int, lo: int, 
     _launch(library().kvt_page_probs_f32, raw.data_ptr(), out.data_ptr(), b * h, group, tokens, pages, lo, hi,
             page, *strides)
     return out
+
+
+def digest_probs(q: torch.Tensor, digest_max: torch.Tensor, digest_min: torch.Tensor, scaling: float, lo: int,
+                 hi: int) -> torch.Tensor | None:
+    """float32 q [b, H, t, d] against page digests [b, h, pages, d] -> [b, h, t, pages]: per query row the softmax
+    over pages [lo, hi) of the digest bound, averaged over the group (`selection.digest_page_probs`); None where
+    the kernel does not apply."""
+    b, num_heads, t, d = q.shape
+    num_kv, pages = digest_max.shape[1], digest_max.shape[2]
+    strides = _heads_view(digest_max)
+    if (not serves(q, num_heads // num_kv * t, d) or strides is None or digest_min.stride() != digest_max.stride()
+            or digest_max.dtype != torch.float32 or digest_min.dtype != torch.float32 or not 0 <= lo < hi <= pages):
+        return None
+    q = q.contiguous()
+    out = q.new_empty((b, num_kv, t, pages))
+    status = _launch(library().kvt_digest_probs_f32, q.data_ptr(), digest_max.data_ptr(), digest_min.data_ptr(),
+                     out.data_ptr(), b * num_kv, num_kv, num_heads // num_kv, t, pages, d, lo, hi, scaling, *strides)
+    return out if status == 0 else None

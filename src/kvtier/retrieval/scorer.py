@@ -18,7 +18,7 @@ import torch
 from .. import kernels
 from ..kernels import native
 from ..quant import LowBitKeys, QTensor, as_float32, dequantize_key_range
-from ..selection import page_digest, page_scores
+from ..selection import digest_page_probs, page_digest
 
 NEG = float("-inf")
 
@@ -69,14 +69,14 @@ class DigestScorer:
         return None
 
     def page_probs(self, q: torch.Tensor, lo: int, hi: int, scaling: float, raw=None) -> torch.Tensor:
-        """q [b, H, t, d] -> [b, h_kv, t, pages]."""
-        b, num_heads, t, d = q.shape
-        num_kv, pages = self.max.shape[1], self.max.shape[2]
-        # a query token is one more query head of its group: rows (head in group, token), as attend groups them
-        upper = page_scores(q.reshape(b, num_heads * t, d), self.max, self.min)
-        upper = upper.masked_fill_(_outside(pages, lo, hi, q.device), NEG)
-        probs = torch.softmax(upper.mul_(scaling), dim=-1)
-        return probs.view(b, num_kv, num_heads // num_kv, t, pages).mean(2)
+        """q [b, H, t, d] -> [b, h_kv, t, pages]: `selection.digest_page_probs`, in one kernel where one runs."""
+        if kernels.enabled(q):
+            return kernels.page_probs(q, self.max, self.min, scaling, lo, hi)
+        if kernels.native_enabled(q):
+            probs = native.digest_probs(q, self.max, self.min, scaling, lo, hi)
+            if probs is not None:
+                return probs
+        return digest_page_probs(q, self.max, self.min, scaling, lo, hi)
 
 
 class LowBitScorer:

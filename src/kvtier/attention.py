@@ -117,6 +117,10 @@ def attend_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     if hi <= lo:
         return attend(q, k, v, scaling, mask)
     b, num_heads, t, d = q.shape
+    if kernels.native_enabled(q):  # the C kernels: scores of the packed keys, then one fused pass
+        out = _native_mixed(q, k, v, scaling, keys, values, rest, scores, mask=mask)
+        if out is not None:
+            return out
     num_kv, n = k.shape[1], k.shape[2]
     rows, heads = num_heads // num_kv * t, b * num_kv
     # bmm over [b * H_kv, ...] views: torch.matmul of 4-d tensors adds an expand and a view per operand
@@ -127,14 +131,6 @@ def attend_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
             mask = mask.unsqueeze(1)
         s = s.view(b, num_kv, -1, t, n).masked_fill(~mask.unsqueeze(2), torch.finfo(torch.float32).min)
         s = s.view(heads, rows, n)
-    if kernels.native_enabled(q):  # the C kernels: scores of the packed keys, then one fused pass
-        if scores is None:
-            scores = native.dequant_scores(q, keys.packed[:, :, :hi], keys.scale, keys.zero, keys.bits,
-                                           keys.group_size, scaling)
-        out = None if scores is None else native.mixed_attention(
-            s.view(b, num_kv, rows, n), v, scores, lo, hi, rest.resident, rest.page_size, rest.valid, values)
-        if out is not None:
-            return out.view(b, num_heads, t, d).transpose(1, 2)
     if scores is None:
         s_rest = as_float32(torch.bmm(qg, dequantize_key_range(keys, lo, hi).transpose(1, 2))).mul_(scaling)
     else:
@@ -147,6 +143,53 @@ def attend_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     out = torch.baddbmm(torch.bmm(probs[:, :, :n], v.reshape(heads, n, d)), probs[:, :, n:],
                         dequantize_value_range(values, lo, hi))
     return out.view(b, num_heads, t, d).transpose(1, 2)
+
+
+def _native_mixed(q, k, v, scaling, keys, values, rest, scores, **visible) -> torch.Tensor | None:
+    """attend_mixed / attend_buffer through the C kernels: the packed keys' scores (unless given), then one call."""
+    if scores is None:
+        scores = native.dequant_scores(q, keys.packed[:, :, :rest.hi], keys.scale, keys.zero, keys.bits,
+                                       keys.group_size, scaling)
+    out = None if scores is None else native.attention(q, k, v, scaling, valid=rest.valid, rest=rest, raw=scores,
+                                                       values=values, **visible)
+    return None if out is None else out.view(q.shape).transpose(1, 2)
+
+
+def buffer_mask(positions: torch.Tensor, past: int, t: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Which rows of a buffer [b, h, L] with token positions (-1: empty) query token i, at position past + i,
+    sees: bool [b, h, t, L]."""
+    b, h, length = positions.shape
+    pos = positions.unsqueeze(2)
+    if t == 1:  # every stored position is at most the query's
+        mask = pos >= 0
+    else:  # the real token must not see the speculative one after it
+        q_pos = torch.arange(past, past + t, device=positions.device).view(1, 1, t, 1)
+        mask = (pos >= 0) & (pos <= q_pos)
+    if valid is not None:
+        mask = mask & valid.gather(1, positions.clamp(min=0).view(b, -1)).view(b, h, 1, length)
+    return mask
+
+
+def attend_buffer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, past: int,
+                  scaling: float, valid: torch.Tensor | None = None, rest: RestRange | None = None,
+                  keys: QTensor | None = None, values: QTensor | None = None,
+                  scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention over a buffer whose rows carry their token positions (the retrieval engine's): `attend`
+    under `buffer_mask(positions, past, t, valid)`, or with a `rest` (and its keys, values, scores) `attend_mixed`.
+    On CPU one C kernel reads the positions itself; elsewhere the mask is built and the kernels above run."""
+    t = q.shape[2]
+    if kernels.native_enabled(q):
+        if rest is None:
+            out = native.attention(q, k, v, scaling, positions=positions, past=past, valid=valid)
+            out = None if out is None else out.view(q.shape).transpose(1, 2)
+        else:
+            out = _native_mixed(q, k, v, scaling, keys, values, rest, scores, positions=positions, past=past)
+        if out is not None:
+            return out
+    mask = buffer_mask(positions, past, t, valid)
+    if rest is None:
+        return attend(q, k, v, scaling, mask)
+    return attend_mixed(q, k, v, mask, keys, values, rest, scaling, scores=scores)
 
 
 def causal_mask(valid: torch.Tensor | None, t: int, n: int, q_offset: int, device) -> torch.Tensor | None:

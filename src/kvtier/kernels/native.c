@@ -16,7 +16,8 @@
  * process's one libgomp), as many threads as torch.get_num_threads(). */
 #define PARALLEL_WORK 65536
 #define PROBS_CHUNK 256  /* pages one work item of kvt_page_probs_f32 sums */
-#define MIX_CHUNK 512    /* columns one work item of kvt_mixed_attention_f32 attends */
+#define MIX_CHUNK 512    /* columns one work item of kvt_attention_f32 attends */
+#define MAX_TOKENS 8     /* query tokens of one kvt_attention_f32 call (a decode step has one or two) */
 
 /* retrieval.recall.recall_pages_reference: for each (sequence, KV head) pair r (skipped where heads is not NULL
  * and heads[r] is 0) and each plan entry i with page = pages[r * k + i] >= 0, copy the host pool's row
@@ -384,33 +385,81 @@ void kvt_page_probs_f32(const float *raw, float *out, int64_t heads, int64_t gro
     }
 }
 
-/* One work item of kvt_mixed_attention_f32: per query row, the largest score, the sum of exponentials against
- * it, and the weighted sum of values, over columns [c0, c1) of the full-precision part or tokens [t0, t1) of
- * the low-bit part (written to top, total and acc[rows][d]); combined across items by the caller. */
+/* What kvt_attention_f32 attends (the layout of attention.AttentionArgs in native.py). Query rows are
+ * (head in group, query token): row m is token m % tokens. Full-precision keys and values [heads][L][d]; a key
+ * column is visible to a row where mask (bytes at strides (sm_h, sm_t) per head and token; sm_h 0: shared by the
+ * heads of a sequence, h / kv_heads) says so, else, with no mask, where its position (pos [heads][L]) is >= 0,
+ * at most past + token, and valid (bytes [batch][positions] at stride sv_b, or NULL). Masked columns score
+ * float32 min, as in attention.attend. The low-bit rest: tokens t in [lo, hi) on no resident page, valid,
+ * scored by raw [heads][rows][>= hi] at strides (sr_h, sr_m), values quantized per token (codes at strides
+ * (sp_h, sp_n), scale and zero [heads][N][d / group] at strides (sz_h, sz_n)); lo >= hi: none. */
 typedef struct {
-    const float *s_full, *v_full, *raw, *scale, *zero;
-    const uint8_t *resident, *valid, *packed;
-    int64_t L, sr_h, sr_m, lo, hi, srs_h, page, sv_b, kv_heads, sp_h, sp_n, sz_h, sz_n, group, rows, d;
-    int bits;
-} mixed_args;
+    const float *q, *k, *v;
+    const int64_t *pos;
+    const uint8_t *mask;
+    int64_t sm_h, sm_t, sm_b;
+    int64_t L, past, tokens;
+    const uint8_t *valid;
+    int64_t sv_b, kv_heads;
+    float scaling;
+    const float *raw;
+    int64_t sr_h, sr_m, lo, hi;
+    const uint8_t *resident;
+    int64_t srs_h, page;
+    const uint8_t *packed;
+    const float *scale, *zero;
+    int64_t sp_h, sp_n, sz_h, sz_n, group, bits;
+    int64_t heads, rows, d;
+    float *out;
+} attention_args;
 
-static void mixed_full_part(const mixed_args *a, int64_t h, int64_t c0, int64_t c1, float *top, float *total,
-                            float *acc) {
-    const float NEG_INF = -__builtin_inff();
-    const int64_t L = a->L, d = a->d, n = c1 - c0;
+static inline float dot(const float *a, const float *b, int64_t d) {
+    v8 acc = (v8){0};
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8) acc += load8(a + c) * load8(b + c);
+    float tail = 0.0f;
+    for (; c < d; c++) tail += a[c] * b[c];
+    return vsum(acc) + tail;
+}
+
+/* One work item of kvt_attention_f32: per query row, the largest score, the sum of exponentials against it, and
+ * the weighted sum of values, over columns [c0, c1) of the full-precision part or tokens [t0, t1) of the low-bit
+ * part (written to top, total and acc[rows][d]); combined across items by the caller. */
+static void attend_full_part(const attention_args *a, int64_t h, int64_t c0, int64_t c1, float *top, float *total,
+                             float *acc) {
+    static _Thread_local float s[MIX_CHUNK];
+    static _Thread_local uint8_t seen[MAX_TOKENS][MIX_CHUNK];  /* visibility per query token */
+    const float NEG_INF = -__builtin_inff(), MIN = -3.40282346638528859812e+38f;
+    const int64_t L = a->L, d = a->d, n = c1 - c0, tokens = a->tokens;
+    const int64_t seq = h / a->kv_heads;
+    for (int64_t tok = 0; tok < tokens; tok++) {
+        uint8_t *see = seen[tok];
+        if (a->mask) {
+            const uint8_t *mrow = a->mask + seq * a->sm_b + (h % a->kv_heads) * a->sm_h + tok * a->sm_t + c0;
+            for (int64_t c = 0; c < n; c++) see[c] = mrow[c] != 0;
+        } else if (a->pos) {
+            const int64_t *p = a->pos + h * L + c0, limit = a->past + tok;
+            const uint8_t *ok = a->valid ? a->valid + seq * a->sv_b : NULL;
+            for (int64_t c = 0; c < n; c++) see[c] = p[c] >= 0 && p[c] <= limit && (!ok || ok[p[c]]);
+        } else {
+            memset(see, 1, (size_t)n);
+        }
+    }
     for (int64_t m = 0; m < a->rows; m++) {
-        const float *sf = a->s_full + (h * a->rows + m) * L + c0;
+        const float *qm = a->q + (h * a->rows + m) * d;
+        const uint8_t *see = seen[m % tokens];
         float *o = acc + m * d;
+        for (int64_t c = 0; c < n; c++) s[c] = see[c] ? dot(qm, a->k + (h * L + c0 + c) * d, d) * a->scaling : MIN;
         v8 best = (v8){0} + NEG_INF, sum = (v8){0};
-        for (int64_t l = 0; l < n; l += 8) best = vmax8(best, load_part(sf + l, n - l, NEG_INF));
+        for (int64_t l = 0; l < n; l += 8) best = vmax8(best, load_part(s + l, n - l, NEG_INF));
         float t = vmax(best);
         memset(o, 0, sizeof(float) * (size_t)d);
         for (int64_t l0 = 0; l0 < n; l0 += 8) {
-            v8 w = exp8(load_part(sf + l0, n - l0, NEG_INF) - t);
+            v8 w = exp8(load_part(s + l0, n - l0, NEG_INF) - t);
             sum += w;
             for (int64_t j = 0; j < 8 && l0 + j < n; j++) {
                 if (w[j] == 0.0f) continue;
-                const float *vl = a->v_full + (h * L + c0 + l0 + j) * d;
+                const float *vl = a->v + (h * L + c0 + l0 + j) * d;
                 for (int64_t c = 0; c < d; c++) o[c] += w[j] * vl[c];
             }
         }
@@ -419,11 +468,11 @@ static void mixed_full_part(const mixed_args *a, int64_t h, int64_t c0, int64_t 
     }
 }
 
-static void mixed_lowbit_part(const mixed_args *a, int64_t h, int64_t t0, int64_t t1, float *top, float *total,
-                              float *acc) {
+static void attend_lowbit_part(const attention_args *a, int64_t h, int64_t t0, int64_t t1, float *top,
+                               float *total, float *acc) {
     static _Thread_local float codes[8][MAX_DIM + 8], weight[MAX_ROWS][8], skip[MIX_CHUNK];
     const float NEG_INF = -__builtin_inff();
-    const float (*table)[8] = table_for(a->bits);
+    const float (*table)[8] = table_for((int)a->bits);
     const int64_t n = t1 - t0, d = a->d, rows = a->rows, group = a->group;
     const int vector = group % 8 == 0;
     const uint8_t *held = a->resident + h * a->srs_h;
@@ -452,7 +501,8 @@ static void mixed_lowbit_part(const mixed_args *a, int64_t h, int64_t t0, int64_
             any += w;
         }
         if (vsum(any) == 0.0f) continue;
-        for (int64_t j = 0; j < tw; j++) unpack_row(a->packed + h * a->sp_h + (tok + j) * a->sp_n, d, a->bits, table, codes[j]);
+        for (int64_t j = 0; j < tw; j++)
+            unpack_row(a->packed + h * a->sp_h + (tok + j) * a->sp_n, d, (int)a->bits, table, codes[j]);
         for (int64_t c0 = 0, g = 0; c0 < d; c0 += group, g++) {
             for (int64_t m = 0; m < rows; m++) {
                 float sw[8], shift = 0.0f;
@@ -479,44 +529,36 @@ static void mixed_lowbit_part(const mixed_args *a, int64_t h, int64_t t0, int64_
     }
 }
 
-/* attention.attend_mixed for float32, after its full-precision scores: one softmax over s_full [heads][rows][L]
- * (scaled, masked entries at float32 min) and the low-bit tokens t in [lo, hi) that are on no resident page
- * (resident [heads][pages] bytes at stride srs_h) and valid (valid [batch][>= hi] bytes at stride sv_b, or NULL;
- * head h is sequence h / kv_heads), whose scores are raw [heads][rows][>= hi] at strides (sr_h, sr_m); values
- * v_full [heads][L][d] (contiguous) and the low-bit values (codes at strides (sp_h, sp_n), scale and zero
- * [heads][N][d / group] at strides (sz_h, sz_n)). out [heads][rows][d] (contiguous) is written.
- * The columns are cut into chunks (work items, run in parallel), each with its own running maximum; the chunks
- * of a head are then combined, as split-K decode attention does on a GPU. Returns 0, or -1 where memory for the
- * chunks' partial sums could not be had (nothing written). */
-int kvt_mixed_attention_f32(const float *s_full, const float *v_full, int64_t L, const float *raw, int64_t sr_h,
-                            int64_t sr_m, int64_t lo, int64_t hi, const uint8_t *resident, int64_t srs_h,
-                            int64_t page, const uint8_t *valid, int64_t sv_b, int64_t kv_heads,
-                            const uint8_t *packed, const float *scale, const float *zero, int64_t sp_h,
-                            int64_t sp_n, int64_t sz_h, int64_t sz_n, int64_t group, int bits, float *out,
-                            int64_t heads, int64_t rows, int64_t d) {
-    const mixed_args a = {s_full, v_full, raw, scale, zero, resident, valid, packed, L, sr_h, sr_m, lo, hi, srs_h,
-                          page, sv_b, kv_heads, sp_h, sp_n, sz_h, sz_n, group, rows, d, bits};
+/* attention.attend_buffer / attend / attend_mixed for float32 decode steps: one softmax over the full-precision
+ * keys (scored here) and the low-bit rest (see attention_args), out [heads][rows][d] written. The columns are
+ * cut into chunks (work items, run in parallel), each with its own running maximum; the chunks of a head are
+ * then combined, as split-K decode attention does on a GPU. Returns 0, or -1 where memory for the chunks'
+ * partial sums could not be had (nothing written). */
+int kvt_attention_f32(const attention_args *a) {
+    const int64_t L = a->L, rows = a->rows, d = a->d, heads = a->heads;
+    const int64_t rest = a->hi > a->lo ? a->hi - a->lo : 0;
     const int64_t full_items = (L + MIX_CHUNK - 1) / MIX_CHUNK;
-    const int64_t per_head = full_items + (hi - lo + MIX_CHUNK - 1) / MIX_CHUNK, items = heads * per_head;
+    const int64_t per_head = full_items + (rest + MIX_CHUNK - 1) / MIX_CHUNK, items = heads * per_head;
     const int64_t stride = rows * (d + 2);  /* one item's top[rows], total[rows], acc[rows][d] */
+    if (a->tokens > MAX_TOKENS || a->tokens < 1) return -1;
     float *part = malloc(sizeof(float) * (size_t)(items * stride));
     if (!part) return -1;
-    #pragma omp parallel for schedule(dynamic) if (heads * rows * (L + hi - lo) >= PARALLEL_WORK)
+    #pragma omp parallel for schedule(dynamic) if (heads * rows * (L + rest) >= PARALLEL_WORK)
     for (int64_t item = 0; item < items; item++) {
         int64_t h = item / per_head, c = item % per_head;
         float *top = part + item * stride, *total = top + rows, *acc = total + rows;
         if (c < full_items) {
             int64_t c0 = c * MIX_CHUNK;
-            mixed_full_part(&a, h, c0, c0 + MIX_CHUNK < L ? c0 + MIX_CHUNK : L, top, total, acc);
+            attend_full_part(a, h, c0, c0 + MIX_CHUNK < L ? c0 + MIX_CHUNK : L, top, total, acc);
         } else {
-            int64_t t0 = lo + (c - full_items) * MIX_CHUNK;
-            mixed_lowbit_part(&a, h, t0, t0 + MIX_CHUNK < hi ? t0 + MIX_CHUNK : hi, top, total, acc);
+            int64_t t0 = a->lo + (c - full_items) * MIX_CHUNK;
+            attend_lowbit_part(a, h, t0, t0 + MIX_CHUNK < a->hi ? t0 + MIX_CHUNK : a->hi, top, total, acc);
         }
     }
     const float NEG_INF = -__builtin_inff();
     for (int64_t h = 0; h < heads; h++) {
         for (int64_t m = 0; m < rows; m++) {
-            float best = NEG_INF, sum = 0.0f, *o = out + (h * rows + m) * d;
+            float best = NEG_INF, sum = 0.0f, *o = a->out + (h * rows + m) * d;
             for (int64_t c = 0; c < per_head; c++) {
                 float t = part[(h * per_head + c) * stride + m];
                 best = t > best ? t : best;

@@ -29,7 +29,7 @@ import torch
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 THREADED = ("-fopenmp",)  # first choice where torch's own libgomp is in the process (see _torch_uses_libgomp)
-MAX_ROWS, MAX_DIM = 64, 512  # as native.c
+MAX_ROWS, MAX_DIM, MAX_TOKENS = 64, 512, 8  # as native.c
 _BITS = (1, 2, 4)
 
 _c_i64, _c_ptr, _c_float, _c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -39,11 +39,9 @@ _SIGNATURES = {
     "kvt_dequant_scores_f32": [_c_ptr] * 5 + [_c_i64] * 5 + [_c_int, _c_float] + [_c_i64] * 4,
     "kvt_page_probs_f32": [_c_ptr] * 2 + [_c_i64] * 9,
     "kvt_digest_probs_f32": [_c_ptr] * 4 + [_c_i64] * 8 + [_c_float] + [_c_i64] * 2,
-    "kvt_mixed_attention_f32": ([_c_ptr] * 2 + [_c_i64] + [_c_ptr] + [_c_i64] * 4 + [_c_ptr] + [_c_i64] * 2
-                                + [_c_ptr] + [_c_i64] * 2 + [_c_ptr] * 3 + [_c_i64] * 5 + [_c_int] + [_c_ptr]
-                                + [_c_i64] * 3),
+    "kvt_attention_f32": [_c_ptr],
 }
-_RETURNS_STATUS = {"kvt_plan_pages", "kvt_mixed_attention_f32", "kvt_digest_probs_f32"}  # 0, or -1 where it could not run (nothing changed)
+_RETURNS_STATUS = {"kvt_plan_pages", "kvt_attention_f32", "kvt_digest_probs_f32"}  # 0, or -1 where it could not run (nothing changed)
 _error: str | None = None
 threaded = False  # whether the kernels run their loops on torch's OpenMP threads (else on one)
 launches = 0  # kernel calls so far: `stepcheck.StepCounter` counts each as one op (a launch on a GPU)
@@ -205,30 +203,67 @@ def dequant_scores(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     return out
 
 
-def mixed_attention(s_full: torch.Tensor, v_full: torch.Tensor, raw: torch.Tensor, lo: int, hi: int,
-                    resident: torch.Tensor, page: int, valid: torch.Tensor | None, values) -> torch.Tensor | None:
-    """`attend_mixed` past its full-precision scores, for float32: one softmax over s_full [b, h, rows, L]
-    (scaled and masked) and the low-bit tokens of [lo, hi) on no resident page ([b, h, pages] bool) and valid
-    ([b, >= hi] bool or None), scored by raw [b, h, rows, >= hi]; values: the low-bit values QTensor. Returns
-    out [b * h, rows, d] = probs @ (v_full | dequantized values), or None where the kernel does not apply."""
-    b, h, rows, L = s_full.shape
-    d = v_full.shape[-1]
-    codes, params = _heads_view(values.packed), _heads_view(values.scale)
-    raw_strides = _heads_view(raw)
-    if (not serves(s_full, rows, d) or resident.dtype != torch.bool or values.bits not in _BITS or codes is None
-            or params is None or raw_strides is None or raw.dtype != torch.float32 or v_full.dtype != torch.float32
-            or values.zero.stride() != values.scale.stride() or values.scale.dtype != torch.float32
-            or d % values.group_size or not s_full.is_contiguous() or not v_full.is_contiguous()):
+class _AttentionArgs(ctypes.Structure):
+    """native.c's attention_args, field for field."""
+
+    _fields_ = [(name, kind) for names, kind in (
+        ("q k v pos mask", _c_ptr), ("sm_h sm_t sm_b L past tokens", _c_i64), ("valid", _c_ptr),
+        ("sv_b kv_heads", _c_i64), ("scaling", _c_float), ("raw", _c_ptr), ("sr_h sr_m lo hi", _c_i64),
+        ("resident", _c_ptr), ("srs_h page", _c_i64), ("packed scale zero", _c_ptr),
+        ("sp_h sp_n sz_h sz_n group bits heads rows d", _c_i64), ("out", _c_ptr)) for name in names.split()]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, *, mask: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None, past: int = 0, valid: torch.Tensor | None = None,
+              rest=None, raw: torch.Tensor | None = None, values=None) -> torch.Tensor | None:
+    """Decode attention of float32 q [b, H, t, d] over k, v [b, h, L, d] in one call: `attention.attend` (with
+    a bool `mask` broadcastable to [b, h, t, L], or none), `attention.attend_buffer` (rows visible by their
+    `positions` [b, h, L], `past` and `valid` [b, >= positions] bool), and with `rest` (an attention.RestRange),
+    the low-bit tokens scored by `raw` [b, h, g*t, >= rest.hi] and read from `values` (a per-token QTensor):
+    `attend_mixed`. Returns [b * h, g*t, d], or None where the kernel does not apply (the caller runs the
+    reference)."""
+    b, num_heads, t, d = q.shape
+    h, L = k.shape[1], k.shape[2]
+    rows = num_heads // h * t
+    if (not serves(q, rows, d) or t > MAX_TOKENS or k.dtype != torch.float32 or v.dtype != torch.float32
+            or not (k.is_contiguous() and v.is_contiguous())):
         return None
-    held = resident.contiguous().view(torch.uint8)  # bool and uint8 share their bytes: no copy
-    ok = None if valid is None else valid.contiguous().view(torch.uint8)
-    out = s_full.new_empty((b * h, rows, d))
-    status = _launch(
-        library().kvt_mixed_attention_f32, s_full.data_ptr(), v_full.data_ptr(), L, raw.data_ptr(), *raw_strides,
-        lo, hi, held.data_ptr(), held.shape[-1], page, 0 if ok is None else ok.data_ptr(),
-        0 if ok is None else ok.stride(0), h,
-        values.packed.data_ptr(), values.scale.data_ptr(), values.zero.data_ptr(), *codes, *params,
-        values.group_size, values.bits, out.data_ptr(), b * h, rows, d)
+    args = _AttentionArgs(L=L, past=past, tokens=t, kv_heads=h, scaling=scaling, heads=b * h, rows=rows, d=d)
+    keep = [q.reshape(b, h, rows, d).contiguous()]  # tensors the call reads: alive until it returns
+    args.q, args.k, args.v = keep[0].data_ptr(), k.data_ptr(), v.data_ptr()
+    if mask is not None:
+        mask = mask if mask.dim() == 4 else mask.unsqueeze(1)
+        mask = mask.expand(b, h, t, L)
+        if mask.dtype != torch.bool or mask.stride(-1) != 1:
+            return None
+        keep.append(mask)
+        args.mask = mask.data_ptr()
+        args.sm_b, args.sm_h, args.sm_t = mask.stride(0), mask.stride(1), mask.stride(2)
+    elif positions is not None:
+        if positions.dtype != torch.long or not positions.is_contiguous():
+            return None
+        args.pos = positions.data_ptr()
+    if valid is not None:
+        if valid.dtype != torch.bool or valid.stride(-1) != 1:
+            return None
+        args.valid, args.sv_b = valid.data_ptr(), valid.stride(0)
+    if rest is not None and rest.hi > rest.lo:
+        codes, params = _heads_view(values.packed), _heads_view(values.scale)
+        raw_strides = _heads_view(raw)
+        if (rest.resident.dtype != torch.bool or values.bits not in _BITS or codes is None or params is None
+                or raw_strides is None or raw.dtype != torch.float32 or values.zero.stride() != values.scale.stride()
+                or values.scale.dtype != torch.float32 or d % values.group_size):
+            return None
+        held = rest.resident.contiguous()
+        keep.append(held)
+        args.raw, (args.sr_h, args.sr_m), args.lo, args.hi = raw.data_ptr(), raw_strides, rest.lo, rest.hi
+        args.resident, args.srs_h, args.page = held.data_ptr(), held.shape[-1], rest.page_size
+        args.packed, args.scale, args.zero = values.packed.data_ptr(), values.scale.data_ptr(), values.zero.data_ptr()
+        (args.sp_h, args.sp_n), (args.sz_h, args.sz_n) = codes, params
+        args.group, args.bits = values.group_size, values.bits
+    out = q.new_empty((b * h, rows, d))
+    args.out = out.data_ptr()
+    status = _launch(library().kvt_attention_f32, ctypes.byref(args))
     return out if status == 0 else None
 
 

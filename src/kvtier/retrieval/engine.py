@@ -22,7 +22,7 @@ import torch
 
 from .. import kernels
 from ..kernels import native
-from ..attention import RestRange, attend, attend_mixed, causal_attention
+from ..attention import RestRange, attend_buffer, causal_attention
 from ..link import nbytes
 from ..methods.base import Method
 from ..methods.full import Full
@@ -360,21 +360,12 @@ class RetrievalEngine(Method):
 
     def _attention(self, st: _Layer, q, valid, scaling, raw, past: int, t: int) -> torch.Tensor:
         """One softmax over sink + slots + window (and the low-bit rest), rows masked by position."""
-        b, h, length = st.pos.shape
-        pos = st.pos.unsqueeze(2)
-        if t == 1:
-            mask = pos >= 0
-        else:  # the real token must not see the speculative one after it
-            q_pos = torch.arange(past, past + t, device=q.device).view(1, 1, t, 1)
-            mask = (pos >= 0) & (pos <= q_pos)
-        if valid is not None:
-            mask = mask & valid.gather(1, st.pos.clamp(min=0).view(b, -1)).view(b, h, 1, length)
         lo, hi = self.o.sink, st.recent_start
         if st.values is None or hi <= lo:
-            return attend(q, st.k, st.v, scaling, mask)
+            return attend_buffer(q, st.k, st.v, st.pos, past, scaling, valid)
         rest = RestRange(lo, hi, self._resident(st), self.o.page_size, valid=valid)
-        return attend_mixed(q, st.k, st.v, mask, st.scorer.quantized(), st.values.quantized(), rest, scaling,
-                            scores=raw)
+        return attend_buffer(q, st.k, st.v, st.pos, past, scaling, valid, rest, st.scorer.quantized(),
+                             st.values.quantized(), scores=raw)
 
     def _resident(self, st: _Layer) -> torch.Tensor:
         """Bool [b, h, pages + 1]: the pages the slots hold now, read from the rows' positions (the page table

@@ -216,6 +216,72 @@ def test_fused_mixed_attention_equals_the_reference(monkeypatch, t, padded):
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 
+def _buffer_case(t, padded, d=32, length=1100, n_low=1312, seed=0):
+    """A retrieval buffer as the engine holds it: rows with token positions (some empty, -1), a low-bit rest
+    with resident pages, left padding. Long enough that the kernel splits the columns into several chunks."""
+    gen = _gen(seed)
+    b, h, g, page = 2, 2, 3, 8
+    q = torch.randn(b, h * g, t, d, generator=gen)
+    k, v = torch.randn(b, h, length, d, generator=gen), torch.randn(b, h, length, d, generator=gen)
+    past = n_low + 40
+    positions = torch.randint(0, past + t, (b, h, length), generator=gen)  # some after the real token
+    positions[torch.rand(b, h, length, generator=gen) < 0.2] = -1
+    keys = quantize_keys(torch.randn(b, h, n_low, d, generator=gen), 2, 16)
+    values = quantize_values(torch.randn(b, h, n_low, d, generator=gen), 2, 16)
+    resident = torch.rand(b, h, n_low // page + 1, generator=gen) < 0.3
+    valid = None
+    if padded:
+        valid = torch.ones(b, past + t, dtype=torch.bool)
+        valid[1, :37] = False
+    rest = RestRange(8, n_low - 16, resident, page, valid=valid)
+    return q, k, v, positions, past, valid, keys, values, rest
+
+
+@pytest.mark.parametrize("t,padded,low_bit", [(1, False, False), (2, True, False), (1, True, True),
+                                              (2, False, True)])
+def test_buffer_attention_equals_the_reference(monkeypatch, t, padded, low_bit):
+    """attend_buffer: the C kernel masks rows by their positions itself (no mask tensor), scores the buffer and
+    the low-bit rest in one softmax split into chunks; the reference builds the mask and runs attend /
+    attend_mixed."""
+    from kvtier.attention import attend_buffer
+
+    q, k, v, positions, past, valid, keys, values, rest = _buffer_case(t, padded, seed=20 + t)
+    extra = (rest, keys, values) if low_bit else ()
+    before = native.launches
+    out = attend_buffer(q, k, v, positions, past, 0.2, valid, *extra)
+    assert native.launches == before + (2 if low_bit else 1)  # (the low-bit scores) and the attention
+    monkeypatch.setenv("KVTIER_KERNELS", "torch")
+    expected = attend_buffer(q, k, v, positions, past, 0.2, valid, *extra)
+    assert out.shape == expected.shape == (q.shape[0], t, q.shape[1], q.shape[3])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_buffer_attention_is_the_same_on_any_number_of_threads():
+    """The columns are cut into the same chunks and merged in the same order whatever the threads: bit for bit."""
+    from kvtier.attention import attend_buffer
+
+    q, k, v, positions, past, valid, keys, values, rest = _buffer_case(2, True, n_low=2400, seed=31)  # threaded
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(attend_buffer(q, k, v, positions, past, 0.2, valid, rest, keys, values))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_buffer_attention_declines_what_it_does_not_serve():
+    q, k, v, positions, past, *_ = _buffer_case(1, False, length=40, n_low=64)
+    assert native.attention(q.double(), k.double(), v.double(), 0.2, positions=positions, past=past) is None
+    assert native.attention(q, k, v, 0.2, positions=positions.int(), past=past) is None
+    assert native.attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, 0.2, positions=positions,
+                            past=past) is None
+    many = torch.randn(1, 2, native.MAX_TOKENS + 1, 32)
+    assert native.attention(many, k[:1], v[:1], 0.2, positions=positions[:1], past=past) is None
+
+
 @pytest.mark.parametrize("page,tokens,group", [(1, 2, 3), (4, 1, 2), (32, 2, 4), (3, 1, 1)])
 def test_page_probs_equal_the_scorer_reference(monkeypatch, page, tokens, group):
     from kvtier.retrieval.scorer import LowBitScorer

@@ -413,6 +413,29 @@ typedef struct {
     float *out;
 } attention_args;
 
+/* The eight sums of eight vectors, as one vector: [sum(x[0]), ..., sum(x[7])] (a tree of pairwise adds). */
+static inline v8 sums8(const v8 *x) {
+    v8 pair[4], quad[2];
+    for (int i = 0; i < 4; i++)
+        pair[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14)
+                  + __builtin_shufflevector(x[2 * i], x[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; i++)
+        quad[i] = __builtin_shufflevector(pair[2 * i], pair[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13)
+                  + __builtin_shufflevector(pair[2 * i], pair[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(quad[0], quad[1], 0, 1, 2, 3, 8, 9, 10, 11)
+           + __builtin_shufflevector(quad[0], quad[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* q . k for eight consecutive rows of k (d a multiple of 8): one accumulator per row, reduced together. */
+static inline v8 dot8(const float *q, const float *k, int64_t d) {
+    v8 acc[8] = {0};
+    for (int64_t c = 0; c < d; c += 8) {
+        v8 qv = load8(q + c);
+        for (int j = 0; j < 8; j++) acc[j] += qv * load8(k + j * d + c);
+    }
+    return sums8(acc);
+}
+
 static inline float dot(const float *a, const float *b, int64_t d) {
     v8 acc = (v8){0};
     int64_t c = 0;
@@ -449,7 +472,11 @@ static void attend_full_part(const attention_args *a, int64_t h, int64_t c0, int
         const float *qm = a->q + (h * a->rows + m) * d;
         const uint8_t *see = seen[m % tokens];
         float *o = acc + m * d;
-        for (int64_t c = 0; c < n; c++) s[c] = see[c] ? dot(qm, a->k + (h * L + c0 + c) * d, d) * a->scaling : MIN;
+        int64_t c = 0;
+        if (d % 8 == 0)  /* eight keys at a time */
+            for (; c + 8 <= n; c += 8) store8(s + c, dot8(qm, a->k + (h * L + c0 + c) * d, d) * a->scaling);
+        for (; c < n; c++) s[c] = dot(qm, a->k + (h * L + c0 + c) * d, d) * a->scaling;
+        for (c = 0; c < n; c++) s[c] = see[c] ? s[c] : MIN;
         v8 best = (v8){0} + NEG_INF, sum = (v8){0};
         for (int64_t l = 0; l < n; l += 8) best = vmax8(best, load_part(s + l, n - l, NEG_INF));
         float t = vmax(best);

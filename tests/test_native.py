@@ -256,6 +256,33 @@ def test_buffer_attention_equals_the_reference(monkeypatch, t, padded, low_bit):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("page", [1, 8])
+def test_buffer_attention_reads_the_resident_pages_from_the_slots(monkeypatch, page):
+    """RestRange(resident=None, slots=rows): the pages the slots hold are read from the slots' first positions
+    (the engine's buffer, where a deferred copy may leave the page table ahead of the buffer), in the kernel
+    and in `RestRange.with_resident` alike."""
+    from dataclasses import replace
+
+    from kvtier.attention import attend_buffer
+
+    q, k, v, positions, past, valid, keys, values, rest = _buffer_case(1, True, seed=40 + page)
+    gen, slots = _gen(page), 20
+    positions[:, :, 8:8 + slots * page] = -1
+    for s_ in range(positions.shape[0]):
+        for h_ in range(positions.shape[1]):
+            pages = torch.randperm(rest.hi // page, generator=gen)[:slots - 3]  # three empty slots
+            for j, pg in enumerate(pages.tolist()):
+                row = 8 + j * page
+                positions[s_, h_, row:row + page] = torch.arange(pg * page, (pg + 1) * page)
+    by_slots = replace(rest, resident=None, page_size=page, slots=slice(8, 8 + slots * page))
+    out = attend_buffer(q, k, v, positions, past, 0.2, valid, by_slots, keys, values)
+    explicit = by_slots.with_resident(positions)
+    assert explicit.resident[..., :-1].sum() == positions.shape[0] * positions.shape[1] * (slots - 3)
+    monkeypatch.setenv("KVTIER_KERNELS", "torch")
+    torch.testing.assert_close(out, attend_buffer(q, k, v, positions, past, 0.2, valid, explicit, keys, values),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_buffer_attention_is_the_same_on_any_number_of_threads():
     """The columns are cut into the same chunks and merged in the same order whatever the threads: bit for bit."""
     from kvtier.attention import attend_buffer

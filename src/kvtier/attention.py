@@ -17,7 +17,7 @@ KV heads go in as they are (enable_gqa) wherever the kernel SDPA picks accepts t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -67,13 +67,27 @@ class RestRange:
     A page that is resident (held at full precision and attended through k/v) must not count a second time
     through its low-bit copy, and which pages are resident differs per KV head, hence `resident`, bool
     [b, H_kv, P] with P >= ceil(hi / page_size); page i holds tokens [i * page_size, (i + 1) * page_size).
+    For `attend_buffer`, `resident` may be None and `slots` the buffer rows of its recalled pages (one page per
+    `page_size` rows): a page is resident where a slot's first row holds its first token.
     """
 
     lo: int
     hi: int
-    resident: torch.Tensor
+    resident: torch.Tensor | None
     page_size: int
     valid: torch.Tensor | None = None  # [b, >= hi] bool: False for a sequence's padding (left padding)
+    slots: slice | None = None
+
+    def with_resident(self, positions: torch.Tensor) -> "RestRange":
+        """This range with `resident` read from the slots' positions [b, H_kv, L] (where it is None)."""
+        if self.resident is not None:
+            return self
+        size = self.page_size
+        pages = -(-self.hi // size)
+        first = positions[:, :, self.slots.start:self.slots.stop:size]  # a slot's first position, -1 if empty
+        held = torch.where(first >= 0, first // size, pages).clamp_(max=pages)
+        resident = torch.zeros((*held.shape[:2], pages + 1), dtype=torch.bool, device=held.device)
+        return replace(self, resident=resident.scatter_(-1, held, True))
 
 
 def _drop_resident(s_rest: torch.Tensor, rest: RestRange, b: int, num_kv: int) -> torch.Tensor:
@@ -189,7 +203,7 @@ def attend_buffer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     mask = buffer_mask(positions, past, t, valid)
     if rest is None:
         return attend(q, k, v, scaling, mask)
-    return attend_mixed(q, k, v, mask, keys, values, rest, scaling, scores=scores)
+    return attend_mixed(q, k, v, mask, keys, values, rest.with_resident(positions), scaling, scores=scores)
 
 
 def causal_mask(valid: torch.Tensor | None, t: int, n: int, q_offset: int, device) -> torch.Tensor | None:

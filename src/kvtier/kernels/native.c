@@ -390,7 +390,9 @@ void kvt_page_probs_f32(const float *raw, float *out, int64_t heads, int64_t gro
  * column is visible to a row where mask (bytes at strides (sm_h, sm_t) per head and token; sm_h 0: shared by the
  * heads of a sequence, h / kv_heads) says so, else, with no mask, where its position (pos [heads][L]) is >= 0,
  * at most past + token, and valid (bytes [batch][positions] at stride sv_b, or NULL). Masked columns score
- * float32 min, as in attention.attend. The low-bit rest: tokens t in [lo, hi) on no resident page, valid,
+ * float32 min, as in attention.attend. The low-bit rest: tokens t in [lo, hi) on no resident page (resident
+ * [heads][pages] bytes at stride srs_h; NULL: the pages whose first token the buffer's rows slot_start,
+ * slot_start + page, ... < slot_stop hold), valid,
  * scored by raw [heads][rows][>= hi] at strides (sr_h, sr_m), values quantized per token (codes at strides
  * (sp_h, sp_n), scale and zero [heads][N][d / group] at strides (sz_h, sz_n)); lo >= hi: none. */
 typedef struct {
@@ -405,7 +407,7 @@ typedef struct {
     const float *raw;
     int64_t sr_h, sr_m, lo, hi;
     const uint8_t *resident;
-    int64_t srs_h, page;
+    int64_t srs_h, page, slot_start, slot_stop;
     const uint8_t *packed;
     const float *scale, *zero;
     int64_t sp_h, sp_n, sz_h, sz_n, group, bits;
@@ -498,14 +500,26 @@ static void attend_full_part(const attention_args *a, int64_t h, int64_t c0, int
 static void attend_lowbit_part(const attention_args *a, int64_t h, int64_t t0, int64_t t1, float *top,
                                float *total, float *acc) {
     static _Thread_local float codes[8][MAX_DIM + 8], weight[MAX_ROWS][8], skip[MIX_CHUNK];
+    static _Thread_local uint8_t slot_held[MIX_CHUNK + 1];
     const float NEG_INF = -__builtin_inff();
     const float (*table)[8] = table_for((int)a->bits);
-    const int64_t n = t1 - t0, d = a->d, rows = a->rows, group = a->group;
+    const int64_t n = t1 - t0, d = a->d, rows = a->rows, group = a->group, page = a->page;
     const int vector = group % 8 == 0;
-    const uint8_t *held = a->resident + h * a->srs_h;
+    const uint8_t *held = a->resident ? a->resident + h * a->srs_h : NULL;
     const uint8_t *ok = a->valid ? a->valid + (h / a->kv_heads) * a->sv_b : NULL;
+    const int64_t first_page = t0 / page, pages = (t1 - 1) / page - first_page + 1;
+    if (!held) {  /* the chunk's pages that some slot holds, from the slots' first positions */
+        memset(slot_held, 0, (size_t)pages);
+        for (int64_t r = a->slot_start; r < a->slot_stop; r += page) {
+            int64_t p = a->pos[h * a->L + r];
+            if (p >= 0 && p / page >= first_page && p / page < first_page + pages) slot_held[p / page - first_page] = 1;
+        }
+    }
     /* 0 for a token that counts, -inf for one on a resident page or in padding */
-    for (int64_t t = t0; t < t1; t++) skip[t - t0] = held[t / a->page] || (ok && !ok[t]) ? NEG_INF : 0.0f;
+    for (int64_t t = t0; t < t1; t++) {
+        int on_slot = held ? held[t / page] : slot_held[t / page - first_page];
+        skip[t - t0] = on_slot || (ok && !ok[t]) ? NEG_INF : 0.0f;
+    }
     for (int64_t m = 0; m < rows; m++) {
         const float *sr = a->raw + h * a->sr_h + m * a->sr_m + t0;
         v8 best = (v8){0} + NEG_INF;

@@ -209,7 +209,7 @@ class _AttentionArgs(ctypes.Structure):
     _fields_ = [(name, kind) for names, kind in (
         ("q k v pos mask", _c_ptr), ("sm_h sm_t sm_b L past tokens", _c_i64), ("valid", _c_ptr),
         ("sv_b kv_heads", _c_i64), ("scaling", _c_float), ("raw", _c_ptr), ("sr_h sr_m lo hi", _c_i64),
-        ("resident", _c_ptr), ("srs_h page", _c_i64), ("packed scale zero", _c_ptr),
+        ("resident", _c_ptr), ("srs_h page slot_start slot_stop", _c_i64), ("packed scale zero", _c_ptr),
         ("sp_h sp_n sz_h sz_n group bits heads rows d", _c_i64), ("out", _c_ptr)) for name in names.split()]
 
 
@@ -250,14 +250,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
     if rest is not None and rest.hi > rest.lo:
         codes, params = _heads_view(values.packed), _heads_view(values.scale)
         raw_strides = _heads_view(raw)
-        if (rest.resident.dtype != torch.bool or values.bits not in _BITS or codes is None or params is None
+        by_slots = rest.resident is None  # read from the slots' positions (attention.RestRange)
+        if by_slots and (positions is None or mask is not None):
+            return None
+        if ((not by_slots and rest.resident.dtype != torch.bool) or values.bits not in _BITS or codes is None
+                or params is None
                 or raw_strides is None or raw.dtype != torch.float32 or values.zero.stride() != values.scale.stride()
                 or values.scale.dtype != torch.float32 or d % values.group_size):
             return None
-        held = rest.resident.contiguous()
-        keep.append(held)
         args.raw, (args.sr_h, args.sr_m), args.lo, args.hi = raw.data_ptr(), raw_strides, rest.lo, rest.hi
-        args.resident, args.srs_h, args.page = held.data_ptr(), held.shape[-1], rest.page_size
+        args.page = rest.page_size
+        if by_slots:
+            args.slot_start, args.slot_stop = rest.slots.start, rest.slots.stop
+        else:
+            held = rest.resident.contiguous()
+            keep.append(held)
+            args.resident, args.srs_h = held.data_ptr(), held.shape[-1]
         args.packed, args.scale, args.zero = values.packed.data_ptr(), values.scale.data_ptr(), values.zero.data_ptr()
         (args.sp_h, args.sp_n), (args.sz_h, args.sz_n) = codes, params
         args.group, args.bits = values.group_size, values.bits

@@ -363,17 +363,9 @@ class RetrievalEngine(Method):
         lo, hi = self.o.sink, st.recent_start
         if st.values is None or hi <= lo:
             return attend_buffer(q, st.k, st.v, st.pos, past, scaling, valid)
-        rest = RestRange(lo, hi, self._resident(st), self.o.page_size, valid=valid)
+        rest = RestRange(lo, hi, None, self.o.page_size, valid=valid, slots=slice(st.slot_start, st.ring_start))
         return attend_buffer(q, st.k, st.v, st.pos, past, scaling, valid, rest, st.scorer.quantized(),
                              st.values.quantized(), scores=raw)
-
-    def _resident(self, st: _Layer) -> torch.Tensor:
-        """Bool [b, h, pages + 1]: the pages the slots hold now, read from the rows' positions (the page table
-        may already name pages whose copy is deferred)."""
-        p, pages = self.o.page_size, st.capacity // self.o.page_size
-        first = st.pos[:, :, st.slot_start:st.ring_start:p]  # a slot's first position, -1 if empty
-        held = torch.where(first >= 0, first // p, pages)
-        return torch.zeros((*held.shape[:2], pages + 1), dtype=torch.bool, device=held.device).scatter_(-1, held, True)
 
     def _whole_cache(self, layer: int, st: _Layer, k_new, v_new, n_old: int):
         """All tokens on the device (multi-token forwards): host pages, then the tail not in a whole page."""

@@ -210,7 +210,8 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
         "dense_layers": o.dense_layers * max(length, FULL_MIN_TOKENS) * token_layer_bytes(spec, batch),
         "buffers": retrieval * 2 * b * h * rows * d * elem,
         "positions": retrieval * b * h * rows * ROW_BYTES,
-        "page_table": retrieval * b * h * o.slots * ROW_BYTES,
+        # slot -> page and page -> slot (one more column for -1 entries)
+        "page_table": retrieval * b * h * (o.slots + capacity // p + 1) * ROW_BYTES,
     }
     if not lowbit:
         parts["digests"] = retrieval * 2 * b * h * (capacity // p) * d * elem
@@ -221,10 +222,12 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
             parts["lowbit_values"] = retrieval * (codes + 2 * b * h * capacity * (d // o.value_group) * elem)
     if retrieval:
         query_rows = spec.num_heads // h * 2  # a speculative step has two query tokens
+        # the recall plan's pages and slots, and the GPU kernel's eviction keys (a power of two per row)
+        workspace = 2 * b * h * o.slots * ROW_BYTES + 4 * b * h * max(2, 1 << (o.slots - 1).bit_length())
         if not lowbit:  # the page bounds per query row and their softmax
-            workspace = 4 * b * h * query_rows * (capacity // p) * 2
+            workspace += 4 * b * h * query_rows * (capacity // p) * 2
         else:
-            workspace = 4 * b * h * query_rows * capacity * 2  # raw token scores and their softmax
+            workspace += 4 * b * h * query_rows * capacity * 2  # raw token scores and their softmax
             in_place = kernels or (c_kernels and spec.dtype == torch.float32 and query_rows <= native.MAX_ROWS
                                    and d <= native.MAX_DIM)
             if not in_place:  # the PyTorch reference dequantizes one layer's low-bit copy

@@ -17,7 +17,7 @@ from ..attention import causal_attention
 from ..link import StagingPair
 from ..hardware import load_profile
 from ..schedule import plan_split
-from ..store import ForkShare, from_pages
+from ..store import ForkShare, from_pages, grown
 from .base import register
 from .offload import Offload
 
@@ -112,7 +112,7 @@ class KVPR(Offload):
         share = self.act_shares[layer]
         if buf is None or buf.shape[0] < n + t or (share is not None and not share.may_append(self, layer, n)):
             # grow, or copy on write: a fork (or the parent) holds the rows past ours
-            capacity = self.reserved if n + t <= self.reserved else n + t + (n + t) // 4
+            capacity = grown(n + t, self.reserved)
             new = torch.empty((capacity, b, x.shape[2]), dtype=x.dtype, pin_memory=self.link.cuda)
             if n:
                 self.link.synchronize()
@@ -127,7 +127,7 @@ class KVPR(Offload):
     def _store_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
         n, t = self.num_rope, cos.shape[1]
         if self.cos is None or self.cos.shape[1] < n + t:
-            capacity = self.reserved if n + t <= self.reserved else n + t + (n + t) // 4
+            capacity = grown(n + t, self.reserved)
             new_cos = cos.new_empty((cos.shape[0], capacity, cos.shape[2]))
             new_sin = torch.empty_like(new_cos)
             if n:

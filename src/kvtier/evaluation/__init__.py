@@ -1,7 +1,7 @@
 """Fidelity evaluation: every method against `full` on the same inputs (needle grid, RULER-style tasks, decode
 perplexity, next-token fidelity, budget sweeps) and a report that gathers them."""
 
-from .common import MethodSpec, parse_methods
+from ..methods import MethodSpec, parse_methods
 from .fidelity import fidelity
 from .needle import needle_grid
 from .ppl import perplexity

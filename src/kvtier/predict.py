@@ -61,7 +61,7 @@ class Prediction:
 
 
 def elem_bytes(spec: ModelSpec) -> int:
-    return torch.empty((), dtype=spec.dtype).element_size()
+    return spec.dtype.itemsize
 
 
 def token_layer_bytes(spec: ModelSpec, batch: int) -> int:

@@ -128,7 +128,7 @@ class HostPool:
 
     @property
     def dtype_bytes(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def page_bytes(self) -> int:

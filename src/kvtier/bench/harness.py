@@ -35,8 +35,8 @@ from ..cache import HF_BASELINES, KVCache, make_cache
 from ..evaluation.common import parse_length, write_json
 from ..generate import Decoder, prefill
 from ..methods import METHOD_REGISTRY, MethodSpec, parse_methods
-from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, environment_summary, resolve_dtype
-from ..hardware import device_name, load_profile, measure_memory_bandwidth
+from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, dtype_name, environment_summary, head_dim, resolve_device, resolve_dtype
+from ..hardware import StepClock, device_name, load_profile, measure_memory_bandwidth
 from ..stepcheck import StepCounter
 from .report import CPU_LABEL, format_table, plot, short_length
 from .shapes import REAL_SHAPES, SHAPES, TINY_SHAPES, build_model, kv_bytes, model_config, parameter_count, \
@@ -92,28 +92,6 @@ def parse_bench_methods(text_or_list) -> list[MethodSpec]:
 
 
 # -- one measurement -----------------------------------------------------------------------------------------
-class _StepClock:
-    """Marks between decode steps: CUDA events on CUDA (the GPU timeline), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks = []
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def step_ms(self) -> list[float]:
-        if self.cuda:
-            self.marks[-1].synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
-
-
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -215,7 +193,7 @@ def _measure(model, spec: MethodSpec, ids, steps: int, warmup: int, hardware, ch
         step()
     _sync(device)
     h2d0, d2h0 = _traffic(cache)
-    clock = _StepClock(device)
+    clock = StepClock(device)
     clock.mark()
     for _ in tqdm(range(steps), desc=f"decode ({spec.label})", unit="tok", disable=not progress, leave=False):
         step()
@@ -314,12 +292,10 @@ def run(model_config_name: str | None = None, contexts=("1k",), batches=(1,), me
     if max(contexts) + steps + 2 > config.max_position_embeddings:
         raise ValueError(f"context {max(contexts)} + {steps} decode steps exceeds the {what}'s "
                          f"{config.max_position_embeddings} positions")
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     hardware = load_profile(profile, device=device, dtype=dtype, hidden_size=config.hidden_size,
-                            kv_width=config.num_key_value_heads * head_dim)
+                            kv_width=config.num_key_value_heads * head_dim(config))
     memory_bw = measure_memory_bandwidth(device)
     if model is not None:
         from ..models import load
@@ -364,7 +340,7 @@ def run(model_config_name: str | None = None, contexts=("1k",), batches=(1,), me
                                                          "num_hidden_layers", "num_attention_heads",
                                                          "num_key_value_heads", "head_dim", "vocab_size",
                                                          "max_position_embeddings")},
-        "device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
+        "device": device_name(device), "device_type": device.type, "dtype": dtype_name(dtype),
         "label": CPU_LABEL if device.type == "cpu" else None,
         "torch": env["torch"], "transformers": env["transformers"], "kvtier": env["kvtier"],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -84,7 +84,7 @@ class KVPR(Offload):
             s = self.spec
             self.plans = {tokens: plan_split(
                 tokens, batch, s.hidden_size, s.num_kv_heads * s.head_dim,
-                torch.empty((), dtype=s.dtype).element_size(), self.hardware.h2d_bytes_per_s,
+                s.dtype.itemsize, self.hardware.h2d_bytes_per_s,
                 self.hardware.matmul_flops_per_s, split=self.split)}
         return self.plans[tokens]
 

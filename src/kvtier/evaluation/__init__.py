@@ -1,5 +1,6 @@
 """Fidelity evaluation: every method against `full` on the same inputs (needle grid, RULER-style tasks, decode
-perplexity, next-token fidelity, budget sweeps) and a report that gathers them."""
+perplexity, next-token fidelity, budget sweeps) and a report that gathers them. The protocol is in
+docs/evaluation.md."""
 
 from ..methods import MethodSpec, parse_methods
 from .fidelity import fidelity

@@ -13,11 +13,7 @@ from .runner import BesideFull
 
 def paired_delta(method_nll: torch.Tensor, full_nll: torch.Tensor) -> dict:
     """Method minus full on the same tokens: mean NLL difference, its standard error and a 95% interval on the
-    perplexity difference.
-
-    Pairing token by token cancels how hard each token is, which dominates the spread of either NLL alone; the
-    interval is taken on the NLL scale (where the mean is close to normal) and mapped through exp.
-    """
+    perplexity difference, paired token by token (why: docs/evaluation.md)."""
     diff = (method_nll.double() - full_nll.double()).flatten()
     n = diff.numel()
     delta = float(diff.mean())

@@ -1,4 +1,4 @@
-"""KV placement methods, one per file. Importing this package registers them all."""
+"""KV placement methods, one per file (described in docs/methods.md). Importing this package registers them all."""
 
 from .base import (METHOD_REGISTRY, Method, MethodSpec, check_option_names, method_class, parse_methods, parse_value,
                    register, resolve_options)

@@ -7,6 +7,7 @@ X[0:l) first, then KV[l:s); the device recomputes K = RoPE(norm(X W_k)), V = X W
 model's own weights while the tail is in flight. l comes from the cost model in `schedule` fed by the
 measured `profile`, or is fixed by the user (`split=int`). With grouped-query attention moving X usually
 costs as much as the KV it replaces, and the scheduler says so and picks l = 0 (then kvpr == offload).
+See docs/methods.md.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ def run(model_name: str | None = None, methods=None, context_tokens: int = 3000,
         return out_ids[0, ids.shape[1]:], time.perf_counter() - start, cache.stats()
 
     def row(spec, output, reference):
-        (new, seconds, stats), answer = output, tokenizer.decode(output[0], skip_special_tokens=True)
+        new, seconds, stats = output
+        answer = tokenizer.decode(new, skip_special_tokens=True)
         return {"answer": answer.strip(), "found_needle": value in answer,
                 "same_tokens_as_full": bool(torch.equal(new, reference[0])), "seconds": seconds,
                 "options": spec.options, **{k: v for k, v in stats.items() if k != "method"}}

@@ -114,7 +114,8 @@ def needle_grid(model, tokenizer, methods, lengths=("1k", "2k"), depths=(0.0, 0.
             return out[0, ids.shape[1]:], cache.stats()
 
         def row(spec, output, reference):
-            (new, stats), answer = output, tokenizer.decode(output[0], skip_special_tokens=True)
+            new, stats = output
+            answer = tokenizer.decode(new, skip_special_tokens=True)
             return {"kind": kind, "length": length, "prompt_tokens": int(ids.shape[1]), "depth": depth,
                     "needle": value, "answer": answer.strip(), "success": value in answer,
                     "answered_distractor": any(v in answer for v in distractors),

@@ -75,7 +75,7 @@ def perplexity(model, tokenizer, methods, texts=("prose", "code"), context="2k",
             return torch.cat(nlls), stats
 
         def row(spec, output, reference):
-            (nll, stats), full_nll = output, reference[0]
+            (nll, stats), (full_nll, _) = output, reference
             mean, full_mean = float(nll.mean()), float(full_nll.mean())
             return {"text": name, "context": context, "targets": targets, "windows": windows,
                     "scored_tokens": nll.numel(), "nll": mean, "ppl": math.exp(mean),

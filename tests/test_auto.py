@@ -156,7 +156,7 @@ def test_model_on_several_devices_is_refused(tiny):
 def test_auto_finds_the_needle_in_40_mib(embedded):
     """The issue's bar: a 3k-token needle prompt on the embedded model (full: about 132 MiB) with 40 MiB of device
     memory; auto answers with the passphrase and stays within the budget."""
-    from kvtier.demo import needle_prompt
+    from kvtier.evaluation.needle import needle_prompt
 
     model, tokenizer = embedded
     ids = needle_prompt(tokenizer, 3000, 0.5, "violet-anchor-4127")

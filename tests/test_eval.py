@@ -12,7 +12,8 @@ import torch
 
 from kvtier.cli import main
 from kvtier.evaluation import MethodSpec, fidelity, needle_grid, parse_methods, perplexity, report, ruler
-from kvtier.evaluation.common import parse_length, resolve_options, with_full
+from kvtier.evaluation.common import parse_length, with_full
+from kvtier.methods import resolve_options
 from kvtier.evaluation.ppl import paired_delta, window_starts
 from kvtier.evaluation.report import load_results
 
@@ -29,8 +30,8 @@ def test_parse_methods_with_options():
     assert specs[1].label == "freekv:budget=512,page_size=8"
     assert with_full([MethodSpec("freekv")])[0] == MethodSpec("full")
     assert with_full(parse_methods("freekv,full")) == parse_methods("full,freekv"), "full first: the reference"
-    assert resolve_options(parse_methods("freekv:budget=0.25")[0], 2048) == {"budget": 512}
-    assert resolve_options(parse_methods("freekv:budget=300")[0], 2048) == {"budget": 300}
+    assert resolve_options(parse_methods("freekv:budget=0.25")[0].options, 2048) == {"budget": 512}
+    assert resolve_options(parse_methods("freekv:budget=300")[0].options, 2048) == {"budget": 300}
     with pytest.raises(ValueError, match="unknown method"):
         parse_methods("nope")
     with pytest.raises(ValueError, match="key=value"):

@@ -118,13 +118,13 @@ def test_lowbit_scoring_finds_the_page_a_query_points_at():
 
 def test_lowbit_keys_grow_and_count_what_they_hold():
     store = LowBitKeys(bits=2, group_size=8)
-    keys = torch.randn(1, 2, 100, 16)
-    for i in range(100):  # token by token: buffers grow with a margin, codes equal one-shot quantization
+    keys = torch.randn(1, 2, 1004, 16)  # long enough that the growth margin (store.grown) is a small share
+    for i in range(1004):  # token by token: buffers grow with a margin, codes equal one-shot quantization
         store.append(keys[:, :, i:i + 1])
     q = store.quantized()
-    whole = quantize_keys(keys[:, :, :96], 2, 8)
+    whole = quantize_keys(keys[:, :, :1000], 2, 8)
     assert torch.equal(q.packed, whole.packed) and torch.equal(q.scale, whole.scale)
-    assert torch.equal(store.pending, keys[:, :, 96:])
+    assert torch.equal(store.pending, keys[:, :, 1000:])
     assert store.nbytes() == sum(t.numel() * t.element_size() for t in store.tensors())
     assert store.nbytes() < keys.numel() * keys.element_size() / 2  # 2 bits + 2 x 32 bits per 8 tokens, vs 32
     with pytest.raises(ValueError, match="do not match"):

@@ -27,7 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 from .attention import causal_attention
-from .methods import method_class
+from .methods import MethodSpec, method_class, resolve_options
 from .models import ModelSpec, attention_modules, kv_projectors
 
 ATTN_NAME = "kvtier"
@@ -597,3 +597,19 @@ class HFBaselineCache(DynamicCache):
     def kv_bytes(self) -> int:
         """Bytes of keys and values held, wherever they are."""
         return sum(self.layer_bytes(i) for i in range(len(self.layers)))
+
+
+HF_BASELINES = {"hf-dynamic": False, "hf-offload": True}  # name -> HFBaselineCache(offloading=...)
+
+
+def make_cache(model, method: str | MethodSpec = "full", context_tokens: int | None = None, **options):
+    """The cache of a method and its options (a name and keyword options, or a MethodSpec): a KVCache, or one of
+    the benchmark's Hugging Face baselines (HF_BASELINES, which take no options). With `context_tokens`, a budget
+    given as a fraction ("budget=0.25") becomes that share of the context."""
+    if isinstance(method, MethodSpec):
+        method, options = method.method, {**method.options, **options}
+    if method in HF_BASELINES:
+        if options:
+            raise ValueError(f"{method} takes no options, got {sorted(options)}")
+        return HFBaselineCache(model, offloading=HF_BASELINES[method])
+    return KVCache(model, method=method, **resolve_options(options, context_tokens))

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .models import dtype_name
+
 FORMAT = "kvtier-cache"
 FORMAT_VERSION = 1
 _MAX_HEADER = 512 * 1024 * 1024  # a safetensors header larger than this is not one
@@ -44,7 +46,7 @@ def fingerprint(model) -> dict:
     return {"family": spec.family, "num_layers": spec.num_layers, "num_heads": spec.num_heads,
             "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "hidden_size": spec.hidden_size,
             "vocab_size": int(getattr(model.config, "vocab_size", 0) or 0),
-            "dtype": str(spec.dtype).removeprefix("torch."), "weights_sha256": digest.hexdigest()}
+            "dtype": dtype_name(spec.dtype), "weights_sha256": digest.hexdigest()}
 
 
 def model_mismatch(saved: dict, model: dict) -> str | None:

@@ -8,7 +8,6 @@ names the bad value and what to do; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import re
 import shlex
@@ -55,13 +54,12 @@ class _Parser(argparse.ArgumentParser):
 
 # -- argument types: syntax only (no imports of torch); meaning is checked in check_* below ------------------
 def _parse_option(text: str) -> tuple[str, object]:
+    from kvtier.methods import parse_value
+
     if "=" not in text or not text.split("=", 1)[0].strip():
         raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    try:
-        return key.strip(), ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key.strip(), value
+    return key.strip(), parse_value(value)
 
 
 def _list(text: str) -> list[str]:
@@ -181,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     def command(parent, name: str, text: str, examples: str | None = None):
         return parent.add_parser(name, help=text, description=text, parents=[common], epilog=examples)
 
+    def shape_or_model(p, shape_help: str, model_help: str):
+        """A model by its shape alone (--model-config) or a model (--model): bench and plan take either."""
+        p.add_argument("--model-config", default=None, help=shape_help)
+        p.add_argument("--model", default=None, help=model_help)
+
     def model_options(p):
         p.add_argument("--model", default=None, help="the embedded smollm2-135m (the default), a model folder, a "
                        ".gguf file, or a Hugging Face id already in the local cache (nothing is downloaded)")
@@ -255,10 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = command(sub, "bench", "decode speed, memory, aten ops and host syncs per step of every method beside "
                     "Hugging Face's caches, on a random-weight model of a real shape or the embedded model",
                     EXAMPLES["bench"])
-    bench.add_argument("--model-config", default=None, help="real shapes: llama-3.1-8b, llama-2-7b, qwen2.5-7b "
-                       "(need --random-weights); CPU harness checks: tiny-llama, tiny-mha")
-    bench.add_argument("--model", default=None, help="embedded: the embedded SmolLM2-135M, its own weights, with "
-                       "real prose as the prompt (instead of --model-config; contexts up to its 8192 positions)")
+    shape_or_model(bench, "real shapes: llama-3.1-8b, llama-2-7b, qwen2.5-7b (need --random-weights); CPU harness "
+                   "checks: tiny-llama, tiny-mha", "embedded: the embedded SmolLM2-135M, its own weights, with real "
+                   "prose as the prompt (instead of --model-config; contexts up to its 8192 positions)")
     bench.add_argument("--random-weights", action="store_true",
                        help="build the shape with random weights (nothing is ever downloaded)")
     bench.add_argument("--contexts", default="1k", type=_items("lengths", _length), help="prompt lengths: 8k,32k")
@@ -282,10 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = command(sub, "plan", "device KV, host KV and bytes moved per decode step of every method for a model "
                    "shape, whether each fits a device's memory, and what --method auto picks (no weights are loaded)",
                    EXAMPLES["plan"])
-    plan.add_argument("--model-config", default=None, help="a named shape: llama-3.1-8b, llama-2-7b, qwen2.5-7b, "
-                      "tiny-llama, tiny-mha")
-    plan.add_argument("--model", default=None, help="instead of --model-config: embedded, a model folder, a .gguf "
-                      "file, or a Hugging Face id in the local cache (its config is read, not its weights)")
+    shape_or_model(plan, "a named shape: llama-3.1-8b, llama-2-7b, qwen2.5-7b, tiny-llama, tiny-mha",
+                   "instead of --model-config: embedded, a model folder, a .gguf file, or a Hugging Face id in the "
+                   "local cache (its config is read, not its weights)")
     plan.add_argument("--context", default="32k", type=_items("lengths", _length), help="prompt lengths: 32k,128k")
     plan.add_argument("--new-tokens", type=_positive, default=256, help="tokens generated after each prompt")
     plan.add_argument("--batch", default="1", type=_items("batch sizes", _positive), help="batch sizes: 1,4")
@@ -410,7 +411,7 @@ def _read_prompt(name: str, flag: str = "--prompt-file") -> str:
 
 
 def _method_options(args) -> dict:
-    from kvtier.evaluation.common import check_option_names
+    from kvtier.methods import check_option_names
     from kvtier.methods import METHOD_REGISTRY
     from kvtier.sizes import parse_bytes
 
@@ -436,7 +437,7 @@ def _method_options(args) -> dict:
 def _result_files(args) -> list[str]:
     """The files an evaluation writes into --out (the ones --overwrite is about)."""
     if args.eval_command == "sweep":
-        from kvtier.evaluation.common import parse_methods
+        from kvtier.methods import parse_methods
 
         method = parse_methods(args.method)[0].method
         return [f"sweep_{method}_{args.option}.json", f"sweep_{method}_{args.option}.png"]
@@ -444,7 +445,8 @@ def _result_files(args) -> list[str]:
 
 
 def _check_eval(args) -> None:
-    from kvtier.evaluation.common import check_existing, check_output_dir, parse_methods
+    from kvtier.evaluation.common import check_existing, check_output_dir
+    from kvtier.methods import parse_methods
     from kvtier.evaluation.fidelity import check_fidelity
     from kvtier.evaluation.needle import check_grid
     from kvtier.evaluation.ppl import check_ppl
@@ -634,7 +636,8 @@ def cmd_chat(args) -> int:
 
 def cmd_demo(args) -> int:
     from kvtier import demo
-    from kvtier.evaluation.common import check_output_file, parse_methods
+    from kvtier.evaluation.common import check_output_file
+    from kvtier.methods import parse_methods
 
     if args.methods is not None:
         parse_methods(args.methods)

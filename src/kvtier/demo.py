@@ -14,19 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .cache import KVCache
+from .evaluation.common import check_output_file, with_full
+from .evaluation.needle import needle_prompt
+from .evaluation.runner import BesideFull
 from .generate import generate
-from .models import environment_summary, load
-
-NEEDLE = "The secret passphrase of the kvtier demo is {value}."
-QUESTION = "What is the secret passphrase of the kvtier demo? Answer with the passphrase only."
-
-
-def needle_prompt(tokenizer, context_tokens: int, depth: float, value: str) -> torch.Tensor:
-    """Chat-formatted prompt of about `context_tokens` tokens with the needle at `depth` (0..1) of the text."""
-    from .evaluation.common import haystack_prompt
-
-    return haystack_prompt(tokenizer, context_tokens, [(depth, NEEDLE.format(value=value))], QUESTION)
+from .methods import parse_methods
+from .models import environment_summary, load, resolve_device, resolve_dtype, resolve_model
 
 
 # FreeKV at about a third of the demo's context, where it saves device memory, as the paper has it and with the
@@ -40,9 +33,6 @@ def run(model_name: str | None = None, methods=None, context_tokens: int = 3000,
     """methods: "full,freekv:budget=1024,..." or a list of such names (see kvtier.evaluation.parse_methods); None for
     DEFAULT_METHODS. Every argument, method option name and the output path are checked before the model loads,
     every method's option values before the first method runs."""
-    from .evaluation.common import check_caches, check_output_file, parse_methods, with_full
-    from .models import resolve_device, resolve_dtype, resolve_model
-
     specs = with_full(parse_methods(DEFAULT_METHODS if methods is None else methods))  # every figure vs full
     for name, value in (("context_tokens", context_tokens), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -52,31 +42,26 @@ def run(model_name: str | None = None, methods=None, context_tokens: int = 3000,
     resolve_dtype(dtype, resolve_device(device))
     resolve_model(model_name)
     model, tokenizer = load(model_name, device=device, dtype=dtype)
-    check_caches(model, specs, context_tokens)
+    runner = BesideFull(model, specs, context_tokens)
     value = "violet-anchor-4127"
-    ids = needle_prompt(tokenizer, context_tokens, 0.5, value).to(next(model.parameters()).device)
-    rows = []
-    reference = None
-    for spec in specs:
-        cache = KVCache(model, method=spec.method, **spec.options)
+    ids = needle_prompt(tokenizer, context_tokens, 0.5, value).to(runner.device)
+
+    def ask(spec):
+        cache = runner.cache(spec, context_tokens)
         start = time.perf_counter()
         out_ids = generate(model, ids, cache=cache, max_new_tokens=max_new_tokens, progress=progress)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        new = out_ids[0, ids.shape[1]:]
-        if reference is None:
-            reference = new
-        stats = cache.stats()
-        rows.append({
-            "method": spec.label,
-            "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
-            "found_needle": value in tokenizer.decode(new, skip_special_tokens=True),
-            "same_tokens_as_full": bool(torch.equal(new, reference)),
-            "seconds": seconds,
-            "options": spec.options,
-            **{k: v for k, v in stats.items() if k != "method"},
-        })
+        return out_ids[0, ids.shape[1]:], time.perf_counter() - start, cache.stats()
+
+    def row(spec, output, reference):
+        new, seconds, stats = output
+        answer = tokenizer.decode(new, skip_special_tokens=True)
+        return {"answer": answer.strip(), "found_needle": value in answer,
+                "same_tokens_as_full": bool(torch.equal(new, reference[0])), "seconds": seconds,
+                "options": spec.options, **{k: v for k, v in stats.items() if k != "method"}}
+
+    rows = runner.rows(ask, row)
     result = {
         "job": "demo",
         "prompt_tokens": int(ids.shape[1]),

@@ -1,10 +1,11 @@
-"""kvtier's own decode loop (`generate`) and teacher-forced decode scoring (`score`).
+"""kvtier's own decode loop (`generate`) and teacher-forced decode scoring (`score`, `forced_logits`).
 
-Both prefill in chunks (bounded activation memory, a progress bar on long prompts) and then decode one
-token per forward through the method, so what they measure is what generation sees.
+All of them prefill in chunks (bounded activation memory, a progress bar on long prompts) and then decode one
+token per forward through the method with a `Decoder`, so what they measure is what generation sees. The
+benchmark (kvtier.bench.harness) times the same `Decoder.step`.
 
-The steps they are built from are public for the benchmark (kvtier.bench.harness) and the tests: `prefill`,
-`positions`, `decode_step`, and SpeCache's `lookahead` and `speculative_step`.
+The pieces are public for the benchmark and the tests: `prefill`, `Decoder`, and the single forwards it is made
+of, `positions`, `decode_step`, and SpeCache's `lookahead` and `speculative_step`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from .cache import KVCache
+from .cache import KVCache, make_cache
 
 PREFILL_CHUNK = 2048
 
@@ -35,13 +36,14 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _make_cache(model, cache, method, options) -> KVCache:
+def _cache_for(model, cache, method, options) -> KVCache:
+    """The ready cache given, or a new one of `method`."""
     if cache is not None:
         if options:
             raise ValueError(f"options {sorted(options)} were given with a ready cache; pass them to KVCache")
         cache.check_usable()  # a cache whose step was interrupted: CacheBrokenError
         return cache
-    return KVCache(model, method=method, **options)
+    return make_cache(model, method, **options)
 
 
 def _empty(cache: KVCache) -> KVCache:
@@ -119,11 +121,59 @@ def decode_step(model, cache, token, mask, position):
     (None: no padding) and `position` the positions [b, 1] of the last token fed. Returns the next logits
     [b, vocab] (float32) and the mask and positions extended by this token."""
     if mask is not None:
-        mask = torch.cat((mask, mask.new_ones((mask.shape[0], 1))), dim=1)
+        mask = _extended(mask)
     position = position + 1
     out = model(input_ids=token[:, None], attention_mask=mask, past_key_values=cache, position_ids=position,
                 use_cache=True)
     return out.logits[:, -1].float(), mask, position
+
+
+class Decoder:
+    """Decoding after a prefill of `prompt` ([b, n] ids): `step(token)` feeds one token per sequence ([b]) and
+    returns the logits [b, vocab] (float32) that predict the next.
+
+    The one decode loop of generate, score, forced_logits and the benchmark. Through a method that speculates
+    (SpeCache; `speculate=None` asks the cache) each step feeds the token beside a guess of the next one and keeps
+    only the token (`speculative_step`); the first step begins with the lookahead pass that makes the first
+    guess. Teacher forcing passes speculate=False: it knows the next token, so a guess would measure nothing.
+    """
+
+    def __init__(self, model, cache, prompt: torch.Tensor, attention_mask=None, speculate: bool | None = None):
+        self.model, self.cache = model, cache
+        self.speculative = speculates(cache) if speculate is None else speculate
+        if self.speculative and attention_mask is None:  # the two-token step extends a mask
+            attention_mask = torch.ones_like(prompt)
+        self.mask = attention_mask
+        self.position = positions(attention_mask, prompt.shape[1] - 1, prompt.shape[1], prompt.device)
+        self.guess = None  # SpeCache's guess of the token after the next one fed
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        if not self.speculative:
+            logits, self.mask, self.position = decode_step(self.model, self.cache, token, self.mask, self.position)
+            return logits
+        position = self.position + 1
+        if self.guess is None:
+            self.guess = lookahead(self.model, self.cache, token, self.mask, position)
+        logits, self.guess = _speculative_forward(self.model, self.cache, token, self.guess, self.mask, position)
+        self.mask, self.position = _extended(self.mask), position
+        return logits
+
+
+def _extended(mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask with one more attended token."""
+    return torch.cat((mask, mask.new_ones((mask.shape[0], 1))), dim=1)
+
+
+def _eos_and_pad(model, eos_token_id, pad_token_id, device) -> tuple[torch.Tensor, int]:
+    """The ids that end a sequence and the id that pads it afterwards, as model.generate takes them: given, else
+    the model's generation config; without a pad id, the first end id (else 0)."""
+    gen_config = getattr(model, "generation_config", None)
+    eos = eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None)
+    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=device)
+    pad = pad_token_id if pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
+    if pad is None:
+        pad = int(eos[0]) if eos.numel() else 0
+    return eos, pad
 
 
 def _sampler(model, do_sample: bool, temperature, top_k, top_p, seed, device):
@@ -191,35 +241,26 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
                              f"{tuple(input_ids.shape)}")
     pick = _sampler(model, do_sample, temperature, top_k, top_p, seed, input_ids.device)
-    cache = _make_cache(model, cache, method, options)
+    cache = _cache_for(model, cache, method, options)
     past = cached_prefix(cache, input_ids)
     total = input_ids.shape[1] + max_new_tokens
     if total > cache.spec.max_positions:
         raise ValueError(f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
                          f"model's maximum of {cache.spec.max_positions} positions")
     cache.reserve(total)
-    gen_config = getattr(model, "generation_config", None)
-    eos = eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None)
-    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=input_ids.device)
-    pad = pad_token_id if pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
-    if pad is None:
-        pad = int(eos[0]) if eos.numel() else 0
+    eos, pad = _eos_and_pad(model, eos_token_id, pad_token_id, input_ids.device)
 
     if streamer is not None:
         streamer.put(input_ids.cpu())
     try:
         logits = prefill(model, cache, input_ids, attention_mask, progress=progress, past=past)
-        if speculates(cache):
-            return _generate_speculative(model, cache, input_ids, attention_mask, logits, max_new_tokens, eos, pad,
-                                         progress, pick, streamer)
+        decoder = Decoder(model, cache, input_ids, attention_mask)
         tokens = [input_ids]
-        mask = attention_mask
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        position = positions(attention_mask, input_ids.shape[1] - 1, input_ids.shape[1], input_ids.device)
-        for step in tqdm(range(max_new_tokens), desc=f"decode ({cache.method.name})", unit="tok",
-                         disable=not progress, leave=False):
+        desc = f"decode ({cache.method.name}{', speculative' if decoder.speculative else ''})"
+        for step in tqdm(range(max_new_tokens), desc=desc, unit="tok", disable=not progress, leave=False):
             nxt = pick(logits)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)  # a finished sequence is padded
             tokens.append(nxt[:, None])
             if streamer is not None:
                 streamer.put(nxt.cpu())
@@ -227,69 +268,37 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
                 done |= torch.isin(nxt, eos)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            logits, mask, position = decode_step(model, cache, nxt, mask, position)
+            logits = decoder.step(nxt)
         return torch.cat(tokens, dim=1)
     finally:
         if streamer is not None:
             streamer.end()
 
 
-def _generate_speculative(model, cache, input_ids, attention_mask, logits, max_new_tokens, eos, pad, progress,
-                          pick, streamer):
-    """Decoding with a speculative next token (SpeCache's two-token step).
-
-    A lookahead pass feeds x_1 alone (nothing stored) to start the fetch for it and to guess x^_2; then each
-    step feeds [x_t, x^_{t+1}], keeps only x_t, and its two logit rows give x_{t+1} (picked: greedy or sampled)
-    and the next guess (always the argmax: it only chooses what to fetch).
-    """
-    b = input_ids.shape[0]
-    device = input_ids.device
-    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    position = positions(attention_mask, input_ids.shape[1] - 1, input_ids.shape[1], device) + 1
-    real = pick(logits)
-    guess = lookahead(model, cache, real, mask, position)
-    tokens = [input_ids]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    for step in tqdm(range(max_new_tokens), desc=f"decode ({cache.method.name}, speculative)", unit="tok",
-                     disable=not progress, leave=False):
-        real = torch.where(done, torch.full_like(real, pad), real)
-        tokens.append(real[:, None])
-        if streamer is not None:
-            streamer.put(real.cpu())
-        if eos.numel():
-            done |= torch.isin(real, eos)
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
-        logits, guess, mask, position = _speculative_forward(model, cache, real, guess, mask, position)
-        real = pick(logits)
-    return torch.cat(tokens, dim=1)
-
-
 def lookahead(model, cache, real, mask, position):
     """SpeCache's lookahead pass: feed x_1 (`real` [b]) alone at `position`, storing nothing, which starts the
     fetch for it; returns the guess x^_2 [b] (the argmax) that the first speculative_step feeds beside x_1."""
-    ones = mask.new_ones((mask.shape[0], 1))
     with cache.feeding("lookahead"):
-        out = model(input_ids=real[:, None], attention_mask=torch.cat((mask, ones), 1), past_key_values=cache,
+        out = model(input_ids=real[:, None], attention_mask=_extended(mask), past_key_values=cache,
                     position_ids=position, use_cache=True)
     return out.logits[:, -1].argmax(-1)
 
 
 def _speculative_forward(model, cache, real, guess, mask, position):
-    """Feed [x_t, x^_{t+1}] and keep x_t; returns the logits of x_{t+1} [b, vocab], the next guess, and the
-    extended mask and positions."""
-    ones = mask.new_ones((mask.shape[0], 1))
+    """Feed [x_t, x^_{t+1}] at `position` and the next, keep x_t; returns the logits of x_{t+1} [b, vocab] and the
+    next guess (always the argmax: it only chooses what to fetch)."""
     with cache.feeding("speculative"):
-        out = model(input_ids=torch.stack((real, guess), 1), attention_mask=torch.cat((mask, ones, ones), 1),
+        out = model(input_ids=torch.stack((real, guess), 1), attention_mask=_extended(_extended(mask)),
                     past_key_values=cache, position_ids=torch.cat((position, position + 1), 1), use_cache=True)
-    return out.logits[:, -2].float(), out.logits[:, -1].float().argmax(-1), torch.cat((mask, ones), 1), position + 1
+    return out.logits[:, -2].float(), out.logits[:, -1].float().argmax(-1)
 
 
 def speculative_step(model, cache, real, guess, mask, position):
-    """SpeCache's greedy two-token step: feed [x_t, x^_{t+1}] (`real`, `guess`), keep x_t; returns x_{t+1}, the
-    next guess, and the extended mask and positions, in the order it takes them (a loop can feed them back)."""
-    logits, guess, mask, position = _speculative_forward(model, cache, real, guess, mask, position)
-    return logits.argmax(-1), guess, mask, position
+    """SpeCache's greedy two-token step: feed [x_t, x^_{t+1}] (`real`, `guess`) at `position`, keep x_t; returns
+    x_{t+1}, the next guess, and the extended mask and positions, in the order it takes them (a loop can feed them
+    back)."""
+    logits, guess = _speculative_forward(model, cache, real, guess, mask, position)
+    return logits.argmax(-1), guess, _extended(mask), position + 1
 
 
 def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cache, progress, options):
@@ -298,7 +307,7 @@ def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cach
     target_ids = _as_batch(target_ids, "target_ids").to(context_ids.device)
     if target_ids.shape[0] != context_ids.shape[0]:
         raise ValueError(f"context batch {context_ids.shape[0]} != target batch {target_ids.shape[0]}")
-    cache = _empty(_make_cache(model, cache, method, options))
+    cache = _empty(_cache_for(model, cache, method, options))
     total = context_ids.shape[1] + target_ids.shape[1]
     if total > cache.spec.max_positions:
         raise ValueError(f"context + targets = {total} tokens exceeds the model's maximum of "
@@ -306,13 +315,13 @@ def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cach
     cache.reserve(total)
     mask = None if attention_mask is None else _as_batch(attention_mask, "attention_mask").to(context_ids.device)
     logits = prefill(model, cache, context_ids, mask, progress=progress)
-    position = positions(mask, context_ids.shape[1] - 1, context_ids.shape[1], context_ids.device)
+    decoder = Decoder(model, cache, context_ids, mask, speculate=False)
     n_targets = target_ids.shape[1]
     for i in tqdm(range(n_targets), desc=f"score ({cache.method.name})", unit="tok", disable=not progress,
                   leave=False):
         yield logits, target_ids[:, i]
         if i < n_targets - 1:
-            logits, mask, position = decode_step(model, cache, target_ids[:, i], mask, position)
+            logits = decoder.step(target_ids[:, i])
 
 
 @torch.inference_mode()
@@ -335,5 +344,5 @@ def forced_logits(model, context_ids, target_ids, method: str = "full", attentio
     return torch.stack([logits for logits, _ in steps], dim=1)
 
 
-__all__ = ["generate", "score", "forced_logits", "prefill", "cached_prefix", "positions", "decode_step", "lookahead",
-           "speculative_step", "speculates"]
+__all__ = ["Decoder", "generate", "score", "forced_logits", "prefill", "cached_prefix", "positions", "decode_step",
+           "lookahead", "speculative_step", "speculates"]

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
+from .models import dtype_name, resolve_device, resolve_dtype
+
 SOURCES = ("measured", "override", "cache")
 RATE_KEYS = ("h2d_bytes_per_s", "matmul_flops_per_s")
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 # CPU runs: at most this much copied, at most this many tokens in the GEMM, about this long per GEMM.
 _CPU_COPY_MIB = 64
@@ -96,36 +95,11 @@ def _from_mapping(data, source: str | None, defaults: dict | None = None) -> Har
 
 
 def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"unknown device {str(device)!r}; kvtier profiles 'cpu' and 'cuda' devices") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' asked for, but CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    elif device.type != "cpu":
-        raise ValueError(f"kvtier profiles 'cpu' and 'cuda' devices, got {str(device)!r}")
+    """The device to profile: as `models.resolve_device`, with CUDA's current index made explicit."""
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype}; use one of {sorted(_DTYPES)}")
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def device_name(device) -> str:
@@ -150,20 +124,38 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
 
-def _time_cuda(work, device: torch.device) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    start.record()
-    work()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
+class StepClock:
+    """Marks between steps of work: CUDA events on CUDA (the GPU timeline), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def step_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def _time_cpu(work) -> float:
-    t0 = time.perf_counter()
+def _seconds(work, device: torch.device) -> float:
+    """Seconds one `work()` takes, timed by a StepClock after the device's queue drains."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    clock = StepClock(device)
+    clock.mark()
     work()
-    return time.perf_counter() - t0
+    clock.mark()
+    return clock.step_ms()[0] / 1e3
 
 
 def _measure_copy(device: torch.device, nbytes: int, repeats: int) -> float:
@@ -185,8 +177,8 @@ def _copy_seconds(dst: torch.Tensor, src: torch.Tensor, device: torch.device, re
     """Median seconds of dst.copy_(src) after a warm-up: CUDA events on CUDA, perf_counter on CPU."""
     if device.type == "cuda":
         with torch.cuda.device(device):
-            return _median_seconds(lambda: _time_cuda(lambda: dst.copy_(src, non_blocking=True), device), repeats)
-    return _median_seconds(lambda: _time_cpu(lambda: dst.copy_(src)), repeats)
+            return _median_seconds(lambda: _seconds(lambda: dst.copy_(src, non_blocking=True), device), repeats)
+    return _median_seconds(lambda: _seconds(lambda: dst.copy_(src), device), repeats)
 
 
 def measure_memory_bandwidth(device=None, copy_mib: int = 1024, repeats: int = 5) -> float:
@@ -208,7 +200,7 @@ def _cpu_gemm_tokens(hidden: int, kv_width: int, dtype: torch.dtype, cap: int) -
     t = 1
     while t < cap:
         x = torch.randn(t, hidden, dtype=dtype)
-        dt = _time_cpu(lambda: x @ w)
+        dt = _seconds(lambda: x @ w, torch.device("cpu"))
         if dt >= _CPU_GEMM_SECONDS:
             break
         t = min(cap, max(2 * t, int(t * _CPU_GEMM_SECONDS / max(dt, 1e-9) / 2)))
@@ -222,18 +214,18 @@ def _measure_matmul(device: torch.device, dtype: torch.dtype, tokens: int, hidde
         with torch.cuda.device(device):
             x = torch.randn(tokens, hidden, dtype=dtype, device=device)
             w = torch.randn(hidden, kv_width, dtype=dtype, device=device)
-            one = _median_seconds(lambda: _time_cuda(lambda: x @ w, device), 1)
+            one = _median_seconds(lambda: _seconds(lambda: x @ w, device), 1)
             inner = max(1, min(100, math.ceil(2e-3 / max(one, 1e-9))))  # >= ~2 ms per timed block
 
             def block():
                 for _ in range(inner):
                     x @ w
 
-            seconds = _median_seconds(lambda: _time_cuda(block, device), repeats) / inner
+            seconds = _median_seconds(lambda: _seconds(block, device), repeats) / inner
     else:
         x = torch.randn(tokens, hidden, dtype=dtype)
         w = torch.randn(hidden, kv_width, dtype=dtype)
-        seconds = _median_seconds(lambda: _time_cpu(lambda: x @ w), repeats)
+        seconds = _median_seconds(lambda: _seconds(lambda: x @ w, device), repeats)
     return flops / max(seconds, 1e-12)
 
 
@@ -250,7 +242,7 @@ def measure(device=None, dtype=None, hidden_size: int = 4096, kv_width: int = 40
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     device = _resolve_device(device)
-    dtype = _resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device)
     if device.type == "cpu":
         copy_mib = min(copy_mib, _CPU_COPY_MIB)
         tokens = _cpu_gemm_tokens(hidden_size, kv_width, dtype, min(tokens, _CPU_TOKENS))
@@ -272,7 +264,7 @@ def cache_file(device=None, dtype=None, hidden_size: int = 4096, kv_width: int =
                cache_dir=None) -> Path:
     """Where the cached profile of this device name, dtype and GEMM shape lives."""
     device = _resolve_device(device)
-    dtype = _resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower() or "device"
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return directory / f"profile-{slug}-{dtype_name(dtype)}-{tokens}x{hidden_size}x{kv_width}.json"
@@ -318,7 +310,7 @@ def load_profile(profile=None, device=None, dtype=None, hidden_size: int = 4096,
         raise ValueError(f"profile must be a dict, a JSON path, a HardwareProfile or None, got "
                          f"{type(profile).__name__}")
     dev = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
+    torch_dtype = resolve_dtype(dtype, dev)
     defaults = {"device": device_name(dev), "dtype": dtype_name(torch_dtype),
                 "shape": (tokens, hidden_size, kv_width),
                 "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -58,19 +58,23 @@ class ModelSpec:
         _check_full_attention(config, family)
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         param = next(model.parameters())
         return cls(
             family=family,
             num_layers=config.num_hidden_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
+            head_dim=head_dim(config),
             hidden_size=config.hidden_size,
             max_positions=config.max_position_embeddings,
             dtype=param.dtype,
             device=param.device,
         )
+
+
+def head_dim(config) -> int:
+    """Channels per attention head: the config's head_dim, or hidden_size / heads where it has none."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _check_full_attention(config, family: str) -> None:
@@ -130,16 +134,27 @@ def resolve_device(device=None) -> torch.device:
     return dev
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """`dtype` (a name of DTYPES, a torch dtype among them, or None: bfloat16 on CUDA, float32 on CPU) as a torch
+    dtype; ValueError naming the valid ones otherwise."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use one of {sorted(DTYPES)}")
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-    return names[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16", as results and files write it."""
+    return str(dtype).removeprefix("torch.")
 
 
 # A Hugging Face model id: "name" or "org/name" (letters, digits, "-", "_", ".").

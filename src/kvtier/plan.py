@@ -37,7 +37,7 @@ class ModelShape:
         """One prefill chunk's transient tensors: hidden state, q/k/v and attention output (4 x hidden), the MLP's
         gate, up and activation (3 x intermediate), and the last position's float32 logits."""
         tokens = batch * min(context, PREFILL_CHUNK)
-        elem = torch.empty((), dtype=self.spec.dtype).element_size()
+        elem = self.spec.dtype.itemsize
         return tokens * (4 * self.spec.hidden_size + 3 * self.intermediate_size) * elem + batch * self.vocab_size * 4
 
 
@@ -70,7 +70,7 @@ def model_shape(model_config: str | None = None, model: str | None = None, dtype
         meta = AutoModelForCausalLM.from_config(config)
     spec = ModelSpec.from_model(meta)  # unsupported family or sliding windows: refused here
     spec = ModelSpec(**{**spec.__dict__, "dtype": dtype, "device": torch.device(device)})
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     weights = sum(p.numel() for p in meta.parameters()) * elem  # parameters() counts tied embeddings once
     return ModelShape(name, spec, weights, config.intermediate_size, config.vocab_size)
 

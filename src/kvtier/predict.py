@@ -28,7 +28,6 @@ from .models import ModelSpec
 from .quant import packed_size
 
 ROW_BYTES = 8  # int64: positions and page-table entries of the retrieval engine
-FULL_MIN_TOKENS = 256  # Full's first allocation is at least this many tokens (methods/full.py)
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class Prediction:
 
 
 def elem_bytes(spec: ModelSpec) -> int:
-    return torch.empty((), dtype=spec.dtype).element_size()
+    return spec.dtype.itemsize
 
 
 def token_layer_bytes(spec: ModelSpec, batch: int) -> int:
@@ -94,9 +93,9 @@ def _check(length: int, batch: int) -> None:
 
 
 def predict_full(spec: ModelSpec, length: int, batch: int) -> Prediction:
-    """Every layer's keys and values on the device, sized once for `length` (at least 256 tokens)."""
+    """Every layer's keys and values on the device, sized once for `length`."""
     _check(length, batch)
-    kv = spec.num_layers * max(length, FULL_MIN_TOKENS) * token_layer_bytes(spec, batch)
+    kv = spec.num_layers * length * token_layer_bytes(spec, batch)
     return Prediction("full", {}, length, batch, True, kv, 0, 0, 0, True, {"kv": kv})
 
 
@@ -207,7 +206,7 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
     retrieval = spec.num_layers - o.dense_layers
     rows = o.sink + o.slots * p + o.ring + p
     parts = {
-        "dense_layers": o.dense_layers * max(length, FULL_MIN_TOKENS) * token_layer_bytes(spec, batch),
+        "dense_layers": o.dense_layers * length * token_layer_bytes(spec, batch),
         "buffers": retrieval * 2 * b * h * rows * d * elem,
         "positions": retrieval * b * h * rows * ROW_BYTES,
         # slot -> page and page -> slot (one more column for -1 entries)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .link import nbytes
+from .store import grown
 
 BITS = (1, 2, 4)
 
@@ -213,11 +214,6 @@ class _Reserved:
         """Size the buffers for `tokens` once, instead of growing them with a margin (which is held memory)."""
         self.reserved = max(self.reserved, tokens)
 
-    def _capacity(self, needed: int, capacity: int) -> int:
-        """Rows to allocate for `needed` when `capacity` is too small: the reserved length, else a 25% margin (as
-        HostPool)."""
-        return self.reserved if needed <= self.reserved else max(needed, capacity + capacity // 4)
-
 
 class LowBitKeys(_Reserved):
     """One layer's growing low-bit copy of keys alone, for scoring (the retrieval engine's `scorer="lowbit"`).
@@ -268,7 +264,7 @@ class LowBitKeys(_Reserved):
         capacity = 0 if self.packed is None else self.packed.shape[2]
         if tokens <= capacity:
             return
-        groups = -(-self._capacity(tokens, capacity) // self.group_size)
+        groups = grown(tokens, self.reserved, self.group_size) // self.group_size
         n, g = self.quantized_tokens, self.quantized_tokens // self.group_size
         self.packed = _regrown(self.packed, like.packed, n, groups * self.group_size)
         self.scale = _regrown(self.scale, like.scale, g, groups)
@@ -329,7 +325,7 @@ class LowBitValues(_Reserved):
         n = self.tokens
         capacity = 0 if self.packed is None else self.packed.shape[2]
         if n + t > capacity:
-            capacity = self._capacity(n + t, capacity)
+            capacity = grown(n + t, self.reserved)
             self.packed = _regrown(self.packed, q.packed, n, capacity)
             self.scale = _regrown(self.scale, q.scale, n, capacity)
             self.zero = _regrown(self.zero, q.zero, n, capacity)

@@ -20,6 +20,7 @@ import importlib
 import torch
 
 from .link import Link
+from .models import dtype_name
 from .store import ForkShare
 
 
@@ -52,10 +53,10 @@ def encode(root, names: dict[int, str]):
                 storages[key] = len(found)
                 found.append(storage)
                 alive.append(x)
-            return {"tensor": storages[key], "dtype": str(x.dtype).removeprefix("torch."),
+            return {"tensor": storages[key], "dtype": dtype_name(x.dtype),
                     "offset": x.storage_offset(), "shape": list(x.shape), "stride": list(x.stride())}
         if isinstance(x, torch.dtype):
-            return {"dtype": str(x).removeprefix("torch.")}
+            return {"dtype": dtype_name(x)}
         if isinstance(x, torch.device):
             return {"device": x.type}
         if isinstance(x, list):

@@ -16,6 +16,16 @@ import torch
 
 from .link import Link, nbytes
 
+GROWTH_MARGIN = 256  # tokens: the least a buffer grows by past what is needed when no length was reserved
+
+
+def grown(needed: int, reserved: int = 0, unit: int = 1) -> int:
+    """The capacity, in tokens, to reallocate a growing buffer to when `needed` tokens no longer fit: the reserved
+    length when it covers them (buffers sized once), else `needed` and a quarter more (at least GROWTH_MARGIN),
+    so that a buffer growing one token at a time is reallocated rarely; rounded up to whole `unit`s."""
+    want = reserved if reserved >= needed else needed + max(GROWTH_MARGIN, needed // 4)
+    return -(-want // unit) * unit
+
 
 def to_pages(k: torch.Tensor, v: torch.Tensor, page_size: int) -> torch.Tensor:
     """[b, h, t, d] keys and values (t a multiple of page_size) -> contiguous [t/P, b, h, 2, P, d] pages."""
@@ -118,7 +128,7 @@ class HostPool:
 
     @property
     def dtype_bytes(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def page_bytes(self) -> int:
@@ -153,7 +163,7 @@ class HostPool:
         end = start + pages.shape[0]
         capacity = 0 if self.pages[layer] is None else self.pages[layer].shape[0]
         if end > capacity:
-            self.reserve(layer, max(end, capacity + capacity // 4 + 16))
+            self.reserve(layer, grown(end * self.page_size, unit=self.page_size) // self.page_size)
         elif self.shares[layer] is not None and not self.shares[layer].may_append(self, layer, start):
             self._reallocate(layer, capacity)  # a fork (or the parent) holds these rows: copy on write
         self.link.d2h(self.pages[layer][start:end], pages)

@@ -31,18 +31,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import HFBaselineCache, KVCache
-from ..evaluation.common import MethodSpec, parse_length, parse_methods, write_json
-from ..generate import decode_step, lookahead, positions, prefill, speculates, speculative_step
-from ..methods import METHOD_REGISTRY
-from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, environment_summary, resolve_dtype
-from ..hardware import device_name, load_profile, measure_memory_bandwidth
+from ..cache import HF_BASELINES, KVCache, make_cache
+from ..evaluation.common import parse_length, write_json
+from ..generate import Decoder, prefill
+from ..methods import METHOD_REGISTRY, MethodSpec, parse_methods
+from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, dtype_name, environment_summary, head_dim, resolve_device, resolve_dtype
+from ..hardware import StepClock, device_name, load_profile, measure_memory_bandwidth
 from ..stepcheck import StepCounter
 from .report import CPU_LABEL, format_table, plot, short_length
 from .shapes import REAL_SHAPES, SHAPES, TINY_SHAPES, build_model, kv_bytes, model_config, parameter_count, \
     weight_bytes_per_step
 
-HF_BASELINES = {"hf-dynamic": False, "hf-offload": True}  # name -> DynamicCache(offloading=...)
 DEFAULT_METHODS = "full,offload,kvpr,freekv,specache,hf-dynamic,hf-offload"
 SYNC_DEBUG_STEPS = 2  # CUDA only: steps run under torch.cuda.set_sync_debug_mode("error")
 ROW_OFFSET = 512  # embedded model: row i of a batch starts i * ROW_OFFSET tokens into the text, so rows differ
@@ -93,28 +92,6 @@ def parse_bench_methods(text_or_list) -> list[MethodSpec]:
 
 
 # -- one measurement -----------------------------------------------------------------------------------------
-class _StepClock:
-    """Marks between decode steps: CUDA events on CUDA (the GPU timeline), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks = []
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def step_ms(self) -> list[float]:
-        if self.cuda:
-            self.marks[-1].synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
-
-
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -131,33 +108,21 @@ def _release(device: torch.device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _stepper(model, cache, logits, prompt_len: int, batch: int, device):
-    """step() runs one decode step as kvtier.generate does (SpeCache's two-token step where it applies)."""
-    position = positions(None, prompt_len - 1, prompt_len, device)
-    if speculates(cache):
-        mask = torch.ones((batch, prompt_len), dtype=torch.long, device=device)
-        real = logits.argmax(-1)
-        state = [real, lookahead(model, cache, real, mask, position + 1), mask, position + 1]
+def _stepper(model, cache, ids, logits):
+    """step() runs one greedy decode step as kvtier.generate does (a `Decoder` step)."""
+    decoder = Decoder(model, cache, ids)
+    state = [logits]
 
-        def step():
-            state[:] = speculative_step(model, cache, *state)
-    else:
-        state = [logits, None, position]
-
-        def step():
-            logits, mask, pos = state
-            state[:] = decode_step(model, cache, logits.argmax(-1), mask, pos)
+    def step():
+        state[0] = decoder.step(state[0].argmax(-1))
 
     return step
 
 
 def _make_cache(model, spec: MethodSpec, hardware):
-    if spec.method in HF_BASELINES:
-        return HFBaselineCache(model, offloading=HF_BASELINES[spec.method])
-    options = dict(spec.options)
-    if spec.method == "kvpr":
-        options.setdefault("profile", hardware)  # plan with the profile this run reports
-    return KVCache(model, method=spec.method, **options)
+    """The row's cache; kvpr plans with the hardware profile this run reports."""
+    extra = {"profile": hardware} if spec.method == "kvpr" and "profile" not in spec.options else {}
+    return make_cache(model, spec, **extra)
 
 
 def _traffic(cache) -> tuple[int, int]:
@@ -212,7 +177,7 @@ def _sync_debug(step, device: torch.device) -> str | None:
 def _measure(model, spec: MethodSpec, ids, steps: int, warmup: int, hardware, chunk, progress,
              count_steps: int = 2) -> dict:
     device = ids.device
-    batch, n = ids.shape
+    n = ids.shape[1]
     cache = _make_cache(model, spec, hardware)
     if isinstance(cache, KVCache):
         cache.reserve(n + warmup + steps + max(count_steps, 0) + SYNC_DEBUG_STEPS + 1)
@@ -223,12 +188,12 @@ def _measure(model, spec: MethodSpec, ids, steps: int, warmup: int, hardware, ch
     prefill_s = time.perf_counter() - start
     if not bool(torch.isfinite(logits).all()):
         raise FloatingPointError("non-finite logits after prefill")
-    step = _stepper(model, cache, logits, n, batch, device)
+    step = _stepper(model, cache, ids, logits)
     for _ in range(warmup):
         step()
     _sync(device)
     h2d0, d2h0 = _traffic(cache)
-    clock = _StepClock(device)
+    clock = StepClock(device)
     clock.mark()
     for _ in tqdm(range(steps), desc=f"decode ({spec.label})", unit="tok", disable=not progress, leave=False):
         step()
@@ -327,12 +292,10 @@ def run(model_config_name: str | None = None, contexts=("1k",), batches=(1,), me
     if max(contexts) + steps + 2 > config.max_position_embeddings:
         raise ValueError(f"context {max(contexts)} + {steps} decode steps exceeds the {what}'s "
                          f"{config.max_position_embeddings} positions")
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     hardware = load_profile(profile, device=device, dtype=dtype, hidden_size=config.hidden_size,
-                            kv_width=config.num_key_value_heads * head_dim)
+                            kv_width=config.num_key_value_heads * head_dim(config))
     memory_bw = measure_memory_bandwidth(device)
     if model is not None:
         from ..models import load
@@ -377,7 +340,7 @@ def run(model_config_name: str | None = None, contexts=("1k",), batches=(1,), me
                                                          "num_hidden_layers", "num_attention_heads",
                                                          "num_key_value_heads", "head_dim", "vocab_size",
                                                          "max_position_embeddings")},
-        "device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
+        "device": device_name(device), "device_type": device.type, "dtype": dtype_name(dtype),
         "label": CPU_LABEL if device.type == "cpu" else None,
         "torch": env["torch"], "transformers": env["transformers"], "kvtier": env["kvtier"],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

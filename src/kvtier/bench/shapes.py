@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models import tiny_config
+from ..models import head_dim, tiny_config
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -72,6 +72,4 @@ def weight_bytes_per_step(model) -> int:
 
 def kv_bytes(config, tokens: int, batch: int, dtype) -> int:
     """Bytes of every key and value of `tokens` tokens of `batch` sequences, all layers."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * tokens * batch * config.num_hidden_layers * config.num_key_value_heads * head_dim * elem
+    return 2 * tokens * batch * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * dtype.itemsize

@@ -1,7 +1,8 @@
 """Fidelity evaluation: every method against `full` on the same inputs (needle grid, RULER-style tasks, decode
-perplexity, next-token fidelity, budget sweeps) and a report that gathers them."""
+perplexity, next-token fidelity, budget sweeps) and a report that gathers them. The protocol is in
+docs/evaluation.md."""
 
-from .common import MethodSpec, parse_methods
+from ..methods import MethodSpec, parse_methods
 from .fidelity import fidelity
 from .needle import needle_grid
 from .ppl import perplexity

@@ -1,74 +1,17 @@
-"""What the evaluations share: method specs ("freekv:budget=512"), lengths ("2k"), texts, JSON and plots."""
+"""What the evaluations share: argument checks, lengths ("2k"), texts and prompts, JSON and plots. Method specs
+("freekv:budget=512") are `kvtier.methods.MethodSpec`; the runner that sets every method beside full is `runner`."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..methods import METHOD_REGISTRY
+from ..cache import make_cache
+from ..methods import MethodSpec
 from ..models import environment_summary
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method and its options, named for tables: "freekv:budget=512"."""
-
-    method: str
-    options: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.method}:{opts}" if opts else self.method
-
-    def __hash__(self):
-        return hash(self.label)
-
-
-def parse_methods(text_or_list) -> list[MethodSpec]:
-    """"full,freekv:budget=512:page_size=16" or a list of such strings / MethodSpecs -> [MethodSpec]."""
-    items = text_or_list.split(",") if isinstance(text_or_list, str) else list(text_or_list)
-    specs = []
-    for item in items:
-        if isinstance(item, MethodSpec):
-            specs.append(item)
-            continue
-        name, *opts = [part.strip() for part in str(item).split(":")]
-        if not name:
-            continue
-        if name not in METHOD_REGISTRY:
-            raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHOD_REGISTRY)}")
-        options = {}
-        for opt in opts:
-            if "=" not in opt:
-                raise ValueError(f"method option {opt!r} in {item!r} must be key=value")
-            key, value = opt.split("=", 1)
-            try:
-                options[key.strip()] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                options[key.strip()] = value
-        check_option_names(name, options, f" in {item!r}")
-        specs.append(MethodSpec(name, options))
-    if not specs:
-        raise ValueError("no methods given")
-    return specs
-
-
-def check_option_names(method: str, options, where: str = "") -> None:
-    """Unknown method or option names as the method's constructor reports them, without building anything (the
-    values are checked when the cache is made)."""
-    if method not in METHOD_REGISTRY:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHOD_REGISTRY)}")
-    defaults = METHOD_REGISTRY[method].defaults
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}{where}; valid options: {valid}")
 
 
 def check_output_dir(path, what: str = "out_dir") -> Path:
@@ -150,21 +93,6 @@ def safe_name(label: str) -> str:
 def with_full(specs: list[MethodSpec]) -> list[MethodSpec]:
     """Every figure is set against full: put it first (adding it if it is missing)."""
     return [MethodSpec("full"), *(s for s in specs if s != MethodSpec("full"))]
-
-
-def resolve_options(spec: MethodSpec, context_tokens: int) -> dict:
-    """A budget given as a fraction ("freekv:budget=0.25") becomes that share of this prompt's context."""
-    options = dict(spec.options)
-    budget = options.get("budget")
-    if isinstance(budget, float) and 0 < budget <= 1:
-        options["budget"] = int(budget * context_tokens)
-    return options
-
-
-def make_cache(model, spec: MethodSpec, context_tokens: int):
-    from ..cache import KVCache
-
-    return KVCache(model, method=spec.method, **resolve_options(spec, context_tokens))
 
 
 def check_caches(model, specs, lengths) -> None:

@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generate import forced_logits, generate
-from .common import (check_caches, check_lengths, check_output_dir, check_texts, make_cache, parse_methods, plotting,
-                     text_by_name, with_full, write_json)
+from .common import check_lengths, check_texts, plotting, text_by_name, write_json
+from .runner import BesideFull
 
 
 def _mean(values) -> float:
@@ -47,12 +47,8 @@ def fidelity(model, tokenizer, methods, texts=("prose", "code"), lengths=("1k",)
     Returns JSON-ready rows (one per prompt and method, with the per-step KL) and a per-method summary (mean
     over every step of every prompt). Writes fidelity.json and fidelity.png if out_dir.
     """
-    specs = with_full(parse_methods(methods))
     texts, lengths = check_fidelity(texts, lengths, prompts, new_tokens)
-    if out_dir is not None:
-        check_output_dir(out_dir)
-    check_caches(model, specs, lengths)
-    device = next(model.parameters()).device
+    runner = BesideFull(model, methods, lengths, out_dir)
     rng = random.Random(seed)
     rows = []
     cells = [(t, n, i) for t in texts for n in lengths for i in range(prompts)]
@@ -62,26 +58,26 @@ def fidelity(model, tokenizer, methods, texts=("prose", "code"), lengths=("1k",)
         if ids.shape[1] < length:
             raise ValueError(f"text {text!r} has {ids.shape[1]} tokens; a window of {length} does not fit")
         start = rng.randrange(ids.shape[1] - length + 1)
-        context = ids[:, start:start + length].to(device)
+        context = ids[:, start:start + length].to(runner.device)
         targets = generate(model, context, method="full", max_new_tokens=new_tokens)[:, length:]
-        reference = None
-        for spec in specs:
-            logits = forced_logits(model, context, targets, cache=make_cache(model, spec, length))[0]
-            logp = torch.log_softmax(logits, -1)
-            if reference is None:
-                reference = logp
+
+        def log_probs(spec):
+            logits = forced_logits(model, context, targets, cache=runner.cache(spec, length))[0]
+            return torch.log_softmax(logits, -1)
+
+        def row(spec, logp, reference):
             kl = (reference.exp() * (reference - logp)).sum(-1).clamp_min(0.0)
             agree = logp.argmax(-1) == reference.argmax(-1)
-            rows.append({"method": spec.label, "text": text, "length": length, "start": start,
-                         "steps": int(targets.shape[1]), "top1_agreement": float(agree.float().mean()),
-                         "kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "kl_per_step": kl.tolist(),
-                         **({"continuation": tokenizer.decode(targets[0])} if spec is specs[0] else {})})
-    summary = {}
-    for spec in specs:
-        mine = [r for r in rows if r["method"] == spec.label]
-        summary[spec.label] = {**_step_means(mine), "kl_max": max(r["kl_max"] for r in mine),
-                               "steps": sum(r["steps"] for r in mine), "prompts": len(mine),
-                               "by_text": {t: _step_means([r for r in mine if r["text"] == t]) for t in texts}}
+            return {"text": text, "length": length, "start": start, "steps": int(targets.shape[1]),
+                    "top1_agreement": float(agree.float().mean()), "kl_mean": float(kl.mean()),
+                    "kl_max": float(kl.max()), "kl_per_step": kl.tolist(),
+                    **({"continuation": tokenizer.decode(targets[0])} if logp is reference else {})}
+
+        rows += runner.rows(log_probs, row)
+    summary = {label: {**_step_means(mine), "kl_max": max(r["kl_max"] for r in mine),
+                       "steps": sum(r["steps"] for r in mine), "prompts": len(mine),
+                       "by_text": {t: _step_means([r for r in mine if r["text"] == t]) for t in texts}}
+               for label, mine in runner.by_method(rows).items()}
     result = {"eval": "fidelity", "texts": list(texts), "lengths": lengths, "prompts": prompts,
               "new_tokens": new_tokens, "seed": seed, "summary": summary, "rows": rows}
     if out_dir is not None:

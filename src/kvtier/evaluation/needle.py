@@ -1,7 +1,7 @@
 """Needle in a haystack: passphrases hidden at a depth of a long real text; does each method recall the one asked?
 
-Two kinds, as RULER has them: "single" (one passphrase, the demo's prompt) and "multikey" (`keys` passphrases of
-different projects spread over the text, one asked: the others are distractors).
+Two kinds, as RULER has them: "single" (one passphrase, the prompt the demo asks too) and "multikey" (`keys`
+passphrases of different projects spread over the text, one asked: the others are distractors).
 """
 
 from __future__ import annotations
@@ -12,22 +12,28 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..demo import needle_prompt
 from ..generate import generate
-from .common import (check_caches, check_lengths, check_output_dir, haystack_prompt, make_cache, parse_methods,
-                     plotting, safe_name, with_full, write_json)
+from .common import check_lengths, haystack_prompt, plotting, safe_name, write_json
+from .runner import BesideFull
 
 WORDS = ("amber", "violet", "cobalt", "maple", "granite", "harbor", "lantern", "meadow", "orbit", "quartz",
          "raven", "saffron", "timber", "willow", "zephyr", "copper", "falcon", "juniper")
 PROJECTS = ("Atlas", "Beacon", "Cedar", "Dynamo", "Ember", "Fjord", "Glacier", "Horizon", "Ivory", "Jasper",
             "Kestrel", "Lotus", "Monsoon", "Nimbus", "Onyx", "Pioneer")
 KINDS = ("single", "multikey")
+NEEDLE = "The secret passphrase of the kvtier demo is {value}."
+QUESTION = "What is the secret passphrase of the kvtier demo? Answer with the passphrase only."
 MULTIKEY_NEEDLE = "The secret passphrase of the {key} project is {value}."
 MULTIKEY_QUESTION = "What is the secret passphrase of the {key} project? Answer with the passphrase only."
 
 
 def passphrase(rng: random.Random) -> str:
     return f"{rng.choice(WORDS)}-{rng.choice(WORDS)}-{rng.randint(1000, 9999)}"
+
+
+def needle_prompt(tokenizer, context_tokens: int, depth: float, value: str) -> torch.Tensor:
+    """Chat-formatted prompt of about `context_tokens` tokens with the needle at `depth` (0..1) of the text."""
+    return haystack_prompt(tokenizer, context_tokens, [(depth, NEEDLE.format(value=value))], QUESTION)
 
 
 def multikey_prompt(tokenizer, length: int, depth: float, rng: random.Random, keys: int = 4):
@@ -88,12 +94,8 @@ def needle_grid(model, tokenizer, methods, lengths=("1k", "2k"), depths=(0.0, 0.
     a per-method summary (success rate, agreement with full; overall and per kind). A fractional budget
     ("freekv:budget=0.25") is that share of each length. Writes needle.json and heatmaps if out_dir.
     """
-    specs = with_full(parse_methods(methods))
     lengths, depths, kinds = check_grid(lengths, depths, kinds, keys)
-    if out_dir is not None:
-        check_output_dir(out_dir)
-    check_caches(model, specs, lengths)
-    device = next(model.parameters()).device
+    runner = BesideFull(model, methods, lengths, out_dir)
     rows = []
     cells = [(kind, n, d) for kind in kinds for n in lengths for d in depths]
     # one generator per kind, so a kind's prompts do not depend on which other kinds run
@@ -104,26 +106,26 @@ def needle_grid(model, tokenizer, methods, lengths=("1k", "2k"), depths=(0.0, 0.
             ids = needle_prompt(tokenizer, length, depth, value)
         else:
             ids, value, distractors = multikey_prompt(tokenizer, length, depth, rngs[kind], keys)
-        ids = ids.to(device)
-        reference = None
-        for spec in specs:
-            cache = make_cache(model, spec, length)
+        ids = ids.to(runner.device)
+
+        def ask(spec):
+            cache = runner.cache(spec, length)
             out = generate(model, ids, cache=cache, max_new_tokens=max_new_tokens)
-            new = out[0, ids.shape[1]:]
-            if reference is None:
-                reference = new
+            return out[0, ids.shape[1]:], cache.stats()
+
+        def row(spec, output, reference):
+            new, stats = output
             answer = tokenizer.decode(new, skip_special_tokens=True)
-            stats = cache.stats()
-            rows.append({"method": spec.label, "kind": kind, "length": length, "prompt_tokens": int(ids.shape[1]),
-                         "depth": depth, "needle": value, "answer": answer.strip(), "success": value in answer,
-                         "answered_distractor": any(v in answer for v in distractors),
-                         "same_as_full": bool(torch.equal(new, reference)),
-                         "device_kv_bytes": stats["device_kv_bytes"], "h2d_bytes": stats["h2d_bytes"],
-                         **{k: stats[k] for k in SPECULATION_RATES if stats.get(k) is not None}})
-    summary = {}
-    for spec in specs:
-        mine = [r for r in rows if r["method"] == spec.label]
-        summary[spec.label] = {**_rate(mine), "kinds": {k: _rate([r for r in mine if r["kind"] == k]) for k in kinds}}
+            return {"kind": kind, "length": length, "prompt_tokens": int(ids.shape[1]), "depth": depth,
+                    "needle": value, "answer": answer.strip(), "success": value in answer,
+                    "answered_distractor": any(v in answer for v in distractors),
+                    "same_as_full": bool(torch.equal(new, reference[0])),
+                    "device_kv_bytes": stats["device_kv_bytes"], "h2d_bytes": stats["h2d_bytes"],
+                    **{k: stats[k] for k in SPECULATION_RATES if stats.get(k) is not None}}
+
+        rows += runner.rows(ask, row)
+    summary = {label: {**_rate(mine), "kinds": {k: _rate([r for r in mine if r["kind"] == k]) for k in kinds}}
+               for label, mine in runner.by_method(rows).items()}
     result = {"eval": "needle", "kinds": kinds, "keys": keys, "lengths": lengths, "depths": depths, "seed": seed,
               "summary": summary, "rows": rows}
     if out_dir is not None:

@@ -7,17 +7,13 @@ import math
 import torch
 
 from ..generate import score
-from .common import (check_caches, check_lengths, check_output_dir, check_texts, make_cache, parse_methods,
-                     text_by_name, with_full, write_json)
+from .common import check_lengths, check_texts, text_by_name, write_json
+from .runner import BesideFull
 
 
 def paired_delta(method_nll: torch.Tensor, full_nll: torch.Tensor) -> dict:
     """Method minus full on the same tokens: mean NLL difference, its standard error and a 95% interval on the
-    perplexity difference.
-
-    Pairing token by token cancels how hard each token is, which dominates the spread of either NLL alone; the
-    interval is taken on the NLL scale (where the mean is close to normal) and mapped through exp.
-    """
+    perplexity difference, paired token by token (why: docs/evaluation.md)."""
     diff = (method_nll.double() - full_nll.double()).flatten()
     n = diff.numel()
     delta = float(diff.mean())
@@ -54,12 +50,8 @@ def perplexity(model, tokenizer, methods, texts=("prose", "code"), context="2k",
 
     Cache counters add up over windows, except device_kv_bytes: the largest of the windows' peaks.
     """
-    specs = with_full(parse_methods(methods))
     texts, context = check_ppl(texts, context, targets, windows)
-    if out_dir is not None:
-        check_output_dir(out_dir)
-    check_caches(model, specs, context)
-    device = next(model.parameters()).device
+    runner = BesideFull(model, methods, context, out_dir)
     rows = []
     for name in texts:
         ids = tokenizer(text_by_name(name), return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -67,26 +59,29 @@ def perplexity(model, tokenizer, methods, texts=("prose", "code"), context="2k",
             starts = window_starts(ids.shape[1], context + targets, windows)
         except ValueError as err:
             raise ValueError(f"text {name!r}: {err}") from None
-        full_nll = None
-        for spec in specs:
+
+        def nll_of(spec):
+            """The NLLs of every window's targets, pooled, and the cache counters over the windows."""
             nlls, stats = [], {"device_kv_bytes": 0, "h2d_bytes": 0, "decode_steps": 0}
             for start in starts:
-                ctx = ids[:, start:start + context].to(device)
-                tgt = ids[:, start + context:start + context + targets].to(device)
-                cache = make_cache(model, spec, context)
+                ctx = ids[:, start:start + context].to(runner.device)
+                tgt = ids[:, start + context:start + context + targets].to(runner.device)
+                cache = runner.cache(spec, context)
                 nlls.append(score(model, ctx, tgt, cache=cache, progress=progress)[0].cpu())
                 window_stats = cache.stats()
                 stats["device_kv_bytes"] = max(stats["device_kv_bytes"], window_stats["device_kv_bytes"])
                 stats["h2d_bytes"] += window_stats["h2d_bytes"]
                 stats["decode_steps"] += window_stats["decode_steps"]
-            nll = torch.cat(nlls)
-            if full_nll is None:
-                full_nll = nll
+            return torch.cat(nlls), stats
+
+        def row(spec, output, reference):
+            (nll, stats), (full_nll, _) = output, reference
             mean, full_mean = float(nll.mean()), float(full_nll.mean())
-            rows.append({"method": spec.label, "text": name, "context": context, "targets": targets,
-                         "windows": windows, "scored_tokens": nll.numel(), "nll": mean, "ppl": math.exp(mean),
-                         "ppl_delta_vs_full": math.exp(mean) - math.exp(full_mean),
-                         **paired_delta(nll, full_nll), **stats})
+            return {"text": name, "context": context, "targets": targets, "windows": windows,
+                    "scored_tokens": nll.numel(), "nll": mean, "ppl": math.exp(mean),
+                    "ppl_delta_vs_full": math.exp(mean) - math.exp(full_mean), **paired_delta(nll, full_nll), **stats}
+
+        rows += runner.rows(nll_of, row)
     result = {"eval": "ppl", "context": context, "targets": targets, "windows": windows, "texts": list(texts),
               "rows": rows}
     if out_dir is not None:

@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generate import generate
-from .common import (bar_chart, chat_ids, check_caches, check_lengths, check_output_dir, haystack_prompt, make_cache,
-                     parse_methods, prose_text, with_full, write_json)
+from .common import bar_chart, chat_ids, check_lengths, haystack_prompt, prose_text, write_json
+from .runner import BesideFull
 
 TASKS = ("vt", "cwe")
 
@@ -149,37 +149,34 @@ def ruler(model, tokenizer, methods, tasks=TASKS, lengths=("1k",), samples: int 
     Returns JSON-ready results: a row per prompt and method (answer, score, same tokens as full) and a summary
     per method and task (mean score, agreement with full). Writes ruler.json and ruler.png if out_dir.
     """
-    specs = with_full(parse_methods(methods))
     tasks, lengths, options = check_ruler(tasks, lengths, samples, task_options)
-    if out_dir is not None:
-        check_output_dir(out_dir)
-    check_caches(model, specs, lengths)
-    device = next(model.parameters()).device
+    runner = BesideFull(model, methods, lengths, out_dir)
     rows = []
     cells = [(t, n, i) for t in tasks for n in lengths for i in range(samples)]
     for task, length, sample in tqdm(cells, desc="ruler", disable=not progress):
         rng = random.Random(f"{task}:{seed}:{length}:{sample}")
         prompt = GENERATORS[task](tokenizer, length, rng, **options[task])
-        ids = prompt["ids"].to(device)
-        reference = None
-        for spec in specs:
-            out = generate(model, ids, cache=make_cache(model, spec, length), max_new_tokens=max_new_tokens)
-            new = out[0, ids.shape[1]:]
-            if reference is None:
-                reference = new
+        ids = prompt["ids"].to(runner.device)
+
+        def ask(spec):
+            out = generate(model, ids, cache=runner.cache(spec, length), max_new_tokens=max_new_tokens)
+            return out[0, ids.shape[1]:]
+
+        def row(spec, new, reference):
             answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-            rows.append({"method": spec.label, "task": task, "length": length, "sample": sample,
-                         "prompt_tokens": int(ids.shape[1]), "expected": prompt["expected"], "answer": answer,
-                         "score": recall(answer, prompt["expected"]),
-                         "same_as_full": bool(torch.equal(new, reference))})
+            return {"task": task, "length": length, "sample": sample, "prompt_tokens": int(ids.shape[1]),
+                    "expected": prompt["expected"], "answer": answer, "score": recall(answer, prompt["expected"]),
+                    "same_as_full": bool(torch.equal(new, reference))}
+
+        rows += runner.rows(ask, row)
     summary = {}
-    for spec in specs:
-        summary[spec.label] = {}
+    for label, mine in runner.by_method(rows).items():
+        summary[label] = {}
         for task in tasks:
-            mine = [r for r in rows if r["method"] == spec.label and r["task"] == task]
-            summary[spec.label][task] = {"score": sum(r["score"] for r in mine) / len(mine),
-                                         "agreement_with_full": sum(r["same_as_full"] for r in mine) / len(mine),
-                                         "prompts": len(mine)}
+            of_task = [r for r in mine if r["task"] == task]
+            summary[label][task] = {"score": sum(r["score"] for r in of_task) / len(of_task),
+                                    "agreement_with_full": sum(r["same_as_full"] for r in of_task) / len(of_task),
+                                    "prompts": len(of_task)}
     result = {"eval": "ruler", "tasks": tasks, "lengths": lengths, "samples": samples, "seed": seed,
               "task_options": options, "summary": summary, "rows": rows}
     if out_dir is not None:

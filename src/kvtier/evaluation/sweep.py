@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import MethodSpec, check_caches, check_option_names, check_output_dir, parse_methods, plotting, write_json
+from ..methods import MethodSpec, check_option_names, parse_methods
+from .common import check_caches, check_output_dir, plotting, write_json
 from .needle import check_grid, needle_grid
 from .ppl import check_ppl, perplexity
 

@@ -1,4 +1,4 @@
-"""The surface every method implements, and the registry that names them.
+"""The surface every method implements, the registry that names them, and method specs ("freekv:budget=512").
 
 A method receives each layer's new keys and values (after RoPE) through `append`, then the layer's queries
 through `attend`, and returns the attention output. It decides where KV lives and what moves; it never
@@ -7,6 +7,8 @@ sees transformers. The bookkeeping every method shares (lengths, batch checks, c
 
 from __future__ import annotations
 
+import ast
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +32,78 @@ def method_class(name: str) -> type["Method"]:
     return METHOD_REGISTRY[name]
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method and its options, named for tables: "freekv:budget=512"."""
+
+    method: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.method}:{opts}" if opts else self.method
+
+    def __hash__(self):
+        return hash(self.label)
+
+
+def parse_value(text: str):
+    """An option's value as written on a command line: a Python literal (512, 0.25, True, "x"), else the text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_methods(text_or_list) -> list[MethodSpec]:
+    """"full,freekv:budget=512:page_size=16" or a list of such strings / MethodSpecs -> [MethodSpec]."""
+    items = text_or_list.split(",") if isinstance(text_or_list, str) else list(text_or_list)
+    specs = []
+    for item in items:
+        if isinstance(item, MethodSpec):
+            specs.append(item)
+            continue
+        name, *opts = [part.strip() for part in str(item).split(":")]
+        if not name:
+            continue
+        if name not in METHOD_REGISTRY:
+            raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHOD_REGISTRY)}")
+        options = {}
+        for opt in opts:
+            if "=" not in opt:
+                raise ValueError(f"method option {opt!r} in {item!r} must be key=value")
+            key, value = opt.split("=", 1)
+            options[key.strip()] = parse_value(value)
+        check_option_names(name, options, f" in {item!r}")
+        specs.append(MethodSpec(name, options))
+    if not specs:
+        raise ValueError("no methods given")
+    return specs
+
+
+def check_option_names(method: str, options, where: str = "") -> None:
+    """Unknown method or option names as the method's constructor reports them, without building anything (the
+    values are checked when the cache is made)."""
+    _check_names(method, method_class(method).defaults, options, where)
+
+
+def _check_names(method: str, defaults: dict, options, where: str = "") -> None:
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}{where}; valid options: {valid}")
+
+
+def resolve_options(options: dict, context_tokens: int | None) -> dict:
+    """A budget given as a fraction ("freekv:budget=0.25") becomes that share of this prompt's context."""
+    options = dict(options)
+    budget = options.get("budget")
+    if context_tokens is not None and isinstance(budget, float) and 0 < budget <= 1:
+        options["budget"] = int(budget * context_tokens)
+    return options
+
+
 class Method:
     """Base of every KV placement method. Subclasses set `name`, `defaults` and implement `_append`/`_attend`."""
 
@@ -38,10 +112,7 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, spec: ModelSpec, **options):
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            valid = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()) or "none"
-            raise ValueError(f"unknown option(s) {unknown} for method {self.name!r}; valid options: {valid}")
+        _check_names(self.name, self.defaults, options)
         self.options = {**self.defaults, **options}
         self.spec = spec
         self.device = spec.device

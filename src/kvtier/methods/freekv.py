@@ -3,7 +3,7 @@
 A preset of the retrieval engine (`kvtier.retrieval`): pages of `page_size` tokens, min/max digests (or low-bit
 keys) rank them, the previous step's query selects what a step reads, heads whose query drifted are
 corrected, and pages not recalled are dropped (or, `rest="lowbit"`, read at low precision). The method is
-described in docs/engine.md; measured fidelity is in docs/results/fidelity-bars.
+described in docs/methods.md and docs/engine.md; measured fidelity is in docs/results/fidelity-bars.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import causal_attention
+from ..store import grown
 from .base import Method, register
 
 
@@ -12,7 +13,7 @@ from .base import Method, register
 class Full(Method):
     """All KV on the device, token-major [b, h_kv, tokens, d] per layer; nothing crosses the link.
 
-    Exact. Buffers grow with a 25% margin (or once, to the length given by `reserve`).
+    Exact. Buffers are sized once to the length given by `reserve`, else grow by `store.grown`.
     """
 
     name = "full"
@@ -33,7 +34,7 @@ class Full(Method):
         buf = self.keys[layer]
         capacity = 0 if buf is None else buf.shape[2]
         if n + t > capacity:
-            new_capacity = max(n + t, self.reserved, capacity + capacity // 4 + 256)
+            new_capacity = grown(n + t, self.reserved)
             new_k = k.new_empty((*k.shape[:2], new_capacity, k.shape[3]))
             new_v = v.new_empty(new_k.shape)
             if n:

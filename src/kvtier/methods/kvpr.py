@@ -7,6 +7,7 @@ X[0:l) first, then KV[l:s); the device recomputes K = RoPE(norm(X W_k)), V = X W
 model's own weights while the tail is in flight. l comes from the cost model in `schedule` fed by the
 measured `profile`, or is fixed by the user (`split=int`). With grouped-query attention moving X usually
 costs as much as the KV it replaces, and the scheduler says so and picks l = 0 (then kvpr == offload).
+See docs/methods.md.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..attention import causal_attention
 from ..link import StagingPair
 from ..hardware import load_profile
 from ..schedule import plan_split
-from ..store import ForkShare, from_pages
+from ..store import ForkShare, from_pages, grown
 from .base import register
 from .offload import Offload
 
@@ -84,7 +85,7 @@ class KVPR(Offload):
             s = self.spec
             self.plans = {tokens: plan_split(
                 tokens, batch, s.hidden_size, s.num_kv_heads * s.head_dim,
-                torch.empty((), dtype=s.dtype).element_size(), self.hardware.h2d_bytes_per_s,
+                s.dtype.itemsize, self.hardware.h2d_bytes_per_s,
                 self.hardware.matmul_flops_per_s, split=self.split)}
         return self.plans[tokens]
 
@@ -112,7 +113,7 @@ class KVPR(Offload):
         share = self.act_shares[layer]
         if buf is None or buf.shape[0] < n + t or (share is not None and not share.may_append(self, layer, n)):
             # grow, or copy on write: a fork (or the parent) holds the rows past ours
-            capacity = self.reserved if n + t <= self.reserved else n + t + (n + t) // 4
+            capacity = grown(n + t, self.reserved)
             new = torch.empty((capacity, b, x.shape[2]), dtype=x.dtype, pin_memory=self.link.cuda)
             if n:
                 self.link.synchronize()
@@ -127,7 +128,7 @@ class KVPR(Offload):
     def _store_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
         n, t = self.num_rope, cos.shape[1]
         if self.cos is None or self.cos.shape[1] < n + t:
-            capacity = self.reserved if n + t <= self.reserved else n + t + (n + t) // 4
+            capacity = grown(n + t, self.reserved)
             new_cos = cos.new_empty((cos.shape[0], capacity, cos.shape[2]))
             new_sin = torch.empty_like(new_cos)
             if n:

@@ -4,7 +4,7 @@ The FlexGen / Hugging Face offloading scheme, and the traffic baseline the other
 decode step copies the whole cache host->device, one layer at a time, into two staging buffers used in
 turn. While layer l attends over buffer A, layer l+1 is copied into buffer B; the last layer starts the
 copy of layer 0 for the next step. New tokens are written back to the host pool as they arrive
-(one-token pages, so a layer's history is always one contiguous host block).
+(one-token pages, so a layer's history is always one contiguous host block). See docs/methods.md.
 """
 
 from __future__ import annotations

@@ -2,12 +2,9 @@
 pairs are fetched from host memory; a speculative next token predicts what the next step will need
 (SpeCache, ICML 2025, arXiv 2503.16163).
 
-A preset of the retrieval engine (`kvtier.retrieval`): single tokens as pages, low-bit keys score them, the
-tokens not fetched are read from their low-bit copy, and under kvtier.generate the speculative token of the
-two-token step selects what the next step reads (`speculative_step`; the real row cannot see the speculative
-one and only the real token is stored). Under plain `model.generate` there is no speculative token: each layer
-selects with the current query and fetches before attending, so the output is what SpeCache would give with
-perfect prediction, and the fetch sits on the critical path. Only tokens not already on the device move.
+A preset of the retrieval engine (`kvtier.retrieval`), described in docs/methods.md and docs/engine.md: single
+tokens as pages, low-bit keys score them, the tokens not fetched are read from their low-bit copy, and under
+kvtier.generate the guessed token of the two-token step selects what the next step reads.
 """
 
 from __future__ import annotations

@@ -28,12 +28,11 @@ from ..methods.base import Method
 from ..methods.full import Full
 from ..quant import LowBitValues
 from ..selection import query_similarity
-from ..store import HostPool, from_pages, to_pages
+from ..store import HostPool, from_pages, grown, to_pages
 from .options import EngineOptions
 from .recall import PageTable, SlotRows, recall_pages, staging_needed
 from .scorer import DigestScorer, LowBitScorer
 
-CAPACITY_MARGIN = 256  # tokens added past the prompt when no length was reserved (then growth by a quarter)
 
 
 class _Layer:
@@ -116,8 +115,7 @@ class RetrievalEngine(Method):
     # -- storing ----------------------------------------------------------------------------------------
     def _capacity(self, tokens: int) -> int:
         unit = self.o.key_group if self.o.scorer == "lowbit" else self.o.page_size
-        want = self.reserved if self.reserved >= tokens else tokens + max(CAPACITY_MARGIN, tokens // 4)
-        return -(-want // unit) * unit
+        return grown(tokens, self.reserved, unit)
 
     def _layer(self, layer: int, k: torch.Tensor, tokens: int) -> _Layer:
         st = self.layers[layer]

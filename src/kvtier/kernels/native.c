@@ -11,10 +11,11 @@
 #define LANES 8
 #define MAX_ROWS 64  /* query rows (group x query tokens) one call handles; native.py checks it */
 #define MAX_DIM 512  /* channels; native.py checks it */
-/* Below this much work (heads x tokens x rows) a kernel runs on one thread: waking the others costs more. Built
+/* Below this much work (query rows x tokens, about a head_dim of multiply-adds each: some tens of microseconds)
+ * a kernel runs on one thread: waking the others would cost more than they save. Built
  * with OpenMP (native.py tries that first), the loops marked `omp parallel` run on torch's own thread pool (the
  * process's one libgomp), as many threads as torch.get_num_threads(). */
-#define PARALLEL_WORK 65536
+#define PARALLEL_WORK 8192
 #define PROBS_CHUNK 256  /* pages one work item of kvt_page_probs_f32 sums */
 #define MIX_CHUNK 512    /* columns one work item of kvt_attention_f32 attends */
 #define MAX_TOKENS 8     /* query tokens of one kvt_attention_f32 call (a decode step has one or two) */
@@ -26,16 +27,15 @@
 void kvt_recall_pages(const char *host, char *keys, char *values, int64_t *positions, const int64_t *pages,
                       const int64_t *slots, const uint8_t *heads, int64_t pairs, int64_t k, int64_t rows_per_pair,
                       int64_t first_slot, int64_t page_size, int64_t row_bytes) {
-    for (int64_t r = 0; r < pairs; r++) {
-        if (heads && !heads[r]) continue;
-        for (int64_t i = 0; i < k; i++) {
-            int64_t page = pages[r * k + i];
-            if (page < 0) continue;
-            int64_t src = page * pairs + r, dst = r * rows_per_pair + first_slot + slots[r * k + i];
-            memcpy(keys + dst * row_bytes, host + 2 * src * row_bytes, (size_t)row_bytes);
-            memcpy(values + dst * row_bytes, host + (2 * src + 1) * row_bytes, (size_t)row_bytes);
-            for (int64_t j = 0; j < page_size; j++) positions[dst * page_size + j] = page * page_size + j;
-        }
+    /* two threads move more bytes than one where a plan copies much (a memory-bound loop) */
+    #pragma omp parallel for schedule(static) if (pairs * k * row_bytes >= 64 * PARALLEL_WORK)
+    for (int64_t e = 0; e < pairs * k; e++) {
+        int64_t r = e / k, page = pages[e];
+        if (page < 0 || (heads && !heads[r])) continue;
+        int64_t src = page * pairs + r, dst = r * rows_per_pair + first_slot + slots[e];
+        memcpy(keys + dst * row_bytes, host + 2 * src * row_bytes, (size_t)row_bytes);
+        memcpy(values + dst * row_bytes, host + (2 * src + 1) * row_bytes, (size_t)row_bytes);
+        for (int64_t j = 0; j < page_size; j++) positions[dst * page_size + j] = page * page_size + j;
     }
 }
 
@@ -298,7 +298,7 @@ int kvt_digest_probs_f32(const float *q, const float *dmax, const float *dmin, f
     const int64_t n = hi - lo;
     float *scores = malloc(sizeof(float) * (size_t)(pairs * tokens * (n + 8)));
     if (!scores) return -1;
-    #pragma omp parallel for schedule(static) if (pairs * tokens * group * n * d >= 16 * PARALLEL_WORK)
+    #pragma omp parallel for schedule(static) if (pairs * tokens * group * n >= PARALLEL_WORK)
     for (int64_t item = 0; item < pairs * tokens; item++) {
         int64_t x = item / tokens, tok = item % tokens, h = x % kv_heads, bi = x / kv_heads;
         float *o = out + item * pages, *s = scores + item * (n + 8);

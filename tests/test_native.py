@@ -376,3 +376,21 @@ def test_a_kernel_call_counts_as_one_op(monkeypatch):
     # the same calls with the launches left uncounted: one op less each
     monkeypatch.setattr(native, "_launch", lambda kernel, *args: kernel(*args))
     assert (ops(plan), ops(copy)) == (with_kernel[0] - 1, with_kernel[1] - 1)
+
+
+def test_query_drift_equals_the_reference(monkeypatch):
+    """The drifted KV heads (`selection.query_drift`): one C call against cosine_similarity's grouped mean, on
+    strided queries (a token of [b, H, t, d]) and at the threshold's edges (zero queries: similarity 0)."""
+    from kvtier.selection import query_drift, query_similarity
+
+    gen = _gen(50)
+    q = torch.randn(2, 12, 2, 64, generator=gen)[:, :, 0]
+    previous = q + 0.8 * torch.randn(2, 12, 64, generator=gen)
+    previous[1, :4] = 0.0  # KV head 0 of sequence 1: similarity 0
+    for tau in (-1.0, 0.0, 0.6, 1.0):
+        before = native.launches
+        drift = query_drift(q, previous, 3, tau)
+        assert native.launches == before + 1
+        assert torch.equal(drift, query_similarity(q, previous, 3) < tau)
+    assert bool(query_drift(q, previous, 3, 0.0)[1, 0]) is False and bool(query_drift(q, previous, 3, 1e-6)[1, 0])
+    assert native.query_drift(q.double(), previous.double(), 3, 0.5) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from .kernels import native
 from .quant import as_float32
 
 
@@ -55,3 +56,13 @@ def query_similarity(q: torch.Tensor, previous: torch.Tensor, num_kv_heads: int)
     b, num_heads, _ = q.shape
     cos = torch.nn.functional.cosine_similarity(as_float32(q), as_float32(previous), dim=-1)
     return cos.view(b, num_kv_heads, num_heads // num_kv_heads).mean(-1)
+
+
+def query_drift(q: torch.Tensor, previous: torch.Tensor, num_kv_heads: int, tau: float) -> torch.Tensor:
+    """Which KV heads' queries drifted since the previous step: `query_similarity` below tau -> bool [b, H_kv]
+    (one C kernel on CPU)."""
+    if kernels.native_enabled(q):
+        drift = native.query_drift(q, previous, num_kv_heads, tau)
+        if drift is not None:
+            return drift
+    return query_similarity(q, previous, num_kv_heads) < tau

@@ -447,6 +447,25 @@ static inline float dot(const float *a, const float *b, int64_t d) {
     return vsum(acc) + tail;
 }
 
+/* selection.query_drift: per sequence and KV head, whether the mean over its `group` query heads of the cosine
+ * similarity of q and prev (x . y / sqrt(max(|x|^2 |y|^2, 1e-16)), as torch.nn.functional.cosine_similarity) is
+ * below tau. q and prev: [batch][kv_heads * group] rows of d floats at strides (sq_b, sq_h) and (sp_b, sp_h);
+ * out: [batch][kv_heads] bytes (bool). */
+void kvt_query_drift(const float *q, const float *prev, uint8_t *out, int64_t batch, int64_t kv_heads,
+                     int64_t group, int64_t d, float tau, int64_t sq_b, int64_t sq_h, int64_t sp_b, int64_t sp_h) {
+    for (int64_t bi = 0; bi < batch; bi++) {
+        for (int64_t h = 0; h < kv_heads; h++) {
+            float sum = 0.0f;
+            for (int64_t g = 0; g < group; g++) {
+                const float *x = q + bi * sq_b + (h * group + g) * sq_h, *y = prev + bi * sp_b + (h * group + g) * sp_h;
+                float xy = dot(x, y, d), xx = dot(x, x, d), yy = dot(y, y, d), norms = xx * yy;
+                sum += xy / __builtin_sqrtf(norms > 1e-16f ? norms : 1e-16f);
+            }
+            out[bi * kv_heads + h] = sum / (float)group < tau;
+        }
+    }
+}
+
 /* One work item of kvt_attention_f32: per query row, the largest score, the sum of exponentials against it, and
  * the weighted sum of values, over columns [c0, c1) of the full-precision part or tokens [t0, t1) of the low-bit
  * part (written to top, total and acc[rows][d]); combined across items by the caller. */

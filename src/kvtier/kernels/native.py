@@ -40,6 +40,7 @@ _SIGNATURES = {
     "kvt_page_probs_f32": [_c_ptr] * 2 + [_c_i64] * 9,
     "kvt_digest_probs_f32": [_c_ptr] * 4 + [_c_i64] * 8 + [_c_float] + [_c_i64] * 2,
     "kvt_attention_f32": [_c_ptr],
+    "kvt_query_drift": [_c_ptr] * 3 + [_c_i64] * 4 + [_c_float] + [_c_i64] * 4,
 }
 _RETURNS_STATUS = {"kvt_plan_pages", "kvt_attention_f32", "kvt_digest_probs_f32"}  # 0, or -1 where it could not run (nothing changed)
 _error: str | None = None
@@ -306,3 +307,16 @@ def digest_probs(q: torch.Tensor, digest_max: torch.Tensor, digest_min: torch.Te
     status = _launch(library().kvt_digest_probs_f32, q.data_ptr(), digest_max.data_ptr(), digest_min.data_ptr(),
                      out.data_ptr(), b * num_kv, num_kv, num_heads // num_kv, t, pages, d, lo, hi, scaling, *strides)
     return out if status == 0 else None
+
+
+def query_drift(q: torch.Tensor, previous: torch.Tensor, num_kv_heads: int, tau: float) -> torch.Tensor | None:
+    """float32 q, previous [b, H, d] -> bool [b, H_kv]: `selection.query_drift`; None where the kernel does not
+    apply."""
+    b, num_heads, d = q.shape
+    if (not serves(q, 1, d) or previous.dtype != torch.float32 or previous.shape != q.shape
+            or q.stride(-1) != 1 or previous.stride(-1) != 1):
+        return None
+    out = torch.empty((b, num_kv_heads), dtype=torch.bool, device=q.device)
+    _launch(library().kvt_query_drift, q.data_ptr(), previous.data_ptr(), out.data_ptr(), b, num_kv_heads,
+            num_heads // num_kv_heads, d, tau, q.stride(0), q.stride(1), previous.stride(0), previous.stride(1))
+    return out

@@ -27,7 +27,7 @@ from ..link import nbytes
 from ..methods.base import Method
 from ..methods.full import Full
 from ..quant import LowBitValues
-from ..selection import query_similarity
+from ..selection import query_drift
 from ..store import HostPool, from_pages, grown, to_pages
 from .options import EngineOptions
 from .recall import PageTable, SlotRows, recall_pages, staging_needed
@@ -302,7 +302,7 @@ class RetrievalEngine(Method):
             if st.wanted is None or query == "current" or st.wanted.shape != mine.shape:
                 self._recall(layer, st, mine, first, wait=True)
             elif query == "previous":
-                drift = query_similarity(q[:, :, 0], st.previous_q, self.spec.num_kv_heads) < o.tau
+                drift = query_drift(q[:, :, 0], st.previous_q, self.spec.num_kv_heads, o.tau)
                 if next_start // p == hi:
                     # the next step selects among the same pages with this query: one plan serves the drifted
                     # heads now and the others after attention (their slots are still read until then)

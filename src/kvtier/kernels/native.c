@@ -11,11 +11,11 @@
 #define LANES 8
 #define MAX_ROWS 64  /* query rows (group x query tokens) one call handles; native.py checks it */
 #define MAX_DIM 512  /* channels; native.py checks it */
-/* Below this much work (query rows x tokens, about a head_dim of multiply-adds each: some tens of microseconds)
+/* Below this much work (query rows x tokens, about a head_dim of multiply-adds each: some microseconds)
  * a kernel runs on one thread: waking the others would cost more than they save. Built
  * with OpenMP (native.py tries that first), the loops marked `omp parallel` run on torch's own thread pool (the
  * process's one libgomp), as many threads as torch.get_num_threads(). */
-#define PARALLEL_WORK 8192
+#define PARALLEL_WORK 2048
 #define PROBS_CHUNK 256  /* pages one work item of kvt_page_probs_f32 sums */
 #define MIX_CHUNK 512    /* columns one work item of kvt_attention_f32 attends */
 #define MAX_TOKENS 8     /* query tokens of one kvt_attention_f32 call (a decode step has one or two) */
@@ -295,42 +295,51 @@ int kvt_digest_probs_f32(const float *q, const float *dmax, const float *dmin, f
                          int64_t kv_heads, int64_t group, int64_t tokens, int64_t pages, int64_t d, int64_t lo,
                          int64_t hi, float scaling, int64_t sd_h, int64_t sd_p) {
     const float NEG_INF = -__builtin_inff();
-    const int64_t n = hi - lo;
-    float *scores = malloc(sizeof(float) * (size_t)(pairs * tokens * (n + 8)));
-    if (!scores) return -1;
-    #pragma omp parallel for schedule(static) if (pairs * tokens * group * n >= PARALLEL_WORK)
+    const int64_t n = hi - lo, stride = n + 8, rows = pairs * tokens * group;
+    float *probs = malloc(sizeof(float) * (size_t)(rows * stride));  /* each query row's share of its group mean */
+    if (!probs) return -1;
+    /* a row (pair, token, head in group) per work item: its scores, then its softmax over the range */
+    #pragma omp parallel for schedule(static) if (rows * n * d / 64 >= PARALLEL_WORK)
+    for (int64_t x = 0; x < rows; x++) {
+        int64_t pair = x / (tokens * group), tok = x / group % tokens, g = x % group;
+        int64_t h = pair % kv_heads, bi = pair / kv_heads;
+        const float *qr = q + (((bi * kv_heads + h) * group + g) * tokens + tok) * d;
+        const float *mx = dmax + pair * sd_h + lo * sd_p, *mn = dmin + pair * sd_h + lo * sd_p;
+        float *s = probs + x * stride;
+        for (int64_t p = 0; p < n; p++) {
+            v8 acc = (v8){0};
+            int64_t c = 0;
+            for (; c + 8 <= d; c += 8) {
+                v8 qv = load8(qr + c);
+                acc += vmax8(qv * load8(mx + p * sd_p + c), qv * load8(mn + p * sd_p + c));
+            }
+            float tail = 0.0f;
+            for (; c < d; c++) {
+                float a = qr[c] * mx[p * sd_p + c], b = qr[c] * mn[p * sd_p + c];
+                tail += a > b ? a : b;
+            }
+            s[p] = (vsum(acc) + tail) * scaling;
+        }
+        v8 best = (v8){0} + NEG_INF, total = (v8){0};
+        for (int64_t i = 0; i < n; i += 8) best = vmax8(best, load_part(s + i, n - i, NEG_INF));
+        float top = vmax(best);
+        for (int64_t i = 0; i < n; i += 8) total += exp8(load_part(s + i, n - i, NEG_INF) - top);
+        float w = 1.0f / (vsum(total) * (float)group);
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) store8(s + i, exp8(load8(s + i) - top) * w);
+        for (; i < n; i++) s[i] = exp8(load_part(s + i, 1, NEG_INF) - top)[0] * w;
+    }
+    /* the group mean per (pair, token), the rows added in order; 0 outside the range */
+    #pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_WORK)
     for (int64_t item = 0; item < pairs * tokens; item++) {
-        int64_t x = item / tokens, tok = item % tokens, h = x % kv_heads, bi = x / kv_heads;
-        float *o = out + item * pages, *s = scores + item * (n + 8);
-        const float *mx = dmax + x * sd_h + lo * sd_p, *mn = dmin + x * sd_h + lo * sd_p;
+        float *o = out + item * pages;
         memset(o, 0, sizeof(float) * (size_t)pages);
         for (int64_t g = 0; g < group; g++) {
-            const float *qr = q + (((bi * kv_heads + h) * group + g) * tokens + tok) * d;
-            for (int64_t p = 0; p < n; p++) {
-                v8 acc = (v8){0};
-                int64_t c = 0;
-                for (; c + 8 <= d; c += 8) {
-                    v8 qv = load8(qr + c);
-                    acc += vmax8(qv * load8(mx + p * sd_p + c), qv * load8(mn + p * sd_p + c));
-                }
-                float tail = 0.0f;
-                for (; c < d; c++) {
-                    float a = qr[c] * mx[p * sd_p + c], b = qr[c] * mn[p * sd_p + c];
-                    tail += a > b ? a : b;
-                }
-                s[p] = (vsum(acc) + tail) * scaling;
-            }
-            v8 best = (v8){0} + NEG_INF, total = (v8){0};
-            for (int64_t i = 0; i < n; i += 8) best = vmax8(best, load_part(s + i, n - i, NEG_INF));
-            float top = vmax(best);
-            for (int64_t i = 0; i < n; i += 8) total += exp8(load_part(s + i, n - i, NEG_INF) - top);
-            float w = 1.0f / (vsum(total) * (float)group);
-            int64_t i = 0;
-            for (; i + 8 <= n; i += 8) store8(o + lo + i, load8(o + lo + i) + exp8(load8(s + i) - top) * w);
-            for (; i < n; i++) o[lo + i] += exp8(load_part(s + i, 1, NEG_INF) - top)[0] * w;
+            const float *s = probs + (item * group + g) * stride;
+            for (int64_t i = 0; i < n; i++) o[lo + i] += s[i];
         }
     }
-    free(scores);
+    free(probs);
     return 0;
 }
 
@@ -603,7 +612,7 @@ int kvt_attention_f32(const attention_args *a) {
     if (a->tokens > MAX_TOKENS || a->tokens < 1) return -1;
     float *part = malloc(sizeof(float) * (size_t)(items * stride));
     if (!part) return -1;
-    #pragma omp parallel for schedule(dynamic) if (heads * rows * (L + rest) >= PARALLEL_WORK)
+    #pragma omp parallel for schedule(static, 1) if (heads * rows * (L + rest) >= PARALLEL_WORK)
     for (int64_t item = 0; item < items; item++) {
         int64_t h = item / per_head, c = item % per_head;
         float *top = part + item * stride, *total = top + rows, *acc = total + rows;

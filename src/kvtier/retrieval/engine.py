@@ -66,6 +66,7 @@ class _Layer:
         self.row_v = self.v.view(-1, p * d)
         self.pos_rows = self.pos.view(-1, p)
         self.recalled = self.corrections = self.hits = None  # views of the engine's counters
+        self.counted = None  # (capacity, scored) when the ledger last counted this layer
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         held = (self.k, self.v, self.pos, *self.table.tensors(), *self.scorer.tensors())
@@ -187,8 +188,11 @@ class RetrievalEngine(Method):
                 st.pos[:, :, piece].fill_(a)
             else:
                 st.pos[:, :, piece] = torch.arange(a, b, device=k.device)
-        self.ledger.hold(f"layer{layer}", *st.tensors())
-        self.ledger.hold_bytes("step_workspace", max(self.ledger.held.get("step_workspace", 0), self._workspace(st, k)))
+        if st.counted != (st.capacity, st.scored):  # what the layer holds changes only as it grows or scores
+            st.counted = (st.capacity, st.scored)
+            self.ledger.hold(f"layer{layer}", *st.tensors())
+            self.ledger.hold_bytes("step_workspace",
+                                   max(self.ledger.held.get("step_workspace", 0), self._workspace(st, k)))
 
     def _workspace(self, st: _Layer, k: torch.Tensor) -> int:
         """Bytes of the transient tensors one decode step of a layer makes on the device (they live one layer at

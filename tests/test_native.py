@@ -394,3 +394,25 @@ def test_query_drift_equals_the_reference(monkeypatch):
         assert torch.equal(drift, query_similarity(q, previous, 3) < tau)
     assert bool(query_drift(q, previous, 3, 0.0)[1, 0]) is False and bool(query_drift(q, previous, 3, 1e-6)[1, 0])
     assert native.query_drift(q.double(), previous.double(), 3, 0.5) is None
+
+
+@pytest.mark.parametrize("b,t,first,count", [(1, 1, 0, 1), (2, 1, 0, 1), (1, 5, 1, 3)])
+def test_store_rows_equals_slice_assignment(b, t, first, count):
+    """The engine's ring writes in one call: keys, values and positions of `count` fed tokens into buffer rows,
+    from keys laid out as transformers hands them over ([b, t, h, d] transposed to [b, h, t, d])."""
+    gen = _gen(60 + t)
+    h, L, d, row0 = 3, 12, 16, 4
+    k_new = torch.randn(b, t, h, d, generator=gen).transpose(1, 2)
+    v_new = torch.randn(b, t, h, d, generator=gen).transpose(1, 2)
+    ours = [torch.randn(b, h, L, d, generator=gen), torch.randn(b, h, L, d, generator=gen),
+            torch.full((b, h, L), -1, dtype=torch.long)]
+    expected = [x.clone() for x in ours]
+    assert native.store_rows(k_new, v_new, *ours, row0, first, count, 100)
+    expected[0][:, :, row0:row0 + count] = k_new[:, :, first:first + count]
+    expected[1][:, :, row0:row0 + count] = v_new[:, :, first:first + count]
+    expected[2][:, :, row0:row0 + count] = torch.arange(100, 100 + count)
+    for got, want in zip(ours, expected):
+        assert torch.equal(got, want)
+    # declined: another dtype, a buffer that is not contiguous
+    assert not native.store_rows(k_new.double(), v_new.double(), *ours, row0, first, count, 100)
+    assert not native.store_rows(k_new, v_new, ours[0].transpose(2, 3), *ours[1:], row0, first, count, 100)

@@ -39,6 +39,21 @@ void kvt_recall_pages(const char *host, char *keys, char *values, int64_t *posit
     }
 }
 
+/* retrieval.engine's ring writes: for every (sequence, KV head) pair r, rows row0 .. row0 + count - 1 of keys and
+ * values [pairs][L][d] (contiguous) take tokens first .. first + count - 1 of k_new and v_new (pair r at
+ * sk_r / sv_r, token at sk_t / sv_t, channels contiguous), and pos [pairs][L] their positions position0 + i. */
+void kvt_store_rows(const float *k_new, const float *v_new, int64_t sk_r, int64_t sk_t, int64_t sv_r,
+                    int64_t sv_t, float *keys, float *values, int64_t *pos, int64_t pairs, int64_t L, int64_t d,
+                    int64_t row0, int64_t first, int64_t count, int64_t position0) {
+    for (int64_t r = 0; r < pairs; r++) {
+        for (int64_t i = 0; i < count; i++) {
+            memcpy(keys + (r * L + row0 + i) * d, k_new + r * sk_r + (first + i) * sk_t, sizeof(float) * (size_t)d);
+            memcpy(values + (r * L + row0 + i) * d, v_new + r * sv_r + (first + i) * sv_t, sizeof(float) * (size_t)d);
+            pos[r * L + row0 + i] = position0 + i;
+        }
+    }
+}
+
 /* A slot's place in the eviction order: (key, slot) ascending, key -1 for an empty slot, the page's score for
  * an unwanted resident one. */
 typedef struct { float key; int64_t slot; } candidate;

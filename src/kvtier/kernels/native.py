@@ -40,6 +40,7 @@ _SIGNATURES = {
     "kvt_page_probs_f32": [_c_ptr] * 2 + [_c_i64] * 9,
     "kvt_digest_probs_f32": [_c_ptr] * 4 + [_c_i64] * 8 + [_c_float] + [_c_i64] * 2,
     "kvt_attention_f32": [_c_ptr],
+    "kvt_store_rows": [_c_ptr] * 2 + [_c_i64] * 4 + [_c_ptr] * 3 + [_c_i64] * 7,
     "kvt_query_drift": [_c_ptr] * 3 + [_c_i64] * 4 + [_c_float] + [_c_i64] * 4,
 }
 _RETURNS_STATUS = {"kvt_plan_pages", "kvt_attention_f32", "kvt_digest_probs_f32"}  # 0, or -1 where it could not run (nothing changed)
@@ -320,3 +321,20 @@ def query_drift(q: torch.Tensor, previous: torch.Tensor, num_kv_heads: int, tau:
     _launch(library().kvt_query_drift, q.data_ptr(), previous.data_ptr(), out.data_ptr(), b, num_kv_heads,
             num_heads // num_kv_heads, d, tau, q.stride(0), q.stride(1), previous.stride(0), previous.stride(1))
     return out
+
+
+def store_rows(k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               positions: torch.Tensor, row0: int, first: int, count: int, position0: int) -> bool:
+    """keys, values [b, h, L, d] rows row0 .. row0 + count - 1 = k_new, v_new [b, h, t, d] tokens first ..
+    first + count - 1, positions [b, h, L] = position0 + i (the engine's ring writes, as slice assignments do);
+    False (nothing done) where the layouts are not the ones the C loop takes."""
+    b, h, L, d = keys.shape
+    if not (keys.dtype == values.dtype == k_new.dtype == v_new.dtype == torch.float32 and keys.is_contiguous()
+            and values.is_contiguous() and positions.is_contiguous() and positions.dtype == torch.long):
+        return False
+    ks, vs = _heads_view(k_new), _heads_view(v_new)
+    if ks is None or vs is None:
+        return False
+    _launch(library().kvt_store_rows, k_new.data_ptr(), v_new.data_ptr(), *ks, *vs, keys.data_ptr(),
+            values.data_ptr(), positions.data_ptr(), b * h, L, d, row0, first, count, position0)
+    return True

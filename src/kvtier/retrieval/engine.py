@@ -182,6 +182,9 @@ class RetrievalEngine(Method):
             st.pos[:, :, n_old:stop] = torch.arange(n_old, stop, device=k.device)
         first = max(n_old, o.sink, start)
         for piece, a, b in st.ring_slices(first, n_old + t):
+            if kernels.native_enabled(k) and native.store_rows(k, v, st.k, st.v, st.pos, piece.start, a - n_old,
+                                                                b - a, a):
+                continue  # one C call for the keys, values and positions
             st.k[:, :, piece] = k[:, :, a - n_old:b - n_old]
             st.v[:, :, piece] = v[:, :, a - n_old:b - n_old]
             if b - a == 1:  # a decode step: one position, no tensor made for it

@@ -60,3 +60,33 @@ def full_precision_block(q, k_base, v_base, mask_base, cols, col_ok, c, c_ok, ro
     s = tl.where(col_ok[None, :], s, float("-inf"))  # past the range: no weight at all
     v = tl.load(v_base + cols[:, None] * sv_n + c[None, :], mask=kv_ok, other=0.0).to(tl.float32)
     return softmax_step(m, l, acc, s, v, PRECISION)
+
+
+@triton.jit
+def decode_program(q_ptr, num_kv, group, t, d, sq_b, sq_h, sq_t, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What one split-K decode program serves: its sequence b (int64) and KV head h, its split of the keys, the
+    KV head's query rows q, the row and channel indices r and c, and which rows are real."""
+    b = tl.program_id(0) // num_kv
+    h = tl.program_id(0) % num_kv
+    split = tl.program_id(1)
+    q = load_query_rows(q_ptr, b, h, group, t, d, sq_b, sq_h, sq_t, BLOCK_M, BLOCK_D)
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_D)
+    return b.to(tl.int64), h, split, q, r, c, r < group * t
+
+
+@triton.jit
+def store_decode_rows(out_ptr, m_ptr, l_ptr, acc, m, l, b, h, split, r, c, row_ok, group, t, d,
+                      so_b, so_s, so_t, so_h, sl_b, sl_s, sl_t, sl_h, PARTIAL: tl.constexpr):
+    """A split-K decode program's result, rows back to (query token, query head): out [b, splits, t, H, d] and
+    m, l [b, splits, t, H] (PARTIAL: unnormalized, merged later by `merge_splits`), else out normalized."""
+    head = h * group + r // t
+    row = b * sl_b + split * sl_s + (r % t) * sl_t + head * sl_h
+    out = out_ptr + b * so_b + split * so_s + (r % t)[:, None] * so_t + head[:, None] * so_h + c[None, :]
+    out_ok = row_ok[:, None] & (c[None, :] < d)
+    if PARTIAL:
+        tl.store(out, acc, mask=out_ok)
+        tl.store(m_ptr + row, m, mask=row_ok)
+        tl.store(l_ptr + row, l, mask=row_ok)
+    else:
+        tl.store(out, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..attention import attend as decode_attention_reference  # noqa: F401  (the function this one equals)
 from . import DECODE_MAX_ROWS
-from ._common import FLOAT32_MIN, block, dot_precision, full_precision_block, load_query_rows, rows
+from ._common import FLOAT32_MIN, block, decode_program, dot_precision, full_precision_block, rows, store_decode_rows
 
 BLOCK_N = 64
 MIN_SPLIT = 256  # keys per split below which splitting costs more than it buys
@@ -29,16 +29,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_ptr, l_ptr, num_kv,
                    so_b, so_s, so_t, so_h, sl_b, sl_s, sl_t, sl_h,
                    PARTIAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    b = tl.program_id(0) // num_kv
-    h = tl.program_id(0) % num_kv
-    split = tl.program_id(1)
-    q = load_query_rows(q_ptr, b, h, group, t, d, sq_b, sq_h, sq_t, BLOCK_M, BLOCK_D)
-    r = tl.arange(0, BLOCK_M)
-    c = tl.arange(0, BLOCK_D)
-    row_ok = r < group * t
-    k_base = k_ptr + b.to(tl.int64) * sk_b + h * sk_h
-    v_base = v_ptr + b.to(tl.int64) * sv_b + h * sv_h
-    mask_base = mask_ptr + b.to(tl.int64) * sm_b + h * sm_h + (r % t)[:, None] * sm_t
+    b, h, split, q, r, c, row_ok = decode_program(q_ptr, num_kv, group, t, d, sq_b, sq_h, sq_t, BLOCK_M, BLOCK_D)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    mask_base = mask_ptr + b * sm_b + h * sm_h + (r % t)[:, None] * sm_t
 
     # starting the max at float32 min (not -inf) keeps exp(m - m_new) finite when every score is masked
     m = tl.full([BLOCK_M], FLOAT32_MIN, tl.float32)
@@ -51,17 +45,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_ptr, l_ptr, num_kv,
         m, l, acc = full_precision_block(q, k_base, v_base, mask_base, cols, cols < stop, c, c < d, row_ok, sk_n,
                                          sv_n, scaling, m, l, acc, HAS_MASK, PRECISION)
 
-    # rows go back to (query token, query head): out is [b, splits, t, H, d], m and l [b, splits, t, H]
-    head = h * group + r // t
-    row = b.to(tl.int64) * sl_b + split * sl_s + (r % t) * sl_t + head * sl_h
-    out = out_ptr + b.to(tl.int64) * so_b + split * so_s + (r % t)[:, None] * so_t + head[:, None] * so_h + c[None, :]
-    out_ok = row_ok[:, None] & (c[None, :] < d)
-    if PARTIAL:
-        tl.store(out, acc, mask=out_ok)
-        tl.store(m_ptr + row, m, mask=row_ok)
-        tl.store(l_ptr + row, l, mask=row_ok)
-    else:
-        tl.store(out, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+    store_decode_rows(out_ptr, m_ptr, l_ptr, acc, m, l, b, h, split, r, c, row_ok, group, t, d,
+                      so_b, so_s, so_t, so_h, sl_b, sl_s, sl_t, sl_h, PARTIAL)
 
 
 def _splits(n: int, programs: int, device: torch.device) -> int:

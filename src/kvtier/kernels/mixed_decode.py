@@ -21,7 +21,8 @@ from ..attention import RestRange
 from ..attention import attend_mixed as decode_attention_mixed_reference  # noqa: F401  (the function this equals)
 from ..quant import QTensor
 from . import DECODE_MAX_ROWS
-from ._common import FLOAT32_MIN, block, dot_precision, full_precision_block, load_query_rows, rows, softmax_step
+from ._common import (FLOAT32_MIN, block, decode_program, dot_precision, full_precision_block, rows, softmax_step,
+                      store_decode_rows)
 from .decode import BLOCK_N, mask_argument, merge_splits, split_outputs, split_plan
 
 
@@ -41,15 +42,8 @@ def _mixed_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr,
                   sr_b, sr_h, sr_p, sva_b, sva_n, so_b, so_s, so_t, so_h, sl_b, sl_s, sl_t, sl_h,
                   PARTIAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_VALID: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    b = tl.program_id(0) // num_kv
-    h = tl.program_id(0) % num_kv
-    split = tl.program_id(1)
-    q = load_query_rows(q_ptr, b, h, group, t, d, sq_b, sq_h, sq_t, BLOCK_M, BLOCK_D)
-    r = tl.arange(0, BLOCK_M)
-    c = tl.arange(0, BLOCK_D)
-    row_ok = r < group * t
+    b64, h, split, q, r, c, row_ok = decode_program(q_ptr, num_kv, group, t, d, sq_b, sq_h, sq_t, BLOCK_M, BLOCK_D)
     c_ok = c < d
-    b64 = b.to(tl.int64)
     k_base = k_ptr + b64 * sk_b + h * sk_h
     v_base = v_ptr + b64 * sv_b + h * sv_h
     mask_base = mask_ptr + b64 * sm_b + h * sm_h + (r % t)[:, None] * sm_t
@@ -95,17 +89,8 @@ def _mixed_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr,
         v = (codes * scale.to(tl.float32) + zero.to(tl.float32)).to(scale.dtype).to(tl.float32)
         m, l, acc = softmax_step(m, l, acc, s, v, PRECISION)
 
-    # rows go back to (query token, query head): out is [b, splits, t, H, d], m and l [b, splits, t, H]
-    head = h * group + r // t
-    row = b64 * sl_b + split * sl_s + (r % t) * sl_t + head * sl_h
-    out = out_ptr + b64 * so_b + split * so_s + (r % t)[:, None] * so_t + head[:, None] * so_h + c[None, :]
-    out_ok = row_ok[:, None] & c_ok[None, :]
-    if PARTIAL:
-        tl.store(out, acc, mask=out_ok)
-        tl.store(m_ptr + row, m, mask=row_ok)
-        tl.store(l_ptr + row, l, mask=row_ok)
-    else:
-        tl.store(out, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+    store_decode_rows(out_ptr, m_ptr, l_ptr, acc, m, l, b64, h, split, r, c, row_ok, group, t, d,
+                      so_b, so_s, so_t, so_h, sl_b, sl_s, sl_t, sl_h, PARTIAL)
 
 
 def _params(qt: QTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

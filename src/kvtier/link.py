@@ -12,6 +12,8 @@ import contextlib
 
 import torch
 
+from .sizes import grown
+
 
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
@@ -124,7 +126,7 @@ class StagingPair:
     """Two device buffers used in turn, so one can be filled while the other is read.
 
     `take()` hands out the buffer not handed out last time (or the one the caller is not reading), grown
-    to at least `numel` elements; the caller records which data it put there. Growth reallocates (amortized by a 25% margin).
+    to at least `numel` elements; the caller records which data it put there. Growth reallocates (`sizes.grown`).
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, ledger=None, name: str = "staging"):
@@ -144,9 +146,7 @@ class StagingPair:
         self.turn = 1 - index
         buf = self.buffers[index]
         if buf is None or buf.numel() < numel:
-            # the reserved size when it holds numel (sized once, no margin), else a quarter more than asked
-            capacity = self.reserved if numel <= self.reserved else numel + numel // 4
-            buf = torch.empty(capacity, dtype=self.dtype, device=self.device)
+            buf = torch.empty(grown(numel, self.reserved), dtype=self.dtype, device=self.device)
             self.buffers[index] = buf
             if self.ledger is not None:
                 self.ledger.hold(f"{self.name}{index}", buf)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .link import nbytes
-from .store import grown
+from .sizes import grown
 
 BITS = (1, 2, 4)
 

@@ -1,4 +1,5 @@
-"""Byte sizes as people write them ("40MiB", "6GiB", "2GB", "1048576") and as kvtier prints them."""
+"""Byte sizes as people write them ("40MiB", "6GiB", "2GB", "1048576") and as kvtier prints them; and `grown`,
+the one rule by which a buffer grows past what was reserved."""
 
 from __future__ import annotations
 
@@ -43,3 +44,14 @@ def format_bytes(n: int | float) -> str:
             return f"{value:.0f} B" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+GROWTH_MARGIN = 256  # tokens (elements, for a staging buffer): the least a buffer grows by past what is needed
+
+
+def grown(needed: int, reserved: int = 0, unit: int = 1) -> int:
+    """The capacity, in tokens, to reallocate a growing buffer to when `needed` tokens no longer fit: the reserved
+    length when it covers them (buffers sized once), else `needed` and a quarter more (at least GROWTH_MARGIN),
+    so that a buffer growing one token at a time is reallocated rarely; rounded up to whole `unit`s."""
+    want = reserved if reserved >= needed else needed + max(GROWTH_MARGIN, needed // 4)
+    return -(-want // unit) * unit

@@ -15,17 +15,7 @@ import weakref
 import torch
 
 from .link import Link, nbytes
-
-GROWTH_MARGIN = 256  # tokens: the least a buffer grows by past what is needed when no length was reserved
-
-
-def grown(needed: int, reserved: int = 0, unit: int = 1) -> int:
-    """The capacity, in tokens, to reallocate a growing buffer to when `needed` tokens no longer fit: the reserved
-    length when it covers them (buffers sized once), else `needed` and a quarter more (at least GROWTH_MARGIN),
-    so that a buffer growing one token at a time is reallocated rarely; rounded up to whole `unit`s."""
-    want = reserved if reserved >= needed else needed + max(GROWTH_MARGIN, needed // 4)
-    return -(-want // unit) * unit
-
+from .sizes import grown
 
 def to_pages(k: torch.Tensor, v: torch.Tensor, page_size: int) -> torch.Tensor:
     """[b, h, t, d] keys and values (t a multiple of page_size) -> contiguous [t/P, b, h, 2, P, d] pages."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import causal_attention
-from ..store import grown
+from ..sizes import grown
 from .base import Method, register
 
 

@@ -18,7 +18,8 @@ from ..attention import causal_attention
 from ..link import StagingPair
 from ..hardware import load_profile
 from ..schedule import plan_split
-from ..store import ForkShare, from_pages, grown
+from ..sizes import grown
+from ..store import ForkShare, from_pages
 from .base import register
 from .offload import Offload
 

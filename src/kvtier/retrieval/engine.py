@@ -28,7 +28,8 @@ from ..methods.base import Method
 from ..methods.full import Full
 from ..quant import LowBitValues
 from ..selection import query_drift
-from ..store import HostPool, from_pages, grown, to_pages
+from ..sizes import grown
+from ..store import HostPool, from_pages, to_pages
 from .options import EngineOptions
 from .recall import PageTable, SlotRows, recall_pages, staging_needed
 from .scorer import DigestScorer, LowBitScorer

@@ -327,7 +327,7 @@ def test_page_table_starts_empty():
     assert (table.slots, table.pages) == (5, 8)
     assert table.slot_page.shape == (2, 3, 5)
     assert table.page_slot.shape == (2, 3, 9)
-    assert table.slot_page.dtype == table.page_slot.dtype == torch.long
+    assert table.slot_page.dtype == torch.long and table.page_slot.dtype == torch.int32
     assert bool((table.slot_page == -1).all()) and bool((table.page_slot == -1).all())
     assert table.tensors() == (table.slot_page, table.page_slot)
 

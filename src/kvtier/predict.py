@@ -209,8 +209,8 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
         "dense_layers": o.dense_layers * length * token_layer_bytes(spec, batch),
         "buffers": retrieval * 2 * b * h * rows * d * elem,
         "positions": retrieval * b * h * rows * ROW_BYTES,
-        # slot -> page and page -> slot (one more column for -1 entries)
-        "page_table": retrieval * b * h * (o.slots + capacity // p + 1) * ROW_BYTES,
+        # slot -> page (int64) and page -> slot (int32, one more column for -1 entries)
+        "page_table": retrieval * b * h * (o.slots * ROW_BYTES + (capacity // p + 1) * 4),
     }
     if not lowbit:
         parts["digests"] = retrieval * 2 * b * h * (capacity // p) * d * elem

@@ -70,11 +70,11 @@ static float clean_score(float s) {  /* torch.nan_to_num(s, 0, 1, 0): the scores
     return s != s ? 0.0f : s == __builtin_inff() ? 1.0f : s == -__builtin_inff() ? 0.0f : s;
 }
 
-/* retrieval.recall.plan_pages_reference, row by row: slot_page [pairs][n_slots] and page_slot [pairs][map_width]
+/* retrieval.recall.plan_pages_reference, row by row: slot_page [pairs][n_slots] and page_slot (int32) [pairs][map_width]
  * (the table, updated), wanted [pairs][k], scores (NULL: all 0) at strides (ss_r per pair, 1 per page), pages
  * and slots [pairs][k] written, *recalled (if not NULL) increased by the pages to copy. Returns 0, or -1 where
  * memory for its scratch could not be had (nothing is changed then). */
-int kvt_plan_pages(int64_t *slot_page, int64_t *page_slot, const int64_t *wanted, const float *scores,
+int kvt_plan_pages(int64_t *slot_page, int32_t *page_slot, const int64_t *wanted, const float *scores,
                    int64_t ss_r, int64_t pairs, int64_t n_slots, int64_t k, int64_t map_width, int64_t *out_pages,
                    int64_t *out_slots, int64_t *recalled) {
     static _Thread_local candidate *cand;
@@ -93,7 +93,8 @@ int kvt_plan_pages(int64_t *slot_page, int64_t *page_slot, const int64_t *wanted
     }
     int64_t total = 0;
     for (int64_t r = 0; r < pairs; r++) {
-        int64_t *resident = slot_page + r * n_slots, *where = page_slot + r * map_width;
+        int64_t *resident = slot_page + r * n_slots;
+        int32_t *where = page_slot + r * map_width;
         const int64_t *want = wanted + r * k;
         int64_t misses = 0, count = 0;
         memset(taken, 0, (size_t)n_slots);
@@ -123,7 +124,7 @@ int kvt_plan_pages(int64_t *slot_page, int64_t *page_slot, const int64_t *wanted
         for (int64_t t = 0; t < misses; t++) {
             int64_t slot = cand[t].slot, old = resident[slot];
             if (old >= 0) where[old] = -1;
-            where[miss[t]] = slot;
+            where[miss[t]] = (int32_t)slot;
             resident[slot] = miss[t];
             pages_row[t] = miss[t];
             slots_row[t] = slot;

@@ -158,6 +158,7 @@ def plan_pages(slot_page: torch.Tensor, page_slot: torch.Tensor, wanted: torch.T
     b, h, k = wanted.shape
     scores = None if page_scores is None else _heads_view(page_scores)
     if (not (slot_page.is_contiguous() and page_slot.is_contiguous()) or wanted.dtype != torch.long
+            or slot_page.dtype != torch.long or page_slot.dtype != torch.int32
             or (page_scores is not None and (page_scores.dtype != torch.float32 or scores is None))
             or (recalled is not None and (recalled.dtype != torch.long or recalled.numel() != 1))):
         return None

@@ -28,7 +28,7 @@ def _plan_kernel(slot_page_ptr, page_slot_ptr, wanted_ptr, scores_ptr, pages_ptr
     in_plan = i < k
     resident = tl.load(slot_page_ptr + r * n_slots + j, mask=in_table, other=-1)
     want = tl.load(wanted_ptr + r * k + i, mask=in_plan, other=0)
-    held = tl.load(page_slot_ptr + r * map_width + want, mask=in_plan, other=-1)
+    held = tl.load(page_slot_ptr + r * map_width + want, mask=in_plan, other=-1).to(tl.int64)
     hit = held >= 0
     # eviction keys: empty slots -1, unwanted residents their score (NaN, inf cleaned), wanted ones 2 (never)
     if HAS_SCORES:
@@ -63,7 +63,7 @@ def _plan_kernel(slot_page_ptr, page_slot_ptr, wanted_ptr, scores_ptr, pages_ptr
     new_page = tl.load(pages_ptr + r * k + j, mask=takes, other=-1)
     old = tl.load(slot_page_ptr + r * n_slots + cheapest, mask=takes, other=-1)
     tl.store(page_slot_ptr + r * map_width + old, -1, mask=takes & (old >= 0))  # evicted pages and new ones differ
-    tl.store(page_slot_ptr + r * map_width + new_page, cheapest, mask=takes)
+    tl.store(page_slot_ptr + r * map_width + new_page, cheapest.to(tl.int32), mask=takes)
     tl.store(slot_page_ptr + r * n_slots + cheapest, new_page, mask=takes)
     if HAS_COUNTER:
         tl.atomic_add(recalled_ptr, misses.to(tl.int64))
@@ -71,8 +71,8 @@ def _plan_kernel(slot_page_ptr, page_slot_ptr, wanted_ptr, scores_ptr, pages_ptr
 
 def plan_pages(slot_page: torch.Tensor, page_slot: torch.Tensor, wanted: torch.Tensor,
                page_scores: torch.Tensor | None, recalled: torch.Tensor | None):
-    """`retrieval.recall.plan_pages_reference` in one launch: the table (slot_page [b, h, slots], page_slot
-    [b, h, pages + 1], contiguous int64) updated in place, (pages, slots) [b, h, k] returned."""
+    """`retrieval.recall.plan_pages_reference` in one launch: the table (slot_page [b, h, slots] int64, page_slot
+    [b, h, pages + 1] int32, contiguous) updated in place, (pages, slots) [b, h, k] returned."""
     b, h, k = wanted.shape
     n_slots, width = slot_page.shape[-1], page_slot.shape[-1]
     if not (slot_page.is_contiguous() and page_slot.is_contiguous()):

@@ -24,11 +24,12 @@ from ..kernels import native
 
 class PageTable:
     """`slot_page[s, h, j]`: the page held by slot j of sequence s, KV head h (-1: empty); `page_slot[s, h, p]`:
-    the slot holding page p (-1: none), for `pages` pages and one more column that absorbs -1 entries."""
+    the slot holding page p (-1: none), for `pages` pages and one more column that absorbs -1 entries. The map
+    has an entry per page of the reserved length (per token where pages are single tokens), so it is int32."""
 
     def __init__(self, batch: int, num_kv_heads: int, slots: int, pages: int, device):
         self.slot_page = torch.full((batch, num_kv_heads, slots), -1, dtype=torch.long, device=device)
-        self.page_slot = torch.full((batch, num_kv_heads, pages + 1), -1, dtype=torch.long, device=device)
+        self.page_slot = torch.full((batch, num_kv_heads, pages + 1), -1, dtype=torch.int32, device=device)
 
     @property
     def slots(self) -> int:
@@ -83,7 +84,7 @@ def plan_pages_reference(slot_page: torch.Tensor, page_slot: torch.Tensor, wante
     """`PageTable.plan` on the table's two tensors, updated in place (see there)."""
     resident = slot_page
     k, n_slots, dump = wanted.shape[-1], resident.shape[-1], page_slot.shape[-1] - 1
-    held = page_slot.gather(-1, wanted)  # the slot of each wanted page, -1 where it is missing
+    held = page_slot.gather(-1, wanted).long()  # the slot of each wanted page, -1 where it is missing
     hit = held >= 0
     if page_scores is None:
         score = torch.zeros(resident.shape, device=resident.device)
@@ -99,7 +100,7 @@ def plan_pages_reference(slot_page: torch.Tensor, page_slot: torch.Tensor, wante
     pages = torch.where(copy, wanted.gather(-1, order), -1)
     old = resident.gather(-1, cheapest)
     page_slot.scatter_(-1, torch.where(copy & (old >= 0), old, dump), -1)
-    page_slot.scatter_(-1, torch.where(copy, pages, dump), torch.where(copy, cheapest, -1))
+    page_slot.scatter_(-1, torch.where(copy, pages, dump), torch.where(copy, cheapest, -1).to(page_slot.dtype))
     slot_page.scatter_(-1, cheapest, torch.where(copy, pages, old))
     if recalled is not None:
         recalled.add_(copy.sum())

@@ -156,3 +156,11 @@ def assert_close(actual, expected):
 def torch_references(monkeypatch):
     """Library functions take their PyTorch path, so the kernel under test is only what the test calls."""
     monkeypatch.setenv("KVTIER_KERNELS", "torch")
+
+
+def slot_positions(table, page_size: int) -> torch.Tensor:
+    """Token position of every slot token of a `retrieval.recall.PageTable` [b, h, slots * P] (-1 where the slot
+    is empty): where a recall must have written each slot's tokens."""
+    pages = table.slot_page.unsqueeze(-1)
+    pos = pages * page_size + torch.arange(page_size, device=pages.device)
+    return pos.masked_fill_(pages < 0, -1).flatten(-2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import slot_positions
 
 import kvtier
 from kvtier.link import Link
@@ -161,7 +162,7 @@ def recall_run(device, steps=6):
         torch.cuda.synchronize()
     assert int(recalled) == copied
     # every slot holds its page's tokens, at the positions the table gives, which the copy wrote beside them
-    pos = table.positions(page_size).cpu()
+    pos = slot_positions(table, page_size).cpu()
     present = pos >= 0
     idx = pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d)
     got_k, got_v, got_pos = buf_k[:, :, lo:hi].cpu(), buf_v[:, :, lo:hi].cpu(), buf_pos[:, :, lo:hi].cpu()

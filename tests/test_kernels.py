@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, KERNEL_TOL, assert_close, randn
+from conftest import KERNEL_DEVICE, KERNEL_TOL, assert_close, randn, slot_positions
 
 pytest.importorskip("triton")
 
@@ -239,7 +239,7 @@ def test_recall_matches_the_reference_through_a_page_table(monkeypatch, dtype):
     assert calls == ["plan_pages", "recall_pages"] * 3
     assert int(our_count) > 0
     # and the slots hold their pages' tokens, at the positions the copy wrote
-    pos = table.positions(p)
+    pos = slot_positions(table, p)
     assert torch.equal(our_pos[:, :, :slots * p], pos)
     idx = pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d)
     present = pos >= 0

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import slot_positions
 
 from kvtier import kernels
 from kvtier.kernels import native
@@ -682,13 +683,13 @@ def test_plan_paths_agree_on_scores_of_other_dtypes(dtype):
 
 def test_positions_values():
     table = PageTable(1, 2, 3, 6, CPU)
-    assert table.positions(3).tolist() == [[[-1] * 9, [-1] * 9]]
+    assert slot_positions(table, 3).tolist() == [[[-1] * 9, [-1] * 9]]
     table.slot_page[0, 0] = torch.tensor([2, -1, 0])
     table.slot_page[0, 1] = torch.tensor([-1, 5, -1])
-    pos = table.positions(3)
+    pos = slot_positions(table, 3)
     assert pos.shape == (1, 2, 9) and pos.dtype == torch.long
     assert pos.tolist() == [[[6, 7, 8, -1, -1, -1, 0, 1, 2], [-1, -1, -1, 15, 16, 17, -1, -1, -1]]]
-    assert table.positions(1).tolist() == [[[2, -1, 0], [-1, 5, -1]]]
+    assert slot_positions(table, 1).tolist() == [[[2, -1, 0], [-1, 5, -1]]]
 
 
 def test_page_slot_marks_the_resident_pages_after_plans(path):
@@ -885,7 +886,7 @@ def check_recalled(rec, k, v):
                     continue
                 host = rec.pool.head_page(rec.layer, pg, s, hh)
                 assert torch.equal(got_k, host[0]) and torch.equal(got_v, host[1])
-    pos = rec.table.positions(p)
+    pos = slot_positions(rec.table, p)
     assert pos.shape == (b, h, slots * p)
     assert torch.equal(slot_pos, pos), "the copy wrote other positions than the table's"
     present = pos >= 0
@@ -903,7 +904,7 @@ def test_recall_through_the_plan(path, dtype, page_size):
     batch, heads, d, n_pages, slots = 2, 3, 5, 9, 4
     pool, _, k, v = filled_pool(batch, heads, d, page_size, n_pages, dtype)
     rec = Recall(pool, 1, slots)
-    assert bool((rec.table.positions(page_size) == -1).all())
+    assert bool((slot_positions(rec.table, page_size) == -1).all())
     torch.manual_seed(3)
     copied = 0
     for step in range(8):
@@ -921,7 +922,7 @@ def test_recall_through_the_plan(path, dtype, page_size):
         untouched = ~written[..., :slots].repeat_interleave(page_size, dim=-1)
         assert torch.equal(rec.slots_kv()[0][untouched], prev_k[untouched])
         # every wanted page's tokens are at their positions
-        pos = rec.table.positions(page_size)
+        pos = slot_positions(rec.table, page_size)
         for s in range(batch):
             for hh in range(heads):
                 have = set(pos[s, hh].tolist())

@@ -72,12 +72,6 @@ class PageTable:
                 return out
         return plan_pages_reference(self.slot_page, self.page_slot, wanted, page_scores, recalled)
 
-    def positions(self, page_size: int) -> torch.Tensor:
-        """Token position of every slot token [b, h, slots*P] (-1 where the slot is empty)."""
-        pages = self.slot_page.unsqueeze(-1)
-        pos = pages * page_size + torch.arange(page_size, device=pages.device)
-        return pos.masked_fill_(pages < 0, -1).flatten(-2)
-
 
 def plan_pages_reference(slot_page: torch.Tensor, page_slot: torch.Tensor, wanted: torch.Tensor,
                          page_scores: torch.Tensor | None, recalled: torch.Tensor | None = None):

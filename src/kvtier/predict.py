@@ -26,6 +26,7 @@ import torch
 
 from .models import ModelSpec
 from .quant import packed_size
+from .retrieval.recall import plan_workspace_bytes
 
 ROW_BYTES = 8  # int64: positions and page-table entries of the retrieval engine
 
@@ -221,8 +222,7 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
             parts["lowbit_values"] = retrieval * (codes + 2 * b * h * capacity * (d // o.value_group) * elem)
     if retrieval:
         query_rows = spec.num_heads // h * 2  # a speculative step has two query tokens
-        # the recall plan's pages and slots, and the GPU kernel's eviction keys (a power of two per row)
-        workspace = 2 * b * h * o.slots * ROW_BYTES + 4 * b * h * max(2, 1 << (o.slots - 1).bit_length())
+        workspace = plan_workspace_bytes(b, h, o.slots)
         if not lowbit:  # the page bounds per query row and their softmax
             workspace += 4 * b * h * query_rows * (capacity // p) * 2
         else:

@@ -31,7 +31,7 @@ from ..selection import query_drift
 from ..sizes import grown
 from ..store import HostPool, from_pages, to_pages
 from .options import EngineOptions
-from .recall import PageTable, SlotRows, recall_pages, staging_needed
+from .recall import PageTable, SlotRows, plan_workspace_bytes, recall_pages, staging_needed
 from .scorer import DigestScorer, LowBitScorer
 
 
@@ -206,8 +206,7 @@ class RetrievalEngine(Method):
         rows = self.spec.num_heads // h * 2  # a decode step has one query token, a speculative one two
         elem = k.element_size()
         pages = st.capacity // self.o.page_size
-        # the recall plan's pages and slots, and the GPU kernel's eviction keys (a power of two per row)
-        plan = 8 * b * h * self.o.slots * 2 + 4 * b * h * max(2, 1 << (self.o.slots - 1).bit_length())
+        plan = plan_workspace_bytes(b, h, self.o.slots)
         if not st.scorer.lowbit:  # the page bounds per query row and their softmax
             return plan + 4 * b * h * rows * pages * 2
         size = plan + 4 * b * h * rows * st.capacity * 2  # raw token scores and their softmax

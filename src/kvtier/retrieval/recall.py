@@ -73,6 +73,12 @@ class PageTable:
         return plan_pages_reference(self.slot_page, self.page_slot, wanted, page_scores, recalled)
 
 
+def plan_workspace_bytes(batch: int, kv_heads: int, slots: int) -> int:
+    """Device bytes one plan makes: its pages and slots (int64), and the GPU kernel's float32 eviction keys, a
+    power of two of them per (sequence, KV head) row."""
+    return batch * kv_heads * (2 * 8 * slots + 4 * max(2, 1 << (slots - 1).bit_length()))
+
+
 def plan_pages_reference(slot_page: torch.Tensor, page_slot: torch.Tensor, wanted: torch.Tensor,
                          page_scores: torch.Tensor | None, recalled: torch.Tensor | None = None):
     """`PageTable.plan` on the table's two tensors, updated in place (see there)."""

@@ -141,6 +141,9 @@ def test_kernels_decline_what_they_do_not_serve():
     too_many_rows = torch.randn(1, 2 * (native.MAX_ROWS + 1), 1, 32)
     qk = quantize_keys(torch.randn(1, 2, 64, 32), 2, 32)
     assert native.dequant_scores(too_many_rows, qk.packed, qk.scale, qk.zero, 2, 32, 1.0) is None
+    odd_dim = quantize_keys(torch.randn(1, 2, 64, 20), 2, 32)  # channels are read eight at a time
+    assert native.dequant_scores(torch.randn(1, 4, 1, 20), odd_dim.packed, odd_dim.scale, odd_dim.zero, 2, 32,
+                                 1.0) is None
 
 
 def test_attend_mixed_is_the_same_on_either_path(monkeypatch):

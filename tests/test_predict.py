@@ -114,6 +114,15 @@ def test_prediction_with_pytorch_references(tiny, monkeypatch, name):
     assert "recall_staging" in pred.parts
 
 
+@pytest.mark.parametrize("name", ["freekv-lowbit-rest", "specache"])
+def test_prediction_where_the_c_scorer_declines_the_head_dim(tiny, name):
+    """Heads of 12 channels: the C scorer reads eight at a time and declines, so the reference dequantizes a layer
+    of low-bit keys (and values) into the step's workspace; measured and predicted alike."""
+    stats, pred = check(tiny("llama", head_dim=12), name, prompt=300, new=5)
+    dequantized_keys = 4 * 2 * 305 * 12  # float32, 2 KV heads, every token of the sequence, 12 channels
+    assert pred.parts["step_workspace"] > dequantized_keys
+
+
 @pytest.mark.parametrize("name", ["freekv", "freekv-lowbit-rest", "specache"])
 def test_prediction_with_kernels(tiny, monkeypatch, name):
     """Where Triton kernels run (here through triton's interpreter) no layer is dequantized into a workspace and the

@@ -227,8 +227,7 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
             workspace += 4 * b * h * query_rows * (capacity // p) * 2
         else:
             workspace += 4 * b * h * query_rows * capacity * 2  # raw token scores and their softmax
-            in_place = kernels or (c_kernels and spec.dtype == torch.float32 and query_rows <= native.MAX_ROWS
-                                   and d <= native.MAX_DIM)
+            in_place = kernels or (c_kernels and native.lowbit_scoring_fits(spec.dtype, query_rows, d))
             if not in_place:  # the PyTorch reference dequantizes one layer's low-bit copy
                 workspace += elem * b * h * capacity * d * (2 if o.rest == "lowbit" else 1)
         parts["step_workspace"] = workspace

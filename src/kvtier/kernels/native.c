@@ -164,7 +164,7 @@ static inline void unpack_row(const uint8_t *packed, int64_t d, int bits, const 
     if (bits == 2) { UNPACK(4) } else if (bits == 4) { UNPACK(2) } else { UNPACK(8) }
 }
 
-#define BLOCK 64  /* tokens scored together: their codes, transposed, stay in L1 */
+#define BLOCK 64  /* tokens of one work item of kvt_dequant_scores_f32 */
 
 /* Eight floats in one vector register (GCC and Clang vector extension: AVX where the CPU has it, else pairs of
  * SSE registers); memcpy loads and stores carry no alignment assumption and compile to single moves. */
@@ -197,86 +197,6 @@ static inline float exp1(float x) {
     return exp8(v)[0];
 }
 
-/* Scores of R query rows (from m0) for tokens [j0, j1) of the block, eight tokens at a time; lanes past j1
- * belong to the next group and are dropped. The block's last eight tokens are read as its last vector. */
-#define SCORE_ROWS(R)                                                                                           \
-    for (int64_t j = j0; j < j1; j += 8) {                                                                    \
-        int64_t base = j < BLOCK - 8 ? j : BLOCK - 8;                                                         \
-        v8 acc[R];                                                                                            \
-        for (int r = 0; r < R; r++) acc[r] = (v8){0} + qz[m0 + r];                                           \
-        for (int64_t c = 0; c < d; c++) {                                                                     \
-            v8 code = load8(&code_t[c][base]);                                                                \
-            for (int r = 0; r < R; r++) acc[r] += qs[m0 + r][c] * code;                                       \
-        }                                                                                                     \
-        for (int r = 0; r < R; r++)                                                                           \
-            for (int64_t lane = j - base; lane < 8 && base + lane < j1; lane++)                               \
-                oh[(m0 + r) * n + t0 + base + lane] = acc[r][lane] * scaling;                                 \
-    }
-
-/* kernels.dequant_score.dequant_scores_reference, float32: scores of query rows against keys quantized per
- * channel in groups of `group` tokens. q [heads][rows][d] (contiguous); packed [heads][n][bytes] at strides
- * (sp_h, sp_n); scale, zero [heads][n / group][d] at strides (sz_h, sz_g); out [heads][rows][n] (contiguous).
- * q . (code * scale + zero) = (q * scale) . code + q . zero: per group the query is scaled once; a block of
- * tokens is unpacked channel-major, and eight query rows times eight tokens accumulate in registers. */
-void kvt_dequant_scores_f32(const float *q, const uint8_t *packed, const float *scale, const float *zero,
-                            float *out, int64_t heads, int64_t rows, int64_t n, int64_t d, int64_t group,
-                            int bits, float scaling, int64_t sp_h, int64_t sp_n, int64_t sz_h, int64_t sz_g) {
-    /* per thread, not on the stack: 256 KiB would not fit a small thread stack */
-    static _Thread_local float qs[MAX_ROWS][MAX_DIM], qz[MAX_ROWS], code_t[MAX_DIM][BLOCK];
-    static _Thread_local uint8_t byte_t[MAX_DIM][BLOCK];
-    const int per_byte = 8 / bits, mask = (1 << bits) - 1;
-    const int64_t bytes = (d * bits + 7) / 8;
-    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    /* a block of tokens of one head per work item: threads split the tokens evenly whatever the head count */
-    #pragma omp parallel for schedule(static) if (heads * n * rows >= PARALLEL_WORK)
-    for (int64_t w = 0; w < heads * blocks; w++) {
-        int64_t h = w / blocks, t0 = (w % blocks) * BLOCK;
-        const float *qh = q + h * rows * d;
-        float *oh = out + h * rows * n;
-        int64_t width = n - t0 < BLOCK ? n - t0 : BLOCK, scaled_group = -1;
-        for (int64_t j = 0; j < width; j++) {
-            const uint8_t *row = packed + h * sp_h + (t0 + j) * sp_n;
-            for (int64_t i = 0; i < bytes; i++) byte_t[i][j] = row[i];
-        }
-        for (int64_t c = 0; c < d; c++) {
-            const uint8_t *src = byte_t[c / per_byte];
-            int shift = (int)(c % per_byte) * bits;
-            for (int64_t j = 0; j < BLOCK; j++) code_t[c][j] = (float)((src[j] >> shift) & mask);
-        }
-        for (int64_t j0 = 0; j0 < width;) {  /* the tokens of one key group at a time */
-            int64_t g = (t0 + j0) / group;
-            int64_t j1 = (g + 1) * group - t0;
-            if (j1 > width) j1 = width;
-            if (g != scaled_group) {
-                const float *s = scale + h * sz_h + g * sz_g, *z = zero + h * sz_h + g * sz_g;
-                for (int64_t m = 0; m < rows; m++) {
-                    float part[LANES] = {0}, sum = 0.0f;
-                    for (int64_t c = 0; c < d; c++) {
-                        qs[m][c] = qh[m * d + c] * s[c];
-                        part[c % LANES] += qh[m * d + c] * z[c];
-                    }
-                    for (int j = 0; j < LANES; j++) sum += part[j];
-                    qz[m] = sum;
-                }
-                scaled_group = g;
-            }
-            for (int64_t m0 = 0; m0 < rows; m0 += 8) {
-                switch (rows - m0 < 8 ? rows - m0 : 8) {  /* a constant row count unrolls into registers */
-                    case 1: SCORE_ROWS(1) break;
-                    case 2: SCORE_ROWS(2) break;
-                    case 3: SCORE_ROWS(3) break;
-                    case 4: SCORE_ROWS(4) break;
-                    case 5: SCORE_ROWS(5) break;
-                    case 6: SCORE_ROWS(6) break;
-                    case 7: SCORE_ROWS(7) break;
-                    default: SCORE_ROWS(8) break;
-                }
-            }
-            j0 = j1;
-        }
-    }
-}
-
 /* Eight floats from p[0, count), the rest `fill`. */
 static inline v8 load_part(const float *p, int64_t count, float fill) {
     if (count >= 8) return load8(p);
@@ -301,6 +221,134 @@ static inline v8 vmax8(v8 a, v8 b) {
     v8i greater = a > b;
     return (v8)(((v8i)a & greater) | ((v8i)b & ~greater));
 }
+
+/* The eight sums of eight vectors, as one vector: [sum(x[0]), ..., sum(x[7])] (a tree of pairwise adds). */
+static inline v8 sums8(const v8 *x) {
+    v8 pair[4], quad[2];
+    for (int i = 0; i < 4; i++)
+        pair[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14)
+                  + __builtin_shufflevector(x[2 * i], x[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; i++)
+        quad[i] = __builtin_shufflevector(pair[2 * i], pair[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13)
+                  + __builtin_shufflevector(pair[2 * i], pair[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(quad[0], quad[1], 0, 1, 2, 3, 8, 9, 10, 11)
+           + __builtin_shufflevector(quad[0], quad[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+/* The codes of channels [c, c + 8) of one packed row (c a multiple of 8) as floats: the `bits` bytes that hold
+ * them, read as one little-endian word and shifted apart in the lanes (code j sits at bit j * bits). */
+static inline __attribute__((always_inline)) v8 codes8(const uint8_t *row, int64_t c, const int bits) {
+    uint32_t word;
+    if (bits == 1) {
+        word = row[c / 8];
+    } else if (bits == 2) {
+        uint16_t half;
+        memcpy(&half, row + c / 4, sizeof half);
+        word = half;
+    } else {
+        memcpy(&word, row + c / 2, sizeof word);
+    }
+    const v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    v8u spread = ((v8u){0} + word) >> (lane * (uint32_t)bits);
+    return __builtin_convertvector(spread & (uint32_t)((1 << bits) - 1), v8);
+}
+
+#define SCORE_TOKENS 8  /* tokens scored together: one vector of their sums per query row */
+#define SCORE_ROWS 3    /* query rows scored together: 8 x 3 accumulators stay in the vector registers */
+
+/* Scores of R query rows (from m0) for `count` tokens (all 8 where FULL) at `rows_at` (stride sp_n): per token
+ * and row, q_scaled . codes in eight lanes over the channels, summed across lanes eight tokens at once. */
+static inline __attribute__((always_inline)) void score_tokens(const uint8_t *rows_at, int64_t sp_n, int64_t count,
+                                                               const float (*qs)[MAX_DIM], const float *qz,
+                                                               int64_t m0, const int R, int64_t d, const int bits,
+                                                               float scaling, float *out, int64_t n) {
+    v8 acc[SCORE_ROWS][SCORE_TOKENS];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < SCORE_TOKENS; j++) acc[r][j] = (v8){0};
+    for (int64_t c = 0; c < d; c += 8) {
+        v8 qv[SCORE_ROWS];
+        for (int r = 0; r < R; r++) qv[r] = load8(qs[m0 + r] + c);
+        for (int j = 0; j < SCORE_TOKENS; j++) {
+            if (j >= count) break;
+            v8 code = codes8(rows_at + j * sp_n, c, bits);
+            for (int r = 0; r < R; r++) acc[r][j] += qv[r] * code;
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        v8 sums = (sums8(acc[r]) + qz[m0 + r]) * scaling;
+        float *o = out + (m0 + r) * n;
+        if (count == SCORE_TOKENS) store8(o, sums);
+        else for (int64_t j = 0; j < count; j++) o[j] = sums[j];
+    }
+}
+
+/* One block of tokens of one head, for a constant code width (so codes8 compiles to a few vector operations). */
+static inline __attribute__((always_inline)) void score_block(const float *qh, const uint8_t *packed_h,
+                                                              const float *scale_h, const float *zero_h,
+                                                              float *oh, int64_t t0, int64_t width, int64_t rows,
+                                                              int64_t n, int64_t d, int64_t group, const int bits,
+                                                              float scaling, int64_t sp_n, int64_t sz_g) {
+    static _Thread_local float qs[MAX_ROWS][MAX_DIM], qz[MAX_ROWS];
+    for (int64_t j0 = 0; j0 < width;) {  /* the tokens of one key group at a time */
+        int64_t g = (t0 + j0) / group;
+        int64_t j1 = (g + 1) * group - t0;
+        if (j1 > width) j1 = width;
+        const float *s = scale_h + g * sz_g, *z = zero_h + g * sz_g;
+        for (int64_t m = 0; m < rows; m++) {
+            v8 part = (v8){0};
+            for (int64_t c = 0; c < d; c += 8) {
+                v8 qc = load8(qh + m * d + c);
+                store8(qs[m] + c, qc * load8(s + c));
+                part += qc * load8(z + c);
+            }
+            qz[m] = vsum(part);
+        }
+        for (int64_t j = j0; j < j1; j += SCORE_TOKENS) {
+            int64_t count = j1 - j < SCORE_TOKENS ? j1 - j : SCORE_TOKENS;
+            const uint8_t *at = packed_h + (t0 + j) * sp_n;
+            float *o = oh + t0 + j;
+            for (int64_t m0 = 0; m0 < rows; m0 += SCORE_ROWS) {  /* a constant row count unrolls */
+                int64_t left = rows - m0;
+                if (count == SCORE_TOKENS) {
+                    if (left >= 3) score_tokens(at, sp_n, SCORE_TOKENS, qs, qz, m0, 3, d, bits, scaling, o, n);
+                    else if (left == 2) score_tokens(at, sp_n, SCORE_TOKENS, qs, qz, m0, 2, d, bits, scaling, o, n);
+                    else score_tokens(at, sp_n, SCORE_TOKENS, qs, qz, m0, 1, d, bits, scaling, o, n);
+                } else {
+                    int R = left >= 3 ? 3 : (int)left;
+                    for (int r = 0; r < R; r++)
+                        score_tokens(at, sp_n, count, qs, qz, m0 + r, 1, d, bits, scaling, o, n);
+                }
+            }
+        }
+        j0 = j1;
+    }
+}
+
+/* kernels.dequant_score.dequant_scores_reference, float32: scores of query rows against keys quantized per
+ * channel in groups of `group` tokens. q [heads][rows][d] (contiguous, d a multiple of 8); packed
+ * [heads][n][bytes] at strides (sp_h, sp_n); scale, zero [heads][n / group][d] at strides (sz_h, sz_g); out
+ * [heads][rows][n] (contiguous). q . (code * scale + zero) = (q * scale) . code + q . zero: per group the query
+ * is scaled once, and codes are unpacked in registers, each used by three query rows. */
+void kvt_dequant_scores_f32(const float *q, const uint8_t *packed, const float *scale, const float *zero,
+                            float *out, int64_t heads, int64_t rows, int64_t n, int64_t d, int64_t group,
+                            int bits, float scaling, int64_t sp_h, int64_t sp_n, int64_t sz_h, int64_t sz_g) {
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    /* a block of tokens of one head per work item: threads split the tokens evenly whatever the head count */
+    #pragma omp parallel for schedule(static) if (heads * n * rows >= PARALLEL_WORK)
+    for (int64_t w = 0; w < heads * blocks; w++) {
+        int64_t h = w / blocks, t0 = (w % blocks) * BLOCK;
+        int64_t width = n - t0 < BLOCK ? n - t0 : BLOCK;
+        const float *qh = q + h * rows * d, *sh = scale + h * sz_h, *zh = zero + h * sz_h;
+        const uint8_t *ph = packed + h * sp_h;
+        float *oh = out + h * rows * n;
+        if (bits == 1) score_block(qh, ph, sh, zh, oh, t0, width, rows, n, d, group, 1, scaling, sp_n, sz_g);
+        else if (bits == 2) score_block(qh, ph, sh, zh, oh, t0, width, rows, n, d, group, 2, scaling, sp_n, sz_g);
+        else score_block(qh, ph, sh, zh, oh, t0, width, rows, n, d, group, 4, scaling, sp_n, sz_g);
+    }
+}
+
 
 /* selection.digest_page_probs: per KV head and query token, each query row's softmax over pages [lo, hi) of the
  * upper bound sum_c max(q_c max_pc, q_c min_pc) * scaling, averaged over the `group` rows; other pages get 0.
@@ -440,19 +488,6 @@ typedef struct {
     float *out;
 } attention_args;
 
-/* The eight sums of eight vectors, as one vector: [sum(x[0]), ..., sum(x[7])] (a tree of pairwise adds). */
-static inline v8 sums8(const v8 *x) {
-    v8 pair[4], quad[2];
-    for (int i = 0; i < 4; i++)
-        pair[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14)
-                  + __builtin_shufflevector(x[2 * i], x[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
-    for (int i = 0; i < 2; i++)
-        quad[i] = __builtin_shufflevector(pair[2 * i], pair[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13)
-                  + __builtin_shufflevector(pair[2 * i], pair[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-    return __builtin_shufflevector(quad[0], quad[1], 0, 1, 2, 3, 8, 9, 10, 11)
-           + __builtin_shufflevector(quad[0], quad[1], 4, 5, 6, 7, 12, 13, 14, 15);
-}
-
 /* q . k for eight consecutive rows of k (d a multiple of 8): one accumulator per row, reduced together. */
 static inline v8 dot8(const float *q, const float *k, int64_t d) {
     v8 acc[8] = {0};
@@ -541,9 +576,49 @@ static void attend_full_part(const attention_args *a, int64_t h, int64_t c0, int
     }
 }
 
+/* Values of `tw` tokens (at `at`, stride sp_n) into R query rows' sums acc[m0 + r][c0, c1): each row weighs token j
+ * by sw[m][j] (its softmax weight times the token's scale) and adds shift[m] (the zeros' share) to every channel.
+ * Codes are unpacked in registers eight channels at a time and used by the R rows at once. */
+static inline __attribute__((always_inline)) void accumulate_rows(float *acc, int64_t d, const float (*sw)[8],
+                                                                  const float *shift, int64_t m0, const int R,
+                                                                  const uint8_t *at, int64_t sp_n, int64_t tw,
+                                                                  int64_t c0, int64_t c1, const int bits) {
+    for (int64_t c = c0; c < c1; c += 8) {
+        v8 sum[4];
+        for (int r = 0; r < R; r++) sum[r] = load8(acc + (m0 + r) * d + c) + shift[m0 + r];
+        if (tw == 8) {
+            for (int j = 0; j < 8; j++) {
+                v8 code = codes8(at + j * sp_n, c, bits);
+                for (int r = 0; r < R; r++) sum[r] += sw[m0 + r][j] * code;
+            }
+        } else {
+            for (int64_t j = 0; j < tw; j++) {
+                v8 code = codes8(at + j * sp_n, c, bits);
+                for (int r = 0; r < R; r++) sum[r] += sw[m0 + r][j] * code;
+            }
+        }
+        for (int r = 0; r < R; r++) store8(acc + (m0 + r) * d + c, sum[r]);
+    }
+}
+
+static inline __attribute__((always_inline)) void accumulate_values(float *acc, int64_t d, const float (*sw)[8],
+                                                                    const float *shift, int64_t rows,
+                                                                    const uint8_t *at, int64_t sp_n, int64_t tw,
+                                                                    int64_t c0, int64_t c1, const int bits) {
+    for (int64_t m0 = 0; m0 < rows; m0 += 4) {  /* four rows at a time: a constant count unrolls */
+        switch (rows - m0 < 4 ? rows - m0 : 4) {
+            case 1: accumulate_rows(acc, d, sw, shift, m0, 1, at, sp_n, tw, c0, c1, bits); break;
+            case 2: accumulate_rows(acc, d, sw, shift, m0, 2, at, sp_n, tw, c0, c1, bits); break;
+            case 3: accumulate_rows(acc, d, sw, shift, m0, 3, at, sp_n, tw, c0, c1, bits); break;
+            default: accumulate_rows(acc, d, sw, shift, m0, 4, at, sp_n, tw, c0, c1, bits); break;
+        }
+    }
+}
+
 static void attend_lowbit_part(const attention_args *a, int64_t h, int64_t t0, int64_t t1, float *top,
                                float *total, float *acc) {
-    static _Thread_local float codes[8][MAX_DIM + 8], weight[MAX_ROWS][8], skip[MIX_CHUNK];
+    static _Thread_local float codes[8][MAX_DIM + 8], weight[MAX_ROWS][8], sw[MAX_ROWS][8], shift[MAX_ROWS];
+    static _Thread_local float skip[MIX_CHUNK];
     static _Thread_local uint8_t slot_held[MIX_CHUNK + 1];
     const float NEG_INF = -__builtin_inff();
     const float (*table)[8] = table_for((int)a->bits);
@@ -586,28 +661,29 @@ static void attend_lowbit_part(const attention_args *a, int64_t h, int64_t t0, i
             any += w;
         }
         if (vsum(any) == 0.0f) continue;
-        for (int64_t j = 0; j < tw; j++)
-            unpack_row(a->packed + h * a->sp_h + (tok + j) * a->sp_n, d, (int)a->bits, table, codes[j]);
+        const uint8_t *at = a->packed + h * a->sp_h + tok * a->sp_n;
+        if (!vector)
+            for (int64_t j = 0; j < tw; j++) unpack_row(at + j * a->sp_n, d, (int)a->bits, table, codes[j]);
         for (int64_t c0 = 0, g = 0; c0 < d; c0 += group, g++) {
             for (int64_t m = 0; m < rows; m++) {
-                float sw[8], shift = 0.0f;
+                shift[m] = 0.0f;
                 for (int64_t j = 0; j < tw; j++) {
-                    sw[j] = weight[m][j] * a->scale[h * a->sz_h + (tok + j) * a->sz_n + g];
-                    shift += weight[m][j] * a->zero[h * a->sz_h + (tok + j) * a->sz_n + g];
+                    sw[m][j] = weight[m][j] * a->scale[h * a->sz_h + (tok + j) * a->sz_n + g];
+                    shift[m] += weight[m][j] * a->zero[h * a->sz_h + (tok + j) * a->sz_n + g];
                 }
+            }
+            if (vector) {
+                if (a->bits == 1) accumulate_values(acc, d, sw, shift, rows, at, a->sp_n, tw, c0, c0 + group, 1);
+                else if (a->bits == 2) accumulate_values(acc, d, sw, shift, rows, at, a->sp_n, tw, c0, c0 + group, 2);
+                else accumulate_values(acc, d, sw, shift, rows, at, a->sp_n, tw, c0, c0 + group, 4);
+                continue;
+            }
+            for (int64_t m = 0; m < rows; m++) {
                 float *o = acc + m * d;
-                if (vector) {  /* eight channels in a register across the block's tokens */
-                    for (int64_t c = c0; c < c0 + group; c += 8) {
-                        v8 sum = load8(o + c) + shift;
-                        for (int64_t j = 0; j < tw; j++) sum += sw[j] * load8(codes[j] + c);
-                        store8(o + c, sum);
-                    }
-                } else {
-                    for (int64_t c = c0; c < c0 + group; c++) o[c] += shift;
-                    for (int64_t j = 0; j < tw; j++) {
-                        const float *code = codes[j], w = sw[j];
-                        for (int64_t c = c0; c < c0 + group; c++) o[c] += w * code[c];
-                    }
+                for (int64_t c = c0; c < c0 + group; c++) o[c] += shift[m];
+                for (int64_t j = 0; j < tw; j++) {
+                    const float *code = codes[j], w = sw[m][j];
+                    for (int64_t c = c0; c < c0 + group; c++) o[c] += w * code[c];
                 }
             }
         }

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
 THREADED = ("-fopenmp",)  # first choice where torch's own libgomp is in the process (see _torch_uses_libgomp)
 MAX_ROWS, MAX_DIM, MAX_TOKENS = 64, 512, 8  # as native.c
 _BITS = (1, 2, 4)
@@ -171,12 +171,26 @@ def plan_pages(slot_page: torch.Tensor, page_slot: torch.Tensor, wanted: torch.T
     return (pages, slots) if status == 0 else None
 
 
-def serves(x: torch.Tensor, rows: int, d: int) -> bool:
-    """Whether the low-bit kernels take this call: C kernels on here, float32, `rows` query rows (group x query
-    tokens) and d channels within the kernels' fixed buffers."""
+def serves(x: torch.Tensor, rows: int, d: int | None = None) -> bool:
+    """Whether the kernels take this call: C kernels on here, float32, `rows` query rows (group x query tokens)
+    and d channels (None: the call has no channel axis) within the kernels' fixed buffers."""
     from . import native_enabled
 
-    return native_enabled(x) and x.dtype == torch.float32 and rows <= MAX_ROWS and d <= MAX_DIM
+    return native_enabled(x) and x.dtype == torch.float32 and rows <= MAX_ROWS and (d is None or d <= MAX_DIM)
+
+
+def lowbit_scoring_fits(dtype: torch.dtype, rows: int, d: int) -> bool:
+    """Whether `dequant_scores` takes `rows` query rows against low-bit keys of d channels in this dtype: float32,
+    within the fixed buffers, d a multiple of 8 (it reads eight channels at a time). Where it does not, the
+    reference dequantizes the whole layer first (the engine's ledger and `predict` count that)."""
+    return dtype == torch.float32 and rows <= MAX_ROWS and d <= MAX_DIM and d % 8 == 0
+
+
+def scores_lowbit(x: torch.Tensor, rows: int, d: int) -> bool:
+    """Whether `dequant_scores` runs here for queries like x (see `lowbit_scoring_fits`)."""
+    from . import native_enabled
+
+    return native_enabled(x) and lowbit_scoring_fits(x.dtype, rows, d)
 
 
 def _heads_view(x: torch.Tensor) -> tuple[int, int] | None:
@@ -196,7 +210,7 @@ def dequant_scores(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     num_kv, n = packed.shape[1], packed.shape[2]
     rows = num_heads // num_kv * t
     codes, params = _heads_view(packed), _heads_view(scale)
-    if (not serves(q, rows, d) or bits not in _BITS or codes is None or params is None
+    if (not scores_lowbit(q, rows, d) or bits not in _BITS or codes is None or params is None
             or zero.stride() != scale.stride() or scale.dtype != torch.float32 or zero.dtype != torch.float32):
         return None
     q = q.reshape(b, num_kv, rows, d).contiguous()
@@ -285,7 +299,7 @@ def page_probs(raw: torch.Tensor, group: int, tokens: int, pages: int, lo: int, 
     (`LowBitScorer.page_probs`); None where the kernel does not apply."""
     b, h, rows, n = raw.shape
     strides = _heads_view(raw)
-    if not serves(raw, rows, 1) or strides is None or lo % page or hi % page or hi > n or hi // page > pages:
+    if not serves(raw, rows) or strides is None or lo % page or hi % page or hi > n or hi // page > pages:
         return None
     out = raw.new_empty((b, h, tokens, pages))
     _launch(library().kvt_page_probs_f32, raw.data_ptr(), out.data_ptr(), b * h, group, tokens, pages, lo, hi,

@@ -210,7 +210,7 @@ class RetrievalEngine(Method):
         if not st.scorer.lowbit:  # the page bounds per query row and their softmax
             return plan + 4 * b * h * rows * pages * 2
         size = plan + 4 * b * h * rows * st.capacity * 2  # raw token scores and their softmax
-        if not (kernels.enabled(k) or native.serves(k, rows, d)):
+        if not (kernels.enabled(k) or native.scores_lowbit(k, rows, d)):
             size += elem * b * h * st.capacity * d * (2 if st.values is not None else 1)
         return size
 

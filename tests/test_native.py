@@ -219,7 +219,7 @@ def test_fused_mixed_attention_equals_the_reference(monkeypatch, t, padded):
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 
-def _buffer_case(t, padded, d=32, length=1100, n_low=1312, seed=0):
+def _buffer_case(t, padded, d=32, length=1100, n_low=1312, seed=0, value_group=16):
     """A retrieval buffer as the engine holds it: rows with token positions (some empty, -1), a low-bit rest
     with resident pages, left padding. Long enough that the kernel splits the columns into several chunks."""
     gen = _gen(seed)
@@ -230,7 +230,7 @@ def _buffer_case(t, padded, d=32, length=1100, n_low=1312, seed=0):
     positions = torch.randint(0, past + t, (b, h, length), generator=gen)  # some after the real token
     positions[torch.rand(b, h, length, generator=gen) < 0.2] = -1
     keys = quantize_keys(torch.randn(b, h, n_low, d, generator=gen), 2, 16)
-    values = quantize_values(torch.randn(b, h, n_low, d, generator=gen), 2, 16)
+    values = quantize_values(torch.randn(b, h, n_low, d, generator=gen), 2, value_group)
     resident = torch.rand(b, h, n_low // page + 1, generator=gen) < 0.3
     valid = None
     if padded:
@@ -256,6 +256,21 @@ def test_buffer_attention_equals_the_reference(monkeypatch, t, padded, low_bit):
     monkeypatch.setenv("KVTIER_KERNELS", "torch")
     expected = attend_buffer(q, k, v, positions, past, 0.2, valid, *extra)
     assert out.shape == expected.shape == (q.shape[0], t, q.shape[1], q.shape[3])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_buffer_attention_off_the_vector_width(monkeypatch, t):
+    """Heads of 20 channels and value groups of 10: the kernel's scalar loops (keys, values, codes) where a row is
+    not a whole number of eight-channel vectors; the scores come from the reference (the C scorer declines)."""
+    from kvtier.attention import attend_buffer
+
+    q, k, v, positions, past, valid, keys, values, rest = _buffer_case(t, True, d=20, seed=50 + t, value_group=10)
+    before = native.launches
+    out = attend_buffer(q, k, v, positions, past, 0.2, valid, rest, keys, values)
+    assert native.launches == before + 1  # the attention kernel; the scores came from the reference
+    monkeypatch.setenv("KVTIER_KERNELS", "torch")
+    expected = attend_buffer(q, k, v, positions, past, 0.2, valid, rest, keys, values)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 

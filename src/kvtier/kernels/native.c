@@ -526,12 +526,58 @@ void kvt_query_drift(const float *q, const float *prev, uint8_t *out, int64_t ba
     }
 }
 
+/* Eight channels [c, c + 8) of one value row: float32 (bits 32) or codes (see codes8). */
+static inline __attribute__((always_inline)) v8 values8(const uint8_t *row, int64_t c, const int bits) {
+    if (bits == 32) return load8((const float *)row + c);
+    return codes8(row, c, bits);
+}
+
+/* Value rows of `tw` tokens (at `at`, sp_n bytes apart) into R query rows' sums acc[m0 + r][c0, c1): row m weighs
+ * token j by sw[m * sws + j] (its softmax weight, times the token's scale for codes) and adds shift[m] (the
+ * zeros' share; NULL: none) to every channel. Each row of values is read (or unpacked in registers) eight
+ * channels at a time, once for the R query rows. */
+static inline __attribute__((always_inline)) void accumulate_rows(float *acc, int64_t d, const float *sw, int64_t sws,
+                                                                  const float *shift, int64_t m0, const int R,
+                                                                  const uint8_t *at, int64_t sp_n, int64_t tw,
+                                                                  int64_t c0, int64_t c1, const int bits) {
+    for (int64_t c = c0; c < c1; c += 8) {
+        v8 sum[4];
+        for (int r = 0; r < R; r++) sum[r] = load8(acc + (m0 + r) * d + c) + (shift ? shift[m0 + r] : 0.0f);
+        if (tw == 8) {
+            for (int j = 0; j < 8; j++) {
+                v8 value = values8(at + j * sp_n, c, bits);
+                for (int r = 0; r < R; r++) sum[r] += sw[(m0 + r) * sws + j] * value;
+            }
+        } else {
+            for (int64_t j = 0; j < tw; j++) {
+                v8 value = values8(at + j * sp_n, c, bits);
+                for (int r = 0; r < R; r++) sum[r] += sw[(m0 + r) * sws + j] * value;
+            }
+        }
+        for (int r = 0; r < R; r++) store8(acc + (m0 + r) * d + c, sum[r]);
+    }
+}
+
+static inline __attribute__((always_inline)) void accumulate_values(float *acc, int64_t d, const float *sw,
+                                                                    int64_t sws, const float *shift, int64_t rows,
+                                                                    const uint8_t *at, int64_t sp_n, int64_t tw,
+                                                                    int64_t c0, int64_t c1, const int bits) {
+    for (int64_t m0 = 0; m0 < rows; m0 += 4) {  /* four rows at a time: a constant count unrolls */
+        switch (rows - m0 < 4 ? rows - m0 : 4) {
+            case 1: accumulate_rows(acc, d, sw, sws, shift, m0, 1, at, sp_n, tw, c0, c1, bits); break;
+            case 2: accumulate_rows(acc, d, sw, sws, shift, m0, 2, at, sp_n, tw, c0, c1, bits); break;
+            case 3: accumulate_rows(acc, d, sw, sws, shift, m0, 3, at, sp_n, tw, c0, c1, bits); break;
+            default: accumulate_rows(acc, d, sw, sws, shift, m0, 4, at, sp_n, tw, c0, c1, bits); break;
+        }
+    }
+}
+
 /* One work item of kvt_attention_f32: per query row, the largest score, the sum of exponentials against it, and
  * the weighted sum of values, over columns [c0, c1) of the full-precision part or tokens [t0, t1) of the low-bit
  * part (written to top, total and acc[rows][d]); combined across items by the caller. */
 static void attend_full_part(const attention_args *a, int64_t h, int64_t c0, int64_t c1, float *top, float *total,
                              float *acc) {
-    static _Thread_local float s[MIX_CHUNK];
+    static _Thread_local float w[MAX_ROWS][MIX_CHUNK];  /* per row: scores, then their exponentials */
     static _Thread_local uint8_t seen[MAX_TOKENS][MIX_CHUNK];  /* visibility per query token */
     const float NEG_INF = -__builtin_inff(), MIN = -3.40282346638528859812e+38f;
     const int64_t L = a->L, d = a->d, n = c1 - c0, tokens = a->tokens;
@@ -549,69 +595,46 @@ static void attend_full_part(const attention_args *a, int64_t h, int64_t c0, int
             memset(see, 1, (size_t)n);
         }
     }
-    for (int64_t m = 0; m < a->rows; m++) {
+    const float *kh = a->k + (h * L + c0) * d;
+    for (int64_t m = 0; m < a->rows; m++) {  /* scores, masked, then their exponentials against the row's max */
         const float *qm = a->q + (h * a->rows + m) * d;
         const uint8_t *see = seen[m % tokens];
-        float *o = acc + m * d;
+        float *s = w[m];
         int64_t c = 0;
         if (d % 8 == 0)  /* eight keys at a time */
-            for (; c + 8 <= n; c += 8) store8(s + c, dot8(qm, a->k + (h * L + c0 + c) * d, d) * a->scaling);
-        for (; c < n; c++) s[c] = dot(qm, a->k + (h * L + c0 + c) * d, d) * a->scaling;
+            for (; c + 8 <= n; c += 8) store8(s + c, dot8(qm, kh + c * d, d) * a->scaling);
+        for (; c < n; c++) s[c] = dot(qm, kh + c * d, d) * a->scaling;
         for (c = 0; c < n; c++) s[c] = see[c] ? s[c] : MIN;
         v8 best = (v8){0} + NEG_INF, sum = (v8){0};
         for (int64_t l = 0; l < n; l += 8) best = vmax8(best, load_part(s + l, n - l, NEG_INF));
         float t = vmax(best);
-        memset(o, 0, sizeof(float) * (size_t)d);
-        for (int64_t l0 = 0; l0 < n; l0 += 8) {
-            v8 w = exp8(load_part(s + l0, n - l0, NEG_INF) - t);
-            sum += w;
-            for (int64_t j = 0; j < 8 && l0 + j < n; j++) {
-                if (w[j] == 0.0f) continue;
-                const float *vl = a->v + (h * L + c0 + l0 + j) * d;
-                for (int64_t c = 0; c < d; c++) o[c] += w[j] * vl[c];
-            }
+        for (int64_t l = 0; l < n; l += 8) {
+            v8 e = exp8(load_part(s + l, n - l, NEG_INF) - t);
+            sum += e;
+            if (l + 8 <= n) store8(s + l, e);
+            else for (int64_t j = 0; l + j < n; j++) s[l + j] = e[j];
         }
         top[m] = t;
         total[m] = vsum(sum);
+        memset(acc + m * d, 0, sizeof(float) * (size_t)d);
     }
-}
-
-/* Values of `tw` tokens (at `at`, stride sp_n) into R query rows' sums acc[m0 + r][c0, c1): each row weighs token j
- * by sw[m][j] (its softmax weight times the token's scale) and adds shift[m] (the zeros' share) to every channel.
- * Codes are unpacked in registers eight channels at a time and used by the R rows at once. */
-static inline __attribute__((always_inline)) void accumulate_rows(float *acc, int64_t d, const float (*sw)[8],
-                                                                  const float *shift, int64_t m0, const int R,
-                                                                  const uint8_t *at, int64_t sp_n, int64_t tw,
-                                                                  int64_t c0, int64_t c1, const int bits) {
-    for (int64_t c = c0; c < c1; c += 8) {
-        v8 sum[4];
-        for (int r = 0; r < R; r++) sum[r] = load8(acc + (m0 + r) * d + c) + shift[m0 + r];
-        if (tw == 8) {
-            for (int j = 0; j < 8; j++) {
-                v8 code = codes8(at + j * sp_n, c, bits);
-                for (int r = 0; r < R; r++) sum[r] += sw[m0 + r][j] * code;
-            }
-        } else {
+    const uint8_t *vh = (const uint8_t *)(a->v + (h * L + c0) * d);
+    const int64_t row_bytes = d * (int64_t)sizeof(float);
+    for (int64_t l0 = 0; l0 < n; l0 += 8) {  /* values, eight keys at a time, each read once for every row */
+        int64_t tw = n - l0 < 8 ? n - l0 : 8;
+        v8 any = (v8){0};
+        for (int64_t m = 0; m < a->rows; m++) any += load_part(w[m] + l0, tw, 0.0f);
+        if (vsum(any) == 0.0f) continue;  /* rows no query sees (empty slots, the trash page) */
+        if (d % 8 == 0) {
+            accumulate_values(acc, d, w[0] + l0, MIX_CHUNK, NULL, a->rows, vh + l0 * row_bytes, row_bytes, tw, 0, d,
+                              32);
+            continue;
+        }
+        for (int64_t m = 0; m < a->rows; m++)
             for (int64_t j = 0; j < tw; j++) {
-                v8 code = codes8(at + j * sp_n, c, bits);
-                for (int r = 0; r < R; r++) sum[r] += sw[m0 + r][j] * code;
+                const float weight = w[m][l0 + j], *vl = a->v + (h * L + c0 + l0 + j) * d;
+                for (int64_t c = 0; c < d; c++) acc[m * d + c] += weight * vl[c];
             }
-        }
-        for (int r = 0; r < R; r++) store8(acc + (m0 + r) * d + c, sum[r]);
-    }
-}
-
-static inline __attribute__((always_inline)) void accumulate_values(float *acc, int64_t d, const float (*sw)[8],
-                                                                    const float *shift, int64_t rows,
-                                                                    const uint8_t *at, int64_t sp_n, int64_t tw,
-                                                                    int64_t c0, int64_t c1, const int bits) {
-    for (int64_t m0 = 0; m0 < rows; m0 += 4) {  /* four rows at a time: a constant count unrolls */
-        switch (rows - m0 < 4 ? rows - m0 : 4) {
-            case 1: accumulate_rows(acc, d, sw, shift, m0, 1, at, sp_n, tw, c0, c1, bits); break;
-            case 2: accumulate_rows(acc, d, sw, shift, m0, 2, at, sp_n, tw, c0, c1, bits); break;
-            case 3: accumulate_rows(acc, d, sw, shift, m0, 3, at, sp_n, tw, c0, c1, bits); break;
-            default: accumulate_rows(acc, d, sw, shift, m0, 4, at, sp_n, tw, c0, c1, bits); break;
-        }
     }
 }
 
@@ -673,9 +696,10 @@ static void attend_lowbit_part(const attention_args *a, int64_t h, int64_t t0, i
                 }
             }
             if (vector) {
-                if (a->bits == 1) accumulate_values(acc, d, sw, shift, rows, at, a->sp_n, tw, c0, c0 + group, 1);
-                else if (a->bits == 2) accumulate_values(acc, d, sw, shift, rows, at, a->sp_n, tw, c0, c0 + group, 2);
-                else accumulate_values(acc, d, sw, shift, rows, at, a->sp_n, tw, c0, c0 + group, 4);
+                const float *w = sw[0];
+                if (a->bits == 1) accumulate_values(acc, d, w, 8, shift, rows, at, a->sp_n, tw, c0, c0 + group, 1);
+                else if (a->bits == 2) accumulate_values(acc, d, w, 8, shift, rows, at, a->sp_n, tw, c0, c0 + group, 2);
+                else accumulate_values(acc, d, w, 8, shift, rows, at, a->sp_n, tw, c0, c0 + group, 4);
                 continue;
             }
             for (int64_t m = 0; m < rows; m++) {

@@ -262,15 +262,18 @@ def test_buffer_attention_equals_the_reference(monkeypatch, t, padded, low_bit):
 @pytest.mark.parametrize("t", [1, 2])
 def test_buffer_attention_off_the_vector_width(monkeypatch, t):
     """Heads of 20 channels and value groups of 10: the kernel's scalar loops (keys, values, codes) where a row is
-    not a whole number of eight-channel vectors; the scores come from the reference (the C scorer declines)."""
+    not a whole number of eight-channel vectors; the scores come from the reference (the C scorer declines), as
+    the engine's scorer gives them."""
     from kvtier.attention import attend_buffer
+    from kvtier.kernels.dequant_score import dequant_scores_reference
 
     q, k, v, positions, past, valid, keys, values, rest = _buffer_case(t, True, d=20, seed=50 + t, value_group=10)
+    raw = dequant_scores_reference(q, keys, 0.2)
     before = native.launches
-    out = attend_buffer(q, k, v, positions, past, 0.2, valid, rest, keys, values)
-    assert native.launches == before + 1  # the attention kernel; the scores came from the reference
+    out = attend_buffer(q, k, v, positions, past, 0.2, valid, rest, keys, values, scores=raw)
+    assert native.launches == before + 1  # the attention kernel
     monkeypatch.setenv("KVTIER_KERNELS", "torch")
-    expected = attend_buffer(q, k, v, positions, past, 0.2, valid, rest, keys, values)
+    expected = attend_buffer(q, k, v, positions, past, 0.2, valid, rest, keys, values, scores=raw)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 

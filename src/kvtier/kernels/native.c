@@ -541,7 +541,7 @@ static inline __attribute__((always_inline)) void accumulate_rows(float *acc, in
                                                                   const uint8_t *at, int64_t sp_n, int64_t tw,
                                                                   int64_t c0, int64_t c1, const int bits) {
     for (int64_t c = c0; c < c1; c += 8) {
-        v8 sum[4];
+        v8 sum[8];
         for (int r = 0; r < R; r++) sum[r] = load8(acc + (m0 + r) * d + c) + (shift ? shift[m0 + r] : 0.0f);
         if (tw == 8) {
             for (int j = 0; j < 8; j++) {
@@ -562,12 +562,16 @@ static inline __attribute__((always_inline)) void accumulate_values(float *acc, 
                                                                     int64_t sws, const float *shift, int64_t rows,
                                                                     const uint8_t *at, int64_t sp_n, int64_t tw,
                                                                     int64_t c0, int64_t c1, const int bits) {
-    for (int64_t m0 = 0; m0 < rows; m0 += 4) {  /* four rows at a time: a constant count unrolls */
-        switch (rows - m0 < 4 ? rows - m0 : 4) {
+    for (int64_t m0 = 0; m0 < rows; m0 += 8) {  /* up to eight rows at a time: a constant count unrolls */
+        switch (rows - m0 < 8 ? rows - m0 : 8) {
             case 1: accumulate_rows(acc, d, sw, sws, shift, m0, 1, at, sp_n, tw, c0, c1, bits); break;
             case 2: accumulate_rows(acc, d, sw, sws, shift, m0, 2, at, sp_n, tw, c0, c1, bits); break;
             case 3: accumulate_rows(acc, d, sw, sws, shift, m0, 3, at, sp_n, tw, c0, c1, bits); break;
-            default: accumulate_rows(acc, d, sw, sws, shift, m0, 4, at, sp_n, tw, c0, c1, bits); break;
+            case 4: accumulate_rows(acc, d, sw, sws, shift, m0, 4, at, sp_n, tw, c0, c1, bits); break;
+            case 5: accumulate_rows(acc, d, sw, sws, shift, m0, 5, at, sp_n, tw, c0, c1, bits); break;
+            case 6: accumulate_rows(acc, d, sw, sws, shift, m0, 6, at, sp_n, tw, c0, c1, bits); break;
+            case 7: accumulate_rows(acc, d, sw, sws, shift, m0, 7, at, sp_n, tw, c0, c1, bits); break;
+            default: accumulate_rows(acc, d, sw, sws, shift, m0, 8, at, sp_n, tw, c0, c1, bits); break;
         }
     }
 }

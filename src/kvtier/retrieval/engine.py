@@ -271,7 +271,7 @@ class RetrievalEngine(Method):
         return staging
 
     def _top(self, probs: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Each KV head's most probable pages in [lo, hi): [b, h, min(slots, hi - lo)]."""
+        """Each KV head's (and query token's) most probable pages in [lo, hi): [b, h, (t,) min(slots, hi - lo)]."""
         return probs[..., lo:hi].topk(min(self.o.slots, hi - lo), dim=-1).indices + lo
 
     # -- attending --------------------------------------------------------------------------------------
@@ -302,10 +302,16 @@ class RetrievalEngine(Method):
         raw = st.scorer.token_scores(q, scaling) if st.scorer.lowbit and hi > lo else None
         query = o.query if self.feed_mode != "store" or o.query != "speculative" else "current"
         deferred = None  # a plan whose copy for some heads waits until attention has read their slots
+        speculates = query == "speculative" and self.feed_mode == "speculative"
+        tops = None  # with a speculative token: both tokens' choices from one top-k
         if hi > lo:
             probs = st.scorer.page_probs(q, lo, hi, scaling, raw)  # [b, h, t, pages]
             first = probs[:, :, 0]
-            mine = self._top(first, lo, hi)  # this query's own choice
+            if speculates:
+                tops = self._top(probs, lo, hi)
+                mine = tops[:, :, 0]
+            else:
+                mine = self._top(first, lo, hi)  # this query's own choice
             if st.wanted is None or query == "current" or st.wanted.shape != mine.shape:
                 self._recall(layer, st, mine, first, wait=True)
             elif query == "previous":
@@ -326,7 +332,6 @@ class RetrievalEngine(Method):
                 if o.correct > 0:
                     self._correct(layer, st, hit.float().mean(-1) < o.correct, mine, first)
         out = self._attention(st, q, valid, scaling, raw, n - self.stored_count(t), t)
-        speculates = query == "speculative" and self.feed_mode == "speculative"
         if query == "previous":
             st.previous_q = q[:, :, 0]
         if deferred is not None:
@@ -340,7 +345,12 @@ class RetrievalEngine(Method):
                 row = 0
             same = next_hi == hi and not speculates
             chosen_by = first if same else probs[:, :, row]
-            choice = mine if same else self._top(chosen_by, lo, next_hi)
+            if same:
+                choice = mine
+            elif tops is not None and next_hi == hi:
+                choice = tops[:, :, row]
+            else:
+                choice = self._top(chosen_by, lo, next_hi)
             self._recall(layer, st, choice, chosen_by, wait=False)
         return out
 

@@ -646,6 +646,7 @@ static void attend_lowbit_part(const attention_args *a, int64_t h, int64_t t0, i
                                float *total, float *acc) {
     static _Thread_local float codes[8][MAX_DIM + 8], weight[MAX_ROWS][8], sw[MAX_ROWS][8], shift[MAX_ROWS];
     static _Thread_local float skip[MIX_CHUNK];
+    static _Thread_local v8 sums[MAX_ROWS];  /* per row, the exponentials' sum in eight lanes */
     static _Thread_local uint8_t slot_held[MIX_CHUNK + 1];
     const float NEG_INF = -__builtin_inff();
     const float (*table)[8] = table_for((int)a->bits);
@@ -672,7 +673,7 @@ static void attend_lowbit_part(const attention_args *a, int64_t h, int64_t t0, i
         for (int64_t i = 0; i < n; i += 8)
             best = vmax8(best, load_part(sr + i, n - i, NEG_INF) + load_part(skip + i, n - i, NEG_INF));
         top[m] = vmax(best);
-        total[m] = 0.0f;
+        sums[m] = (v8){0};
         memset(acc + m * d, 0, sizeof(float) * (size_t)d);
     }
     /* eight tokens at a time: p * scale per token and group, the zeros' share at once */
@@ -684,7 +685,7 @@ static void attend_lowbit_part(const attention_args *a, int64_t h, int64_t t0, i
             v8 w = top[m] == NEG_INF ? (v8){0} : exp8(load_part(a->raw + h * a->sr_h + m * a->sr_m + tok, tw, NEG_INF)
                                                        + mask - top[m]);
             store8(weight[m], w);
-            total[m] += vsum(w);
+            sums[m] += w;
             any += w;
         }
         if (vsum(any) == 0.0f) continue;
@@ -692,12 +693,15 @@ static void attend_lowbit_part(const attention_args *a, int64_t h, int64_t t0, i
         if (!vector)
             for (int64_t j = 0; j < tw; j++) unpack_row(at + j * a->sp_n, d, (int)a->bits, table, codes[j]);
         for (int64_t c0 = 0, g = 0; c0 < d; c0 += group, g++) {
+            v8 token_scale = (v8){0}, token_zero = (v8){0};  /* lanes past tw weigh 0 */
+            for (int64_t j = 0; j < tw; j++) {
+                token_scale[j] = a->scale[h * a->sz_h + (tok + j) * a->sz_n + g];
+                token_zero[j] = a->zero[h * a->sz_h + (tok + j) * a->sz_n + g];
+            }
             for (int64_t m = 0; m < rows; m++) {
-                shift[m] = 0.0f;
-                for (int64_t j = 0; j < tw; j++) {
-                    sw[m][j] = weight[m][j] * a->scale[h * a->sz_h + (tok + j) * a->sz_n + g];
-                    shift[m] += weight[m][j] * a->zero[h * a->sz_h + (tok + j) * a->sz_n + g];
-                }
+                v8 w = load8(weight[m]);
+                store8(sw[m], w * token_scale);
+                shift[m] = vsum(w * token_zero);
             }
             if (vector) {
                 const float *w = sw[0];
@@ -716,6 +720,7 @@ static void attend_lowbit_part(const attention_args *a, int64_t h, int64_t t0, i
             }
         }
     }
+    for (int64_t m = 0; m < rows; m++) total[m] = vsum(sums[m]);
 }
 
 /* attention.attend_buffer / attend / attend_mixed for float32 decode steps: one softmax over the full-precision

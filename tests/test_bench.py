@@ -53,6 +53,7 @@ def test_every_method_and_baseline_gives_a_complete_row(result):
         assert len(row["step_ms"]) == STEPS and row["decode_ms_per_token"] > 0 and row["roofline_ms"] > 0
         assert "peak_device_bytes" not in row  # not measured on CPU
         assert row["sync_debug"] is None  # CUDA only
+        assert isinstance(row["cpu_contention_spells"], int) and row["cpu_contention_spells"] >= 0  # CPU only
     assert result["label"] == bench.CPU_LABEL and result["device_type"] == "cpu"
     assert result["device_memory_bytes_per_s"] > 0 and result["profile"]["h2d_bytes_per_s"] == PROFILE["h2d_bytes_per_s"]
 
@@ -179,6 +180,17 @@ def test_counters_name_the_syncs_of_a_step_and_format_table_lists_them(monkeypat
     for row in out["rows"]:
         assert row["host_syncs_by_call"] == {"item": 1.0} and row["host_syncs_per_step"] == 1.0
     assert "host syncs per step, full at 32 x1: item 1" in bench.format_table(out)
+
+
+def test_a_row_timed_under_contention_says_so(monkeypatch):
+    """The C kernels count spells of contention (another process on the cores); a row whose timed steps saw one
+    is flagged in the table: its time is not a quiet machine's."""
+    spells = iter(range(0, 100, 3))  # each reading 3 more than the last: 3 spells during every timed run
+    monkeypatch.setattr(bench, "_contention_spells", lambda device: next(spells))
+    out = bench.run("tiny-mha", contexts=[32], methods="full", decode_steps=1, warmup=0, count_steps=0,
+                    profile=PROFILE, progress=False)
+    assert out["rows"][0]["cpu_contention_spells"] == 3
+    assert "another process competed for the CPU cores" in bench.format_table(out)
 
 
 def test_no_counting_and_no_hf_dynamic_row():

@@ -320,6 +320,34 @@ def test_buffer_attention_is_the_same_on_any_number_of_threads():
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.skipif(not (native.library() is not None and native.threaded), reason="needs the OpenMP build")
+def test_a_late_thread_twice_in_a_row_halves_the_threads_for_a_spell():
+    """With a lag limit of 0 every worker starts "late": two such loops begin a spell of contention, the loops
+    take half of torch's threads (one of two here) until it ends, and the results do not change."""
+    from kvtier.attention import attend_buffer
+
+    q, k, v, positions, past, valid, keys, values, rest = _buffer_case(2, True, n_low=2400, seed=32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        native.contention(native.CONTENTION_LAG_S, native.CONTENTION_HOLD_S)
+        quiet = attend_buffer(q, k, v, positions, past, 0.2, valid, rest, keys, values)
+        before = native.contention(0.0, 60.0)
+        assert before["threads"] == 2 and before["spell_s"] == 0
+        attend_buffer(q, k, v, positions, past, 0.2, valid, rest, keys, values)  # scores, attention: two loops
+        during = native.contention()
+        assert during["spells"] == before["spells"] + 1
+        assert during["threads"] == 1 and 0 < during["spell_s"] <= 60
+        loops = during["parallel_loops"]
+        assert torch.equal(attend_buffer(q, k, v, positions, past, 0.2, valid, rest, keys, values), quiet)
+        assert native.contention()["parallel_loops"] == loops  # one thread during the spell
+    finally:
+        torch.set_num_threads(threads)
+        native.contention(native.CONTENTION_LAG_S, native.CONTENTION_HOLD_S)
+    after = native.contention()
+    assert after["spell_s"] == 0 and after["threads"] == threads
+
+
 def test_buffer_attention_declines_what_it_does_not_serve():
     q, k, v, positions, past, *_ = _buffer_case(1, False, length=40, n_low=64)
     assert native.attention(q.double(), k.double(), v.double(), 0.2, positions=positions, past=past) is None

@@ -37,6 +37,7 @@ from ..generate import Decoder, prefill
 from ..methods import METHOD_REGISTRY, MethodSpec, parse_methods
 from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, dtype_name, environment_summary, head_dim, resolve_device, resolve_dtype
 from ..hardware import StepClock, device_name, load_profile, measure_memory_bandwidth
+from ..kernels import native
 from ..stepcheck import StepCounter
 from .report import CPU_LABEL, format_table, plot, short_length
 from .shapes import REAL_SHAPES, SHAPES, TINY_SHAPES, build_model, kv_bytes, model_config, parameter_count, \
@@ -67,6 +68,9 @@ NOTES = {
                            "steps; on CPU they are counted where a GPU would wait (kvtier.stepcheck)",
     "host_syncs_by_call": "host_syncs_per_step by call",
     "ops_vs_hf_dynamic": "aten_ops_per_step / that of hf-dynamic at the same context and batch (None without it)",
+    "cpu_contention_spells": "CPU only: spells during the timed steps in which the C kernels found another "
+                             "process competing for the cores (a thread of theirs started late) and took half "
+                             "of torch's threads; nonzero: the row is not a quiet machine's time. None elsewhere",
     "sync_debug": f"CUDA only: {SYNC_DEBUG_STEPS} more decode steps under torch.cuda.set_sync_debug_mode('error'): "
                   "'passed', or 'failed: ' and the first line of the error; None on CPU",
 }
@@ -193,12 +197,14 @@ def _measure(model, spec: MethodSpec, ids, steps: int, warmup: int, hardware, ch
         step()
     _sync(device)
     h2d0, d2h0 = _traffic(cache)
+    spells0 = _contention_spells(device)
     clock = StepClock(device)
     clock.mark()
     for _ in tqdm(range(steps), desc=f"decode ({spec.label})", unit="tok", disable=not progress, leave=False):
         step()
         clock.mark()
     step_ms = clock.step_ms()
+    spells = None if spells0 is None else _contention_spells(device) - spells0
     h2d1, d2h1 = _traffic(cache)
     device_kv, host_kv, stats = _kv_placement(cache)
     h2d_total = h2d1 - h2d0
@@ -209,10 +215,20 @@ def _measure(model, spec: MethodSpec, ids, steps: int, warmup: int, hardware, ch
         "link_bytes_per_s": h2d_total / (sum(step_ms) / 1e3),
         "exact": METHOD_REGISTRY[spec.method].exact if spec.method in METHOD_REGISTRY else True,
         "stats": stats,
+        "cpu_contention_spells": spells,
     }
     row.update(_count(step, count_steps))
     row["sync_debug"] = _sync_debug(step, device)
     return row
+
+
+def _contention_spells(device: torch.device) -> int | None:
+    """Spells of contention the C kernels have seen so far (another process competing for the cores; CPU
+    only, None elsewhere or without the kernels): a timed step among them is not a quiet machine's time."""
+    if device.type != "cpu":
+        return None
+    state = native.contention()
+    return None if state is None else state["spells"]
 
 
 def _does_not_fit(err: BaseException) -> bool:

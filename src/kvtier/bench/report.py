@@ -55,6 +55,9 @@ def format_table(result: dict) -> str:
             notes.append(f"host syncs per step, {where}: {calls}")
         if r.get("sync_debug") not in (None, "passed"):
             failed.append(f"CUDA sync debug mode, {where}: {r['sync_debug'][:160]}")
+        if r.get("cpu_contention_spells"):
+            notes.append(f"{where}: another process competed for the CPU cores during the timed steps "
+                         f"({r['cpu_contention_spells']} contention spells of the C kernels): not a quiet machine's time")
     lines += notes + failed
     if any(r.get("sync_debug") == "passed" for r in result["rows"]):
         lines.append(f"CUDA sync debug mode: {'the other rows' if failed else 'every row'} passed.")

@@ -4,9 +4,14 @@
  * element; strides are in elements. Every loop over channels keeps LANES independent partial sums, so the
  * compiler vectorizes it without reassociating a float sum.
  */
+#define _POSIX_C_SOURCE 199309L  /* clock_gettime under -std=c11 */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define LANES 8
 #define MAX_ROWS 64  /* query rows (group x query tokens) one call handles; native.py checks it */
@@ -20,6 +25,82 @@
 #define MIX_CHUNK 512    /* columns one work item of kvt_attention_f32 attends */
 #define MAX_TOKENS 8     /* query tokens of one kvt_attention_f32 call (a decode step has one or two) */
 
+/* Threads pay only while the cores are ours. Where another process competes for them, a thread of a parallel
+ * loop can start a scheduler slice (milliseconds) after the others, and the loop waits for it at its end: a step
+ * of a few dozen such loops grows many times slower. So each worker notes, at its first item, how late it
+ * started; after two late starts in a row (one could be a stray wake-up) the loops take half as many threads for
+ * contention_hold_ns, then try all of torch's threads again. */
+static int64_t contention_lag_ns = 1000000, contention_hold_ns = 2000000000;
+static int64_t reduced_until_ns, parallel_loops, contended_loops, late_in_a_row;
+static int reduced_team;
+static _Thread_local int64_t noted_loop;
+
+static inline int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static inline int most_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* The threads a loop runs on: 1 unless it has enough work to share (`big`), else torch's, or fewer during a
+ * spell of contention. Its start time goes to *loop (see note_start). */
+static inline int team_for(int big, int64_t *loop) {
+    *loop = now_ns();
+    if (!big) return 1;
+    int team = most_threads();
+    if (*loop < __atomic_load_n(&reduced_until_ns, __ATOMIC_RELAXED)) {
+        int reduced = __atomic_load_n(&reduced_team, __ATOMIC_RELAXED);
+        team = reduced < team ? reduced : team;
+    }
+    if (team > 1) __atomic_fetch_add(&parallel_loops, 1, __ATOMIC_RELAXED);
+    return team;
+}
+
+/* Called at every item of a parallel loop; acts once per worker thread and loop. */
+static inline void note_start(int64_t loop) {
+#ifdef _OPENMP
+    if (noted_loop == loop || omp_get_thread_num() == 0) return;
+    noted_loop = loop;
+    int64_t now = now_ns();
+    if (now - loop <= contention_lag_ns) {
+        __atomic_store_n(&late_in_a_row, 0, __ATOMIC_RELAXED);
+        return;
+    }
+    if (__atomic_add_fetch(&late_in_a_row, 1, __ATOMIC_RELAXED) < 2) return;
+    __atomic_store_n(&late_in_a_row, 0, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&contended_loops, 1, __ATOMIC_RELAXED);
+    int team = omp_get_num_threads() / 2;
+    __atomic_store_n(&reduced_team, team > 1 ? team : 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&reduced_until_ns, now + contention_hold_ns, __ATOMIC_RELAXED);
+#else
+    (void)loop;
+#endif
+}
+
+/* The counters ([loops run on several threads, contention spells begun, ns the current spell lasts from now,
+ * threads the loops take now]), and, where lag_ns >= 0, new limits (tests shorten them; the spell ends). */
+void kvt_contention(int64_t *out, int64_t lag_ns, int64_t hold_ns) {
+    if (lag_ns >= 0) {
+        contention_lag_ns = lag_ns;
+        contention_hold_ns = hold_ns;
+        __atomic_store_n(&reduced_until_ns, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&late_in_a_row, 0, __ATOMIC_RELAXED);
+    }
+    int64_t left = __atomic_load_n(&reduced_until_ns, __ATOMIC_RELAXED) - now_ns();
+    int team = most_threads(), reduced = __atomic_load_n(&reduced_team, __ATOMIC_RELAXED);
+    out[0] = __atomic_load_n(&parallel_loops, __ATOMIC_RELAXED);
+    out[1] = __atomic_load_n(&contended_loops, __ATOMIC_RELAXED);
+    out[2] = left > 0 ? left : 0;
+    out[3] = left > 0 && reduced < team ? reduced : team;
+}
+
 /* retrieval.recall.recall_pages_reference: for each (sequence, KV head) pair r (skipped where heads is not NULL
  * and heads[r] is 0) and each plan entry i with page = pages[r * k + i] >= 0, copy the host pool's row
  * page * pairs + r (keys then values, [rows][2][row_bytes]) into buffer row r * rows_per_pair + first_slot +
@@ -28,8 +109,11 @@ void kvt_recall_pages(const char *host, char *keys, char *values, int64_t *posit
                       const int64_t *slots, const uint8_t *heads, int64_t pairs, int64_t k, int64_t rows_per_pair,
                       int64_t first_slot, int64_t page_size, int64_t row_bytes) {
     /* two threads move more bytes than one where a plan copies much (a memory-bound loop) */
-    #pragma omp parallel for schedule(static) if (pairs * k * row_bytes >= 64 * PARALLEL_WORK)
+    int64_t started;
+    const int team = team_for(pairs * k * row_bytes >= 64 * PARALLEL_WORK, &started);
+    #pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
     for (int64_t e = 0; e < pairs * k; e++) {
+        note_start(started);
         int64_t r = e / k, page = pages[e];
         if (page < 0 || (heads && !heads[r])) continue;
         int64_t src = page * pairs + r, dst = r * rows_per_pair + first_slot + slots[e];
@@ -336,8 +420,11 @@ void kvt_dequant_scores_f32(const float *q, const uint8_t *packed, const float *
                             int bits, float scaling, int64_t sp_h, int64_t sp_n, int64_t sz_h, int64_t sz_g) {
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
     /* a block of tokens of one head per work item: threads split the tokens evenly whatever the head count */
-    #pragma omp parallel for schedule(static) if (heads * n * rows >= PARALLEL_WORK)
+    int64_t started;
+    const int team = team_for(heads * n * rows >= PARALLEL_WORK, &started);
+    #pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
     for (int64_t w = 0; w < heads * blocks; w++) {
+        note_start(started);
         int64_t h = w / blocks, t0 = (w % blocks) * BLOCK;
         int64_t width = n - t0 < BLOCK ? n - t0 : BLOCK;
         const float *qh = q + h * rows * d, *sh = scale + h * sz_h, *zh = zero + h * sz_h;
@@ -363,8 +450,11 @@ int kvt_digest_probs_f32(const float *q, const float *dmax, const float *dmin, f
     float *probs = malloc(sizeof(float) * (size_t)(rows * stride));  /* each query row's share of its group mean */
     if (!probs) return -1;
     /* a row (pair, token, head in group) per work item: its scores, then its softmax over the range */
-    #pragma omp parallel for schedule(static) if (rows * n * d / 64 >= PARALLEL_WORK)
+    int64_t started;
+    const int team = team_for(rows * n * d / 64 >= PARALLEL_WORK, &started);
+    #pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
     for (int64_t x = 0; x < rows; x++) {
+        note_start(started);
         int64_t pair = x / (tokens * group), tok = x / group % tokens, g = x % group;
         int64_t h = pair % kv_heads, bi = pair / kv_heads;
         const float *qr = q + (((bi * kv_heads + h) * group + g) * tokens + tok) * d;
@@ -394,8 +484,11 @@ int kvt_digest_probs_f32(const float *q, const float *dmax, const float *dmin, f
         for (; i < n; i++) s[i] = exp8(load_part(s + i, 1, NEG_INF) - top)[0] * w;
     }
     /* the group mean per (pair, token), the rows added in order; 0 outside the range */
-    #pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_WORK)
+    int64_t started_means;
+    const int team_means = team_for(rows * n >= PARALLEL_WORK, &started_means);
+    #pragma omp parallel for schedule(static) num_threads(team_means) if (team_means > 1)
     for (int64_t item = 0; item < pairs * tokens; item++) {
+        note_start(started_means);
         float *o = out + item * pages;
         memset(o, 0, sizeof(float) * (size_t)pages);
         for (int64_t g = 0; g < group; g++) {
@@ -418,8 +511,11 @@ void kvt_page_probs_f32(const float *raw, float *out, int64_t heads, int64_t gro
     const int64_t first = lo / page, last = hi / page, chunks = (last - first + PROBS_CHUNK - 1) / PROBS_CHUNK;
     float top[rows], weight[rows];
     /* each row's largest score and normalizer, then the pages in chunks: both split evenly over threads */
-    #pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_WORK)
+    int64_t started;
+    const int team = team_for(rows * n >= PARALLEL_WORK, &started);
+    #pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
     for (int64_t x = 0; x < rows; x++) {
+        note_start(started);
         int64_t h = x / (tokens * group), tok = x / group % tokens, gi = x % group;
         const float *s = raw + h * sr_h + (gi * tokens + tok) * sr_m + lo;
         v8 best = (v8){0} + NEG_INF, total = (v8){0};
@@ -428,8 +524,11 @@ void kvt_page_probs_f32(const float *raw, float *out, int64_t heads, int64_t gro
         for (int64_t i = 0; i < n; i += 8) total += exp8(load_part(s + i, n - i, NEG_INF) - top[x]);
         weight[x] = 1.0f / (vsum(total) * (float)group);
     }
-    #pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_WORK)
+    int64_t started_pages;
+    const int team_pages = team_for(rows * n >= PARALLEL_WORK, &started_pages);
+    #pragma omp parallel for schedule(static) num_threads(team_pages) if (team_pages > 1)
     for (int64_t item = 0; item < heads * tokens * chunks; item++) {
+        note_start(started_pages);
         int64_t h = item / (tokens * chunks), tok = item / chunks % tokens, c = item % chunks;
         float *o = out + (h * tokens + tok) * pages;
         int64_t p0 = first + c * PROBS_CHUNK, p1 = p0 + PROBS_CHUNK < last ? p0 + PROBS_CHUNK : last;
@@ -737,8 +836,11 @@ int kvt_attention_f32(const attention_args *a) {
     if (a->tokens > MAX_TOKENS || a->tokens < 1) return -1;
     float *part = malloc(sizeof(float) * (size_t)(items * stride));
     if (!part) return -1;
-    #pragma omp parallel for schedule(static, 1) if (heads * rows * (L + rest) >= PARALLEL_WORK)
+    int64_t started;
+    const int team = team_for(heads * rows * (L + rest) >= PARALLEL_WORK, &started);
+    #pragma omp parallel for schedule(static, 1) num_threads(team) if (team > 1)
     for (int64_t item = 0; item < items; item++) {
+        note_start(started);
         int64_t h = item / per_head, c = item % per_head;
         float *top = part + item * stride, *total = top + rows, *acc = total + rows;
         if (c < full_items) {

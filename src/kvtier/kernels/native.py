@@ -30,6 +30,7 @@ SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
 THREADED = ("-fopenmp",)  # first choice where torch's own libgomp is in the process (see _torch_uses_libgomp)
 MAX_ROWS, MAX_DIM, MAX_TOKENS = 64, 512, 8  # as native.c
+CONTENTION_LAG_S, CONTENTION_HOLD_S = 1e-3, 2.0  # as native.c: a worker this late starts a spell this long
 _BITS = (1, 2, 4)
 
 _c_i64, _c_ptr, _c_float, _c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -42,6 +43,7 @@ _SIGNATURES = {
     "kvt_attention_f32": [_c_ptr],
     "kvt_store_rows": [_c_ptr] * 2 + [_c_i64] * 4 + [_c_ptr] * 3 + [_c_i64] * 7,
     "kvt_query_drift": [_c_ptr] * 3 + [_c_i64] * 4 + [_c_float] + [_c_i64] * 4,
+    "kvt_contention": [_c_ptr, _c_i64, _c_i64],
 }
 _RETURNS_STATUS = {"kvt_plan_pages", "kvt_attention_f32", "kvt_digest_probs_f32"}  # 0, or -1 where it could not run (nothing changed)
 _error: str | None = None
@@ -131,6 +133,22 @@ def status() -> str:
     if lib is None:
         return _error
     return "native CPU kernels loaded, " + ("on torch's OpenMP threads" if threaded else "on one thread")
+
+
+def contention(lag_s: float | None = None, hold_s: float | None = None) -> dict | None:
+    """How the threaded kernels see the cores: `parallel_loops` run on several threads so far, `spells` of
+    contention begun (two loops in a row where a worker thread started more than the lag late: another process
+    held its core), `spell_s` left of the current one, and the `threads` the loops take now (half of torch's
+    during a spell). With lag_s and hold_s: new limits (CONTENTION_LAG_S and CONTENTION_HOLD_S by default), and any spell
+    ends. None
+    without the C kernels."""
+    lib = library()
+    if lib is None:
+        return None
+    out = (ctypes.c_int64 * 4)()
+    set_limits = lag_s is not None
+    lib.kvt_contention(out, int(lag_s * 1e9) if set_limits else -1, int((hold_s or 0) * 1e9))
+    return {"parallel_loops": out[0], "spells": out[1], "spell_s": out[2] / 1e9, "threads": out[3]}
 
 
 def recall_pages(host: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,

@@ -12,7 +12,7 @@
 # paper).
 # Each text's perplexity runs in its own process: two at a time fill this 2-core machine. The methods beyond the
 # papers run in grids and folders of their own, which the report merges (their full baseline must agree).
-# About 2 hours on 2 cores (2026-11-22).  Usage: bash scripts/fidelity_bars.sh [OUT_DIR]
+# About 80 minutes on 2 cores (2026-11-30; 2 hours before the register-unpacking C kernels).  Usage: bash scripts/fidelity_bars.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate

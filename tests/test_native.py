@@ -321,7 +321,7 @@ def test_buffer_attention_is_the_same_on_any_number_of_threads():
 
 
 @pytest.mark.skipif(not (native.library() is not None and native.threaded), reason="needs the OpenMP build")
-def test_a_late_thread_twice_in_a_row_halves_the_threads_for_a_spell():
+def test_two_loops_with_a_late_thread_halve_the_threads_for_a_spell():
     """With a lag limit of 0 every worker starts "late": two such loops begin a spell of contention, the loops
     take half of torch's threads (one of two here) until it ends, and the results do not change."""
     from kvtier.attention import attend_buffer

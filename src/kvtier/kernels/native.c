@@ -28,10 +28,11 @@
 /* Threads pay only while the cores are ours. Where another process competes for them, a thread of a parallel
  * loop can start a scheduler slice (milliseconds) after the others, and the loop waits for it at its end: a step
  * of a few dozen such loops grows many times slower. So each worker notes, at its first item, how late it
- * started; after two late starts in a row (one could be a stray wake-up) the loops take half as many threads for
- * contention_hold_ns, then try all of torch's threads again. */
+ * started; after two loops within LATE_WINDOW_NS with a late worker (one could be a stray wake-up) the loops take
+ * half as many threads for contention_hold_ns, then try all of torch's threads again. */
+#define LATE_WINDOW_NS 100000000
 static int64_t contention_lag_ns = 1000000, contention_hold_ns = 2000000000;
-static int64_t reduced_until_ns, parallel_loops, contended_loops, late_in_a_row;
+static int64_t reduced_until_ns, parallel_loops, contended_loops, last_late_loop;
 static int reduced_team;
 static _Thread_local int64_t noted_loop;
 
@@ -63,18 +64,16 @@ static inline int team_for(int big, int64_t *loop) {
     return team;
 }
 
-/* Called at every item of a parallel loop; acts once per worker thread and loop. */
+/* Called at every item of a parallel loop; acts once per worker thread and loop (the master is never late). */
 static inline void note_start(int64_t loop) {
 #ifdef _OPENMP
     if (noted_loop == loop || omp_get_thread_num() == 0) return;
     noted_loop = loop;
     int64_t now = now_ns();
-    if (now - loop <= contention_lag_ns) {
-        __atomic_store_n(&late_in_a_row, 0, __ATOMIC_RELAXED);
-        return;
-    }
-    if (__atomic_add_fetch(&late_in_a_row, 1, __ATOMIC_RELAXED) < 2) return;
-    __atomic_store_n(&late_in_a_row, 0, __ATOMIC_RELAXED);
+    if (now - loop <= contention_lag_ns) return;
+    /* one late worker speaks for its loop; the loop before with a late worker must be recent */
+    int64_t previous = __atomic_exchange_n(&last_late_loop, loop, __ATOMIC_RELAXED);
+    if (previous == loop || loop - previous > LATE_WINDOW_NS) return;
     __atomic_fetch_add(&contended_loops, 1, __ATOMIC_RELAXED);
     int team = omp_get_num_threads() / 2;
     __atomic_store_n(&reduced_team, team > 1 ? team : 1, __ATOMIC_RELAXED);
@@ -91,7 +90,7 @@ void kvt_contention(int64_t *out, int64_t lag_ns, int64_t hold_ns) {
         contention_lag_ns = lag_ns;
         contention_hold_ns = hold_ns;
         __atomic_store_n(&reduced_until_ns, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&late_in_a_row, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&last_late_loop, 0, __ATOMIC_RELAXED);
     }
     int64_t left = __atomic_load_n(&reduced_until_ns, __ATOMIC_RELAXED) - now_ns();
     int team = most_threads(), reduced = __atomic_load_n(&reduced_team, __ATOMIC_RELAXED);

@@ -138,10 +138,9 @@ def status() -> str:
 def contention(lag_s: float | None = None, hold_s: float | None = None) -> dict | None:
     """How the threaded kernels see the cores: `parallel_loops` run on several threads so far, `spells` of
     contention begun (two loops within 0.1 s, each with a worker thread that started more than the lag late:
-    another process held its core), `spell_s` left of the current one, and the `threads` the loops take now (half of torch's
-    during a spell). With lag_s and hold_s: new limits (CONTENTION_LAG_S and CONTENTION_HOLD_S by default), and any spell
-    ends. None
-    without the C kernels."""
+    another process held its core), `spell_s` left of the current one, and the `threads` the loops take now
+    (half of torch's during a spell). With lag_s and hold_s: new limits (CONTENTION_LAG_S and
+    CONTENTION_HOLD_S are the defaults), and any spell ends. None without the C kernels."""
     lib = library()
     if lib is None:
         return None

@@ -1,8 +1,8 @@
 /* kvtier's CPU kernels: what the Triton kernels do on a GPU, for a CPU (see native.py).
  *
  * Each function equals a PyTorch reference (named beside it) up to float rounding. Pointers are to the first
- * element; strides are in elements. Every loop over channels keeps LANES independent partial sums, so the
- * compiler vectorizes it without reassociating a float sum.
+ * element; strides are in elements. Sums over channels run in eight-float vectors (v8, below) reduced at the end,
+ * so they vectorize without the compiler reassociating a float sum.
  */
 #define _POSIX_C_SOURCE 199309L  /* clock_gettime under -std=c11 */
 #include <stdint.h>
@@ -13,7 +13,6 @@
 #include <omp.h>
 #endif
 
-#define LANES 8
 #define MAX_ROWS 64  /* query rows (group x query tokens) one call handles; native.py checks it */
 #define MAX_DIM 512  /* channels; native.py checks it */
 /* Below this much work (query rows x tokens, about a head_dim of multiply-adds each: some microseconds)
@@ -67,8 +66,9 @@ static inline int team_for(int big, int64_t *loop) {
 /* Called at every item of a parallel loop; acts once per worker thread and loop (the master is never late). */
 static inline void note_start(int64_t loop) {
 #ifdef _OPENMP
-    if (noted_loop == loop || omp_get_thread_num() == 0) return;
+    if (noted_loop == loop) return;
     noted_loop = loop;
+    if (omp_get_thread_num() == 0) return;
     int64_t now = now_ns();
     if (now - loop <= contention_lag_ns) return;
     /* one late worker speaks for its loop; the loop before with a late worker must be recent */

@@ -58,6 +58,35 @@ def test_every_method_and_baseline_gives_a_complete_row(result):
     assert result["device_memory_bytes_per_s"] > 0 and result["profile"]["h2d_bytes_per_s"] == PROFILE["h2d_bytes_per_s"]
 
 
+def test_a_kvtier_step_splits_into_the_cache_share_and_the_model_share(result):
+    for row in result["rows"]:
+        if row["method"].startswith("hf-"):  # Hugging Face's caches are not kvtier methods: not split
+            assert row["cache_ms_per_token"] is None and row["model_ms_per_token"] is None
+            continue
+        cache_ms, model_ms = row["cache_ms_per_token"], row["model_ms_per_token"]
+        assert 0 < cache_ms < max(row["step_ms"]) and 0 < model_ms < max(row["step_ms"]), row["method"]
+        assert min(row["step_ms"]) <= cache_ms + model_ms <= 2 * max(row["step_ms"])
+
+
+def test_the_cache_clock_leaves_the_method_as_it_was():
+    from kvtier import KVCache
+    from kvtier.bench.shapes import build_model
+
+    model = build_model("tiny-llama", torch.device("cpu"), torch.float32, 0)
+    cache = KVCache(model, method="full")
+    clock = bench._CacheClock(cache, torch.device("cpu"))
+    assert "append" in vars(cache.method) and "attend" in vars(cache.method)
+    clock.mark()
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
+    clock.mark()
+    assert clock.steps[0] == 0 and clock.steps[1] > 0
+    assert clock.close([clock.steps[1] + 1.0]) == {"cache_ms_per_token": clock.steps[1],
+                                                   "model_ms_per_token": pytest.approx(1.0)}
+    assert "append" not in vars(cache.method) and "attend" not in vars(cache.method)
+    assert bench._CacheClock(cache, torch.device("meta")).method is None  # not on a device the host only drives
+
+
 def test_traffic_counters(result):
     rows = {r["method"]: r for r in result["rows"]}
     freekv = bench.parse_bench_methods(SMALL_FREEKV)[0].label

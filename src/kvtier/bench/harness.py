@@ -8,7 +8,8 @@ attention scores, and random weights on random ids give scores no real model wou
 step is only representative with real weights and text.
 
 Per (context, batch, method): prefill seconds; decode ms/token (median over timed steps after warm-up, CUDA
-events on CUDA); peak device memory (CUDA); device and host KV bytes; host->device bytes per decode step and
+events on CUDA), and on CPU the part of it spent inside the kvtier method (storing and attention: the cache's
+share, against the model's own layers); peak device memory (CUDA); device and host KV bytes; host->device bytes per decode step and
 the link bandwidth that achieved; and two limits: the roofline step time (weights + the KV that attention
 reads, at measured device-memory bandwidth) and the pure-transfer time (the step's host->device bytes at the
 measured pinned bandwidth). Then, on a few more untimed steps: aten ops per step (kernel launches on a GPU)
@@ -52,6 +53,13 @@ NOTES = {
     "h2d_bytes_per_token": "host->device bytes per decode step, from the counters over the timed steps; for "
                            "hf-offload counted from the sizes of the layers DynamicCache(offloading=True) copies "
                            "in (an estimate of its traffic, not observed on the link)",
+    "cache_ms_per_token": "CPU only: median over the timed steps of the time spent inside the kvtier method "
+                          "(storing the step's keys and values, and attention); None on CUDA, where the host only "
+                          "launches work, and for Hugging Face's caches",
+    "model_ms_per_token": "CPU only: median over the timed steps of the step's time outside the method (the "
+                          "model's own layers: projections, MLP, norms, output layer); None where "
+                          "cache_ms_per_token is",
+    "cache_ms_vs_full": "cache_ms_per_token / that of full at the same context and batch",
     "link_bytes_per_s": "h2d bytes of the timed steps / their total time",
     "roofline_ms": "(weights read per step + KV read per step) / measured device-memory bandwidth; KV read is "
                    "the whole cache for exact methods and the device KV state for approximate ones",
@@ -147,6 +155,42 @@ def _kv_placement(cache) -> tuple[int, int, dict]:
     return 2 * max(cache.layer_bytes(i) for i in range(len(cache.layers))), total, {}
 
 
+class _CacheClock:
+    """CPU only: wall time a decode step spends inside a kvtier method (storing and attention), so a row's step
+    splits into the cache's share and the model's. On CUDA the host only launches work, so its clock would
+    measure launches, not the step: None there, and for Hugging Face's own caches."""
+
+    def __init__(self, cache, device: torch.device):
+        self.method = cache.method if isinstance(cache, KVCache) and device.type == "cpu" else None
+        self.spent, self.steps = 0.0, []
+        if self.method is not None:
+            for name in ("append", "attend"):
+                setattr(self.method, name, self._timed(getattr(self.method, name)))
+
+    def _timed(self, call):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.spent += time.perf_counter() - start
+        return timed
+
+    def mark(self) -> None:
+        self.steps.append(self.spent * 1e3)
+        self.spent = 0.0
+
+    def close(self, step_ms: list[float]) -> dict:
+        """The cache's and the model's median ms per step over the marked steps; the method runs untimed again."""
+        if self.method is None:
+            return {"cache_ms_per_token": None, "model_ms_per_token": None}
+        for name in ("append", "attend"):
+            delattr(self.method, name)
+        cache_ms = self.steps[1:]  # the first mark opens the timed steps
+        return {"cache_ms_per_token": statistics.median(cache_ms),
+                "model_ms_per_token": statistics.median(s - c for s, c in zip(step_ms, cache_ms))}
+
+
 def _count(step, steps: int) -> dict:
     """aten ops and host syncs per step, over `steps` more steps (slowed by the counting: never timed)."""
     if steps < 1:
@@ -198,11 +242,13 @@ def _measure(model, spec: MethodSpec, ids, steps: int, warmup: int, hardware, ch
     _sync(device)
     h2d0, d2h0 = _traffic(cache)
     spells0 = _contention_spells(device)
-    clock = StepClock(device)
+    clock, inside = StepClock(device), _CacheClock(cache, device)
     clock.mark()
+    inside.mark()
     for _ in tqdm(range(steps), desc=f"decode ({spec.label})", unit="tok", disable=not progress, leave=False):
         step()
         clock.mark()
+        inside.mark()
     step_ms = clock.step_ms()
     spells = None if spells0 is None else _contention_spells(device) - spells0
     h2d1, d2h1 = _traffic(cache)
@@ -216,6 +262,7 @@ def _measure(model, spec: MethodSpec, ids, steps: int, warmup: int, hardware, ch
         "exact": METHOD_REGISTRY[spec.method].exact if spec.method in METHOD_REGISTRY else True,
         "stats": stats,
         "cpu_contention_spells": spells,
+        **inside.close(step_ms),
     }
     row.update(_count(step, count_steps))
     row["sync_debug"] = _sync_debug(step, device)
@@ -403,6 +450,8 @@ def _compare(rows):
         ok = row["status"] == "ok" and ref is not None
         row["ms_vs_full"] = row["decode_ms_per_token"] / ref["decode_ms_per_token"] if ok else None
         row["device_kv_vs_full"] = row["device_kv_bytes"] / max(ref["device_kv_bytes"], 1) if ok else None
+        cache_ms, ref_cache_ms = row.get("cache_ms_per_token"), ref and ref.get("cache_ms_per_token")
+        row["cache_ms_vs_full"] = cache_ms / ref_cache_ms if ok and cache_ms is not None and ref_cache_ms else None
         hf = reference("hf-dynamic", row)
         ops, hf_ops = row.get("aten_ops_per_step"), hf and hf.get("aten_ops_per_step")
         row["ops_vs_hf_dynamic"] = ops / hf_ops if row["status"] == "ok" and ops is not None and hf_ops else None

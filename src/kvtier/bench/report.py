@@ -22,12 +22,13 @@ def model_label(result: dict) -> str:
 
 
 def format_table(result: dict) -> str:
-    """One line per row, decode time and device KV set against full, the step's aten ops set against
-    hf-dynamic and its host syncs; rows that failed say why, and each sync is named under the table."""
+    """One line per row, decode time (and on CPU the cache's share of it) and device KV set against full, the
+    step's aten ops set against hf-dynamic and its host syncs; rows that failed say why, and each sync is named under the table."""
     mib = 1 << 20
     cpu = result["device_type"] == "cpu"
     w = max(8, *(len(r["method"]) + 2 for r in result["rows"]))
-    head = (f"{'method':<{w}}{'ctx':>7}{'b':>4}  {'ms/tok':>9}{'ms x full':>10}{'prefill s':>10}"
+    head = (f"{'method':<{w}}{'ctx':>7}{'b':>4}  {'ms/tok':>9}{'ms x full':>10}{'cache ms':>9}{'x full':>7}"
+            f"{'prefill s':>10}"
             f"{'peak MiB':>10}{'dev KV MiB':>11}{'KV x full':>10}{'h2d MiB/tok':>12}{'link GB/s':>10}"
             f"{'roofline ms':>12}{'transfer ms':>12}{'ops/step':>10}{'x hf':>6}{'syncs/step':>11}")
     lines = [f"{model_label(result)} ({result['parameters'] / 1e9:.3g}B params, {result['dtype']}) on "
@@ -44,6 +45,7 @@ def format_table(result: dict) -> str:
             continue
         peak = "n/m" if cpu else num(r.get("peak_device_bytes", 0) / mib, ".0f")
         lines.append(start + f"{r['decode_ms_per_token']:>9.3f}{num(r['ms_vs_full'], '.2f'):>10}"
+                     f"{num(r.get('cache_ms_per_token'), '.3f'):>9}{num(r.get('cache_ms_vs_full'), '.2f'):>7}"
                      f"{r['prefill_s']:>10.2f}{peak:>10}{r['device_kv_bytes'] / mib:>11.1f}"
                      f"{num(r['device_kv_vs_full'], '.3f'):>10}{r['h2d_bytes_per_token'] / mib:>12.2f}"
                      f"{r['link_bytes_per_s'] / 1e9:>10.2f}{r['roofline_ms']:>12.3f}{r['transfer_ms']:>12.3f}"
@@ -62,6 +64,8 @@ def format_table(result: dict) -> str:
     if any(r.get("sync_debug") == "passed" for r in result["rows"]):
         lines.append(f"CUDA sync debug mode: {'the other rows' if failed else 'every row'} passed.")
     if cpu:
+        lines.append("cache ms: the step's time inside the kvtier method (storing and attention); the rest is the "
+                     "model's own layers.")
         lines.append("peak device memory is not measured on CPU (n/m); dev KV is the caches' own count.")
     return "\n".join(lines)
 

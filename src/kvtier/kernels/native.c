@@ -605,6 +605,109 @@ static inline float dot(const float *a, const float *b, int64_t d) {
     return vsum(acc) + tail;
 }
 
+/* torch.topk(x, k, dim=-1, sorted=True).indices + offset for rows of n floats, `stride` apart: out [rows][k] holds
+ * each row's k largest, best first; equal values go lowest index first (torch leaves their order open). Each
+ * row is read in blocks of 32: the k-th largest of the blocks' maxima is a floor no kept value lies below (k
+ * blocks reach it), so only the few blocks whose maximum reaches it are read one by one, into a min-heap of the
+ * k best so far (its worst at the root, displaced only by a strictly larger later value). Returns 0, or -1 at a
+ * NaN (which torch ranks above every number) or where memory could not be had: nothing is written then. */
+typedef struct { float value; int64_t index; } ranked;
+
+static int worse(const ranked *a, const ranked *b) {
+    return a->value < b->value || (a->value == b->value && a->index > b->index);
+}
+
+static int best_first(const void *a, const void *b) {
+    return worse(b, a) ? -1 : worse(a, b) ? 1 : 0;
+}
+
+static void sift_down(ranked *heap, int64_t k, int64_t i) {
+    for (;;) {
+        int64_t low = i, l = 2 * i + 1, r = l + 1;
+        if (l < k && worse(&heap[l], &heap[low])) low = l;
+        if (r < k && worse(&heap[r], &heap[low])) low = r;
+        if (low == i) return;
+        ranked t = heap[i]; heap[i] = heap[low]; heap[low] = t;
+        i = low;
+    }
+}
+
+static float kth_largest(float *x, int64_t n, int64_t k) {  /* quickselect; reorders x */
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = x[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (x[i] > pivot) i++;
+            while (x[j] < pivot) j--;
+            if (i <= j) { float t = x[i]; x[i] = x[j]; x[j] = t; i++; j--; }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return x[want];
+    }
+    return x[want];
+}
+
+static inline void offer(ranked *heap, int64_t k, int64_t *held, float value, int64_t index) {
+    if (*held < k) {
+        heap[(*held)++] = (ranked){value, index};
+        if (*held == k)
+            for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(heap, k, i);
+    } else if (value > heap[0].value) {
+        heap[0] = (ranked){value, index};
+        sift_down(heap, k, 0);
+    }
+}
+
+int kvt_topk_f32(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t k, int64_t offset, int64_t *out) {
+    enum { RUN = 32 };  /* values per block */
+    if (k < 1 || k > n) return -1;
+    const int64_t blocks = n / RUN, scratch = 2 * blocks + 1;
+    ranked *heaps = malloc(sizeof *heaps * (size_t)(rows * k));
+    float *peak_rows = malloc(sizeof *peak_rows * (size_t)(rows * scratch));
+    if (!heaps || !peak_rows) { free(heaps); free(peak_rows); return -1; }
+    int failed = 0;
+    int64_t started;
+    const int team = team_for(rows > 1 && rows * n >= 4 * PARALLEL_WORK, &started);
+    #pragma omp parallel for schedule(static) num_threads(team) if (team > 1) reduction(|: failed)
+    for (int64_t r = 0; r < rows; r++) {
+        note_start(started);
+        const float *row = x + r * stride;
+        ranked *heap = heaps + r * k;
+        float *peaks = peak_rows + r * scratch;
+        v8i nan = (v8i){0};
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *at = row + b * RUN;
+            v8 a = load8(at), c = load8(at + 8), e = load8(at + 16), g = load8(at + 24);
+            nan |= (a != a) | (c != c) | (e != e) | (g != g);
+            peaks[b] = vmax(vmax8(vmax8(a, c), vmax8(e, g)));
+        }
+        int bad = 0;
+        for (int64_t i = blocks * RUN; i < n; i++) bad |= row[i] != row[i];
+        for (int j = 0; j < 8; j++) bad |= nan[j] != 0;
+        if (bad) { failed = 1; continue; }
+        float floor = -__builtin_inff();
+        if (blocks >= k) {
+            memcpy(peaks + blocks, peaks, sizeof *peaks * (size_t)blocks);
+            floor = kth_largest(peaks + blocks, blocks, k);
+        }
+        int64_t held = 0;
+        for (int64_t b = 0; b < blocks; b++) {
+            if (peaks[b] < floor) continue;
+            for (int64_t i = b * RUN; i < (b + 1) * RUN; i++)
+                if (row[i] >= floor) offer(heap, k, &held, row[i], i);
+        }
+        for (int64_t i = blocks * RUN; i < n; i++)
+            if (row[i] >= floor) offer(heap, k, &held, row[i], i);
+        qsort(heap, (size_t)k, sizeof *heap, best_first);
+        for (int64_t j = 0; j < k; j++) out[r * k + j] = heap[j].index + offset;
+    }
+    free(heaps);
+    free(peak_rows);
+    return failed ? -1 : 0;
+}
+
 /* selection.query_drift: per sequence and KV head, whether the mean over its `group` query heads of the cosine
  * similarity of q and prev (x . y / sqrt(max(|x|^2 |y|^2, 1e-16)), as torch.nn.functional.cosine_similarity) is
  * below tau. q and prev: [batch][kv_heads * group] rows of d floats at strides (sq_b, sq_h) and (sp_b, sp_h);

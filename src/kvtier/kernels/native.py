@@ -44,8 +44,9 @@ _SIGNATURES = {
     "kvt_store_rows": [_c_ptr] * 2 + [_c_i64] * 4 + [_c_ptr] * 3 + [_c_i64] * 7,
     "kvt_query_drift": [_c_ptr] * 3 + [_c_i64] * 4 + [_c_float] + [_c_i64] * 4,
     "kvt_contention": [_c_ptr, _c_i64, _c_i64],
+    "kvt_topk_f32": [_c_ptr] + [_c_i64] * 5 + [_c_ptr],
 }
-_RETURNS_STATUS = {"kvt_plan_pages", "kvt_attention_f32", "kvt_digest_probs_f32"}  # 0, or -1 where it could not run (nothing changed)
+_RETURNS_STATUS = {"kvt_plan_pages", "kvt_attention_f32", "kvt_digest_probs_f32", "kvt_topk_f32"}  # 0, or -1 where it could not run (nothing changed)
 _error: str | None = None
 threaded = False  # whether the kernels run their loops on torch's OpenMP threads (else on one)
 launches = 0  # kernel calls so far: `stepcheck.StepCounter` counts each as one op (a launch on a GPU)
@@ -186,6 +187,23 @@ def plan_pages(slot_page: torch.Tensor, page_slot: torch.Tensor, wanted: torch.T
             slot_page.shape[-1], k, page_slot.shape[-1], pages.data_ptr(), slots.data_ptr(),
             0 if recalled is None else recalled.data_ptr())
     return (pages, slots) if status == 0 else None
+
+
+def topk_indices(x: torch.Tensor, k: int, offset: int = 0) -> torch.Tensor | None:
+    """`x.topk(k, dim=-1).indices + offset` for float32 x on CPU (ties lowest index first); None where the kernel
+    does not apply (the rows are not equally spaced, k > the last dim, a NaN in x), so the caller runs torch."""
+    from . import native_enabled
+
+    n = x.shape[-1]
+    if not native_enabled(x) or x.dtype != torch.float32 or not 1 <= k <= n or x.stride(-1) != 1:
+        return None
+    dims = [(size, step) for size, step in zip(x.shape[:-1], x.stride()[:-1]) if size > 1]
+    if any(outer != inner * size for (_, outer), (size, inner) in zip(dims, dims[1:])):
+        return None  # the leading dims do not merge into one run of equally spaced rows
+    rows, stride = x.numel() // n, dims[-1][1] if dims else n
+    out = torch.empty((*x.shape[:-1], k), dtype=torch.long)
+    status = _launch(library().kvt_topk_f32, x.data_ptr(), rows, n, stride, k, offset, out.data_ptr())
+    return out if status == 0 else None
 
 
 def serves(x: torch.Tensor, rows: int, d: int | None = None) -> bool:

@@ -272,7 +272,9 @@ class RetrievalEngine(Method):
 
     def _top(self, probs: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Each KV head's (and query token's) most probable pages in [lo, hi): [b, h, (t,) min(slots, hi - lo)]."""
-        return probs[..., lo:hi].topk(min(self.o.slots, hi - lo), dim=-1).indices + lo
+        window, k = probs[..., lo:hi], min(self.o.slots, hi - lo)
+        top = native.topk_indices(window, k, lo)  # C on CPU (None elsewhere)
+        return top if top is not None else window.topk(k, dim=-1).indices + lo
 
     # -- attending --------------------------------------------------------------------------------------
     def _attend(self, layer, q, valid, scaling):

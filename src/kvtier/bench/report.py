@@ -23,7 +23,8 @@ def model_label(result: dict) -> str:
 
 def format_table(result: dict) -> str:
     """One line per row, decode time (and on CPU the cache's share of it) and device KV set against full, the
-    step's aten ops set against hf-dynamic and its host syncs; rows that failed say why, and each sync is named under the table."""
+    step's aten ops set against hf-dynamic and its host syncs; rows that failed say why, and each sync is named
+    under the table."""
     mib = 1 << 20
     cpu = result["device_type"] == "cpu"
     w = max(8, *(len(r["method"]) + 2 for r in result["rows"]))

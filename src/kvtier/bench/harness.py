@@ -7,15 +7,15 @@ config on the target device: nothing is downloaded, and speed does not depend on
 attention scores, and random weights on random ids give scores no real model would, so what they load per
 step is only representative with real weights and text.
 
-Per (context, batch, method): prefill seconds; decode ms/token (median over timed steps after warm-up, CUDA
-events on CUDA), and on CPU the part of it spent inside the kvtier method (storing and attention: the cache's
-share, against the model's own layers); peak device memory (CUDA); device and host KV bytes; host->device bytes
-per decode step and the link bandwidth that achieved; and two limits: the roofline step time (weights + the KV that attention
-reads, at measured device-memory bandwidth) and the pure-transfer time (the step's host->device bytes at the
-measured pinned bandwidth). Then, on a few more untimed steps: aten ops per step (kernel launches on a GPU)
-and host-synchronizing calls per step, and on CUDA whether the step passes torch's sync debug mode; a step
-that launches many small kernels or waits on the device is slow however few bytes it moves. A row that runs
-out of device memory says "does not fit" and the run goes on.
+Per (context, batch, method): prefill seconds; decode ms/token (median over timed steps after warm-up, CUDA events
+on CUDA), and on CPU the part of it spent inside the kvtier method (storing and attention: the cache's share,
+against the model's own layers); peak device memory (CUDA); device and host KV bytes; host->device bytes per
+decode step and the link bandwidth that achieved; and two limits: the roofline step time (weights + the KV that
+attention reads, at measured device-memory bandwidth) and the pure-transfer time (the step's host->device bytes at
+the measured pinned bandwidth). Then, on a few more untimed steps: aten ops per step (kernel launches on a GPU)
+and host-synchronizing calls per step, and on CUDA whether the step passes torch's sync debug mode; a step that
+launches many small kernels or waits on the device is slow however few bytes it moves. A row that runs out of
+device memory says "does not fit" and the run goes on.
 """
 
 from __future__ import annotations

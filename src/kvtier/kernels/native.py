@@ -189,13 +189,17 @@ def plan_pages(slot_page: torch.Tensor, page_slot: torch.Tensor, wanted: torch.T
     return (pages, slots) if status == 0 else None
 
 
+TOPK_MIN_ROW = 64  # values per selected one below which torch.topk is as fast (the kernel's floor then cuts little)
+
+
 def topk_indices(x: torch.Tensor, k: int, offset: int = 0) -> torch.Tensor | None:
     """`x.topk(k, dim=-1).indices + offset` for float32 x on CPU (ties lowest index first); None where the kernel
-    does not apply (the rows are not equally spaced, k > the last dim, a NaN in x), so the caller runs torch."""
+    does not apply (the rows are not equally spaced, shorter than TOPK_MIN_ROW * k, a NaN in x), so the caller
+    runs torch."""
     from . import native_enabled
 
     n = x.shape[-1]
-    if not native_enabled(x) or x.dtype != torch.float32 or not 1 <= k <= n or x.stride(-1) != 1:
+    if not native_enabled(x) or x.dtype != torch.float32 or not 1 <= k <= n // TOPK_MIN_ROW or x.stride(-1) != 1:
         return None
     dims = [(size, step) for size, step in zip(x.shape[:-1], x.stride()[:-1]) if size > 1]
     if any(outer != inner * size for (_, outer), (size, inner) in zip(dims, dims[1:])):

@@ -187,6 +187,33 @@ def test_reusing_a_filled_cache_with_generate(tiny, method):
         kvtier.score(model, ids_of(6, seed=1), ids_of(2), cache=cache)
 
 
+def test_model_generate_input_that_does_not_extend_the_cache(tiny):
+    """model.generate slices input_ids by the cache's length: given no more tokens than the cache holds, it fed
+    them all again (or nothing, a reshape error deep in the model); the cache refuses before storing anything."""
+    model = tiny("llama", eos_token_id=None)
+    cache = kvtier.KVCache(model, method="offload")
+    out = model.generate(ids_of(10), past_key_values=cache, max_new_tokens=3, do_sample=False)
+    held = cache.token_ids
+    assert held.shape[1] == 12
+    with pytest.raises(ValueError, match="do not extend the 12 tokens the cache holds"):
+        model.generate(held, past_key_values=cache, max_new_tokens=3, do_sample=False)  # e.g. resuming a loaded cache
+    with pytest.raises(ValueError, match="feeds no token: the cache already holds 12 tokens"):
+        model.generate(held[:, :6], past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert cache.method.lengths == [12] * model.config.num_hidden_layers and cache.broken is None
+    # control: the whole sequence continues the cache
+    more = model.generate(out, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    assert torch.equal(more[:, :13], out) and cache.method.lengths[0] == 14
+
+
+def test_use_cache_false_with_a_kvcache_is_refused(tiny):
+    # model.generate(use_cache=False) feeds the whole sequence every step, into the cache it was given
+    model = tiny("llama")
+    cache = kvtier.KVCache(model, method="full")
+    with pytest.raises(ValueError, match="use_cache=False was given with a KVCache"):
+        model.generate(ids_of(8), past_key_values=cache, use_cache=False, max_new_tokens=3, do_sample=False)
+    assert cache.method.lengths[0] == 0
+
+
 def test_beam_search_refused(tiny):
     model = tiny("llama")
     ids = ids_of(6)

@@ -113,8 +113,10 @@ def _refuse_broken_cache(module, args, kwargs):
     cache = kwargs.get("past_key_values")
     if isinstance(cache, KVCache):
         cache.check_usable()
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        cache._check_feed(ids, kwargs)
         # the ids this step feeds; the cache keeps them when the step completes (None: fed embeddings)
-        cache._incoming = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        cache._incoming = ids
 
 
 def _install_model_hook(model) -> None:
@@ -275,6 +277,32 @@ class KVCache(Cache):
             raise ValueError(f"this cache planned its device memory for max_length={self.max_length} (prompt + new "
                              f"tokens, so at most {self.max_length - 1} fed), and this forward would hold {total}; "
                              "make it with a larger max_length")
+
+    def _check_feed(self, ids, kwargs: dict) -> None:
+        """Refuse, before the model does any work, the forwards of model.generate that would store tokens wrongly:
+        transformers slices its input_ids by the cache's length, and gets it wrong when they do not extend it."""
+        if kwargs.get("use_cache") is False:
+            # the model still stores into a cache it is given, and model.generate then feeds the whole sequence
+            # at every step: every token would be stored again
+            raise ValueError("use_cache=False was given with a KVCache: the model would still store every token it "
+                             "is fed into the cache; leave use_cache at True, or leave past_key_values out")
+        n = self.method.lengths[0]
+        if not n or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return
+        if ids.shape[1] == 0:
+            raise ValueError(f"this forward feeds no token: the cache already holds {n} tokens and input_ids holds "
+                             f"no more (model.generate was given {n} or fewer?). Give the whole sequence: the "
+                             "cached tokens (cache.token_ids) and then at least one new token")
+        position = kwargs.get("position_ids")
+        # Without padding (no mask), the fed tokens go after the n cached ones. Positions that end before n mean
+        # model.generate was given no more tokens than the cache holds and fed them again. Checked on prompts only
+        # (more than one token fed): a decode step reads nothing back to the host.
+        if (kwargs.get("attention_mask") is None and isinstance(position, torch.Tensor) and ids.shape[1] > 1
+                and int(position[..., -1].max()) < n):
+            raise ValueError(f"input_ids ({ids.shape[1]} tokens fed at positions up to {int(position[..., -1].max())}) "
+                             f"do not extend the {n} tokens the cache holds: model.generate feeds the cached tokens "
+                             "again when input_ids has no new token. Give the whole sequence: the cached tokens "
+                             "(cache.token_ids) and then at least one new token")
 
     def _check_inference_mode(self) -> None:
         """A cache used under torch.inference_mode() holds inference tensors, which torch lets nothing but

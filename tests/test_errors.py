@@ -173,6 +173,47 @@ def test_empty_input(tiny):
         kvtier.score(model, ids_of(4), empty)
 
 
+BAD_IDS = [
+    ("a string", TypeError, "tokenize it first"),
+    (torch.rand(1, 6), TypeError, "integer token ids, got dtype torch.float32"),
+    (torch.tensor([[5, 6, 256]]), ValueError, "token id 256, outside the model's vocabulary of 256 ids"),
+    (torch.tensor([[5, -1, 7]]), ValueError, "token id -1, outside"),
+]
+
+
+@pytest.mark.parametrize("ids, error, match", BAD_IDS, ids=["str", "float", "too-large", "negative"])
+def test_bad_token_ids_are_named(tiny, ids, error, match):
+    # they failed in the embedding (IndexError; on CUDA a device-side assert) or in torch.tensor
+    model = tiny("llama")
+    with pytest.raises(error, match=match):
+        kvtier.generate(model, ids, max_new_tokens=2)
+    with pytest.raises(error, match=match):
+        kvtier.score(model, ids_of(4), ids)
+    with pytest.raises(error, match=match):
+        kvtier.score(model, ids, ids_of(2))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, "3", None, True])
+def test_max_new_tokens_must_be_a_count(tiny, bad):
+    with pytest.raises(ValueError, match=f"max_new_tokens must be an int >= 1, got {bad!r}"):
+        kvtier.generate(tiny("llama"), ids_of(4), max_new_tokens=bad)
+
+
+def test_right_padding_and_mask_shape_are_refused(tiny):
+    # a sequence ending in padding had its next token predicted from a pad, silently
+    model = tiny("llama")
+    ids, right = ids_of(6, batch=2), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match=r"ends in padding \(0\) for sequence\(s\) \[1\]"):
+        kvtier.generate(model, ids, attention_mask=right, max_new_tokens=2)
+    with pytest.raises(ValueError, match="ends in padding"):
+        kvtier.score(model, ids, ids_of(2, batch=2), attention_mask=right)
+    with pytest.raises(ValueError, match=r"attention_mask \(1, 5\) does not match the ids \(1, 6\)"):
+        kvtier.score(model, ids_of(6), ids_of(2), attention_mask=torch.ones(1, 5, dtype=torch.long))
+    # control: left padding is fine
+    left = right.flip(1)
+    assert kvtier.generate(model, ids, attention_mask=left, max_new_tokens=2).shape == (2, 8)
+
+
 @pytest.mark.parametrize("method", ["full", "offload"])
 def test_reusing_a_filled_cache_with_generate(tiny, method):
     model = tiny("llama")

@@ -11,6 +11,7 @@ of, `positions`, `decode_step`, and SpeCache's `lookahead` and `speculative_step
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +22,9 @@ PREFILL_CHUNK = 2048
 
 
 def _as_batch(ids, name: str) -> torch.Tensor:
+    if isinstance(ids, str):
+        raise TypeError(f"{name} must be token ids, got a string; tokenize it first "
+                        "(tokenizer(text, return_tensors='pt').input_ids)")
     if not isinstance(ids, torch.Tensor):
         ids = torch.tensor(ids, dtype=torch.long)
     if ids.dim() == 1:
@@ -30,6 +34,33 @@ def _as_batch(ids, name: str) -> torch.Tensor:
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}); give at least one token per sequence")
     return ids
+
+
+def _token_batch(model, ids, name: str) -> torch.Tensor:
+    """`ids` as [batch, tokens] integer ids, each in the model's vocabulary: an id outside it would fail in the
+    embedding lookup as an IndexError (on CUDA, a device-side assert that ends the process's CUDA use)."""
+    ids = _as_batch(ids, name)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside the model's vocabulary of "
+                         f"{vocab} ids (0..{vocab - 1}); were they made by this model's tokenizer?")
+    return ids.to(_model_device(model))
+
+
+def _padding_mask(mask, ids: torch.Tensor) -> torch.Tensor:
+    """The attention mask of `ids`, checked: same shape, and left padding only (a sequence whose last position is
+    padding would have its next token predicted from a pad)."""
+    mask = _as_batch(mask, "attention_mask").to(ids.device)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} does not match the ids {tuple(ids.shape)}")
+    ends_in_padding = (mask[:, -1] == 0).nonzero().flatten().tolist()
+    if ends_in_padding:
+        raise ValueError(f"attention_mask ends in padding (0) for sequence(s) {ends_in_padding}: kvtier takes left "
+                         "padding only (tokenizer.padding_side = 'left'), so that every sequence ends in a real token")
+    return mask
 
 
 def _model_device(model) -> torch.device:
@@ -232,14 +263,12 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
     transformers' prefix reuse, and must start with the cache's tokens (`cache.token_ids`), which are not fed
     again; attention_mask, when given, covers the whole sequence too.
     """
-    input_ids = _as_batch(input_ids, "input_ids").to(_model_device(model))
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    input_ids = _token_batch(model, input_ids, "input_ids")
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     if attention_mask is not None:
-        attention_mask = _as_batch(attention_mask, "attention_mask").to(input_ids.device)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
-                             f"{tuple(input_ids.shape)}")
+        attention_mask = _padding_mask(attention_mask, input_ids)
     pick = _sampler(model, do_sample, temperature, top_k, top_p, seed, input_ids.device)
     cache = _cache_for(model, cache, method, options)
     past = cached_prefix(cache, input_ids)
@@ -303,8 +332,8 @@ def speculative_step(model, cache, real, guess, mask, position):
 
 def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cache, progress, options):
     """Yields, for each target in turn, the logits [b, vocab] that predict it; feeds the target after."""
-    context_ids = _as_batch(context_ids, "context_ids").to(_model_device(model))
-    target_ids = _as_batch(target_ids, "target_ids").to(context_ids.device)
+    context_ids = _token_batch(model, context_ids, "context_ids")
+    target_ids = _token_batch(model, target_ids, "target_ids")
     if target_ids.shape[0] != context_ids.shape[0]:
         raise ValueError(f"context batch {context_ids.shape[0]} != target batch {target_ids.shape[0]}")
     cache = _empty(_cache_for(model, cache, method, options))
@@ -313,7 +342,7 @@ def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cach
         raise ValueError(f"context + targets = {total} tokens exceeds the model's maximum of "
                          f"{cache.spec.max_positions} positions")
     cache.reserve(total)
-    mask = None if attention_mask is None else _as_batch(attention_mask, "attention_mask").to(context_ids.device)
+    mask = None if attention_mask is None else _padding_mask(attention_mask, context_ids)
     logits = prefill(model, cache, context_ids, mask, progress=progress)
     decoder = Decoder(model, cache, context_ids, mask, speculate=False)
     n_targets = target_ids.shape[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import random
@@ -196,6 +197,29 @@ def test_perplexity_refuses_a_text_too_short_for_the_windows(tiny, tmp_path):
     with pytest.raises(ValueError, match="150 tokens fit 2 disjoint window"):
         perplexity(tiny("llama"), ByteTokenizer(), "full", texts=[path], context=48, targets=16, windows=3,
                    progress=False)
+
+
+def test_lengths_beyond_the_model_are_refused_before_any_work(tiny, tmp_path, monkeypatch):
+    """The shorter lengths' prompts (or, in a sweep, the whole needle grid) used to run before the longest one
+    failed in its own generation."""
+    fidelity_module = importlib.import_module("kvtier.evaluation.fidelity")  # the package exports the functions
+    sweep_module = importlib.import_module("kvtier.evaluation.sweep")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work began before the lengths were checked")
+
+    monkeypatch.setattr(fidelity_module, "generate", no_work)
+    monkeypatch.setattr(sweep_module, "needle_grid", no_work)
+    model, tok = tiny("llama", max_position_embeddings=64), ByteTokenizer()
+    path = _text_file(tmp_path / "a.txt", 300)
+    with pytest.raises(ValueError, match="length 62 \\+ 4 tokens after it exceeds the model's maximum of 64 "
+                                         "positions; use lengths up to 60"):
+        fidelity(model, tok, "full", texts=[path], lengths=[16, 62], new_tokens=4, progress=False)
+    with pytest.raises(ValueError, match="length 100 exceeds the model's maximum of 64 positions"):
+        ruler(model, tok, "full", lengths=[32, 100], samples=1, progress=False)
+    with pytest.raises(ValueError, match="length 48 \\+ 17 tokens after it exceeds"):
+        sweep_module.budget_sweep(model, tok, "freekv:page_size=4:sink=4:window=4", budgets=[16], lengths=[32],
+                                  texts=[path], context=48, targets=17, progress=False)
 
 
 def test_cli_ppl_windows(tiny, tmp_path, monkeypatch, capsys):

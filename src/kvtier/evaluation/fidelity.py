@@ -48,7 +48,7 @@ def fidelity(model, tokenizer, methods, texts=("prose", "code"), lengths=("1k",)
     over every step of every prompt). Writes fidelity.json and fidelity.png if out_dir.
     """
     texts, lengths = check_fidelity(texts, lengths, prompts, new_tokens)
-    runner = BesideFull(model, methods, lengths, out_dir)
+    runner = BesideFull(model, methods, lengths, out_dir, new_tokens=new_tokens)
     rng = random.Random(seed)
     rows = []
     cells = [(t, n, i) for t in texts for n in lengths for i in range(prompts)]

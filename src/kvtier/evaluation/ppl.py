@@ -51,7 +51,7 @@ def perplexity(model, tokenizer, methods, texts=("prose", "code"), context="2k",
     Cache counters add up over windows, except device_kv_bytes: the largest of the windows' peaks.
     """
     texts, context = check_ppl(texts, context, targets, windows)
-    runner = BesideFull(model, methods, context, out_dir)
+    runner = BesideFull(model, methods, context, out_dir, new_tokens=targets)
     rows = []
     for name in texts:
         ids = tokenizer(text_by_name(name), return_tensors="pt", add_special_tokens=False)["input_ids"]

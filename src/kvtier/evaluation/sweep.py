@@ -33,11 +33,12 @@ def budget_sweep(model, tokenizer, method: str = "freekv", budgets=(256, 512, 10
     base_options are; the swept option must not be one of them."""
     method, base = check_sweep(method, option, budgets, base_options)
     lengths, depths, _ = check_grid(lengths, depths, "single")
-    check_ppl(texts, context, targets, windows)
+    _, context = check_ppl(texts, context, targets, windows)
     if out_dir is not None:
         check_output_dir(out_dir)
     specs = [MethodSpec(method, {**base, option: b}) for b in budgets]
     check_caches(model, specs, lengths)
+    check_caches(model, specs, context, targets)  # before the needle grid, not after it
     needle = needle_grid(model, tokenizer, specs, lengths=lengths, depths=depths, progress=progress)
     ppl = perplexity(model, tokenizer, specs, texts=texts, context=context, targets=targets, windows=windows,
                      progress=progress)

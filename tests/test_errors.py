@@ -255,6 +255,19 @@ def test_use_cache_false_with_a_kvcache_is_refused(tiny):
     assert cache.method.lengths[0] == 0
 
 
+def test_a_method_given_with_a_ready_cache_is_not_ignored(tiny):
+    model = tiny("llama")
+    cache = kvtier.KVCache(model, method="offload")
+    with pytest.raises(ValueError, match="method='freekv' was given with a ready 'offload' cache"):
+        kvtier.generate(model, ids_of(6), method="freekv", cache=cache, max_new_tokens=2)
+    with pytest.raises(ValueError, match="method='full' was given with a ready 'offload' cache"):
+        kvtier.score(model, ids_of(6), ids_of(2), method="full", cache=cache)
+    assert cache.method.lengths[0] == 0
+    # the cache's own method named, or none: fine
+    assert kvtier.generate(model, ids_of(6), method="offload", cache=cache, max_new_tokens=2).shape == (1, 8)
+    assert kvtier.score(model, ids_of(6), ids_of(2), cache=kvtier.KVCache(model, method="offload")).shape == (1, 2)
+
+
 def test_beam_search_refused(tiny):
     model = tiny("llama")
     ids = ids_of(6)

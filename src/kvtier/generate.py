@@ -68,13 +68,16 @@ def _model_device(model) -> torch.device:
 
 
 def _cache_for(model, cache, method, options) -> KVCache:
-    """The ready cache given, or a new one of `method`."""
+    """The ready cache given, or a new one of `method` (None: "full")."""
     if cache is not None:
         if options:
             raise ValueError(f"options {sorted(options)} were given with a ready cache; pass them to KVCache")
+        if method is not None and method != cache.method.name and not (method == "auto" and cache.auto):
+            raise ValueError(f"method={method!r} was given with a ready {cache.method.name!r} cache, which decodes "
+                             "with its own method; leave method out, or make the cache with that method")
         cache.check_usable()  # a cache whose step was interrupted: CacheBrokenError
         return cache
-    return make_cache(model, method, **options)
+    return make_cache(model, "full" if method is None else method, **options)
 
 
 def _empty(cache: KVCache) -> KVCache:
@@ -248,7 +251,7 @@ def _sampler(model, do_sample: bool, temperature, top_k, top_p, seed, device):
 
 
 @torch.inference_mode()
-def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, attention_mask=None,
+def generate(model, input_ids, method: str | None = None, max_new_tokens: int = 64, attention_mask=None,
              cache: KVCache | None = None, progress: bool = False, eos_token_id=None, pad_token_id=None,
              do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, streamer=None, **options) -> torch.Tensor:
@@ -257,7 +260,8 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
     Greedy, or with `do_sample` sampled after `temperature`, `top_k` and `top_p` (`seed` for reproducible
     draws). `streamer` (a transformers streamer, e.g. TextStreamer) gets input_ids, then each new token.
     Sequences stop at the end-of-sequence token (then padded with the pad token) as in `model.generate`;
-    extra keyword arguments are the method's options (`budget=...`).
+    `method` (default "full") and extra keyword arguments, the method's options (`budget=...`), make a new cache;
+    a ready `cache` decodes with its own.
 
     `cache` may already hold tokens (prefilled, forked or loaded): then input_ids is the whole sequence, as with
     transformers' prefix reuse, and must start with the cache's tokens (`cache.token_ids`), which are not fed
@@ -354,7 +358,7 @@ def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cach
 
 
 @torch.inference_mode()
-def score(model, context_ids, target_ids, method: str = "full", attention_mask=None,
+def score(model, context_ids, target_ids, method: str | None = None, attention_mask=None,
           cache: KVCache | None = None, progress: bool = False, **options) -> torch.Tensor:
     """Teacher-forced negative log-likelihoods of `target_ids` after `context_ids`, decoded one token at a time.
 
@@ -366,7 +370,7 @@ def score(model, context_ids, target_ids, method: str = "full", attention_mask=N
 
 
 @torch.inference_mode()
-def forced_logits(model, context_ids, target_ids, method: str = "full", attention_mask=None,
+def forced_logits(model, context_ids, target_ids, method: str | None = None, attention_mask=None,
                   cache: KVCache | None = None, progress: bool = False, **options) -> torch.Tensor:
     """The float32 logits [batch, targets, vocab] that predict each target, teacher-forced as `score` is."""
     steps = _teacher_forced(model, context_ids, target_ids, method, attention_mask, cache, progress, options)

@@ -268,6 +268,36 @@ def test_a_method_given_with_a_ready_cache_is_not_ignored(tiny):
     assert kvtier.score(model, ids_of(6), ids_of(2), cache=kvtier.KVCache(model, method="offload")).shape == (1, 2)
 
 
+class ByteTokenizer:
+    """One token per byte (ids 3..258 folded below the tiny models' 256), for DocumentChat with raw=True."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + b % 250 for b in text.encode()]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_chat_names_a_document_or_question_too_long(tiny):
+    from kvtier.chat import DocumentChat
+
+    model = tiny("llama", max_position_embeddings=64)
+    # was a KVCache error about a max_length the caller never gave
+    with pytest.raises(ValueError, match="the document is 70 tokens; the model takes at most 64 positions"):
+        DocumentChat.prefill(model, ByteTokenizer(), "x" * 70, raw=True)
+    model = tiny("llama", max_position_embeddings=1024)
+    chat = DocumentChat.prefill(model, ByteTokenizer(), "x" * 40, raw=True, method="offload", device_memory="1GiB",
+                                max_new_tokens=4)
+    assert chat.cache.max_length == 40 + 256 + 4
+    # was the fork's "make it with max_length=...": the cache is the chat's, made by prefill
+    with pytest.raises(ValueError, match=r"the question \(300 tokens\) and 4 new tokens after the document's 40 "
+                                         "need 344 positions, more than the 300"):
+        chat.ask("y" * 298, max_new_tokens=4)
+    with pytest.raises(ValueError, match="prefill with a larger max_new_tokens"):
+        chat.ask("y", max_new_tokens=300)
+    assert chat.ask("y" * 200, max_new_tokens=4).new_tokens == 4
+
+
 def test_beam_search_refused(tiny):
     model = tiny("llama")
     ids = ids_of(6)

@@ -193,6 +193,29 @@ def test_bad_token_ids_are_named(tiny, ids, error, match):
         kvtier.score(model, ids, ids_of(2))
 
 
+def test_prefill_checks_its_arguments(tiny):
+    # past= other than the cache's length stored tokens at the wrong positions; a negative chunk, past >= the
+    # prompt or an empty prompt fed nothing and returned None; 1D ids were an IndexError
+    model = tiny("llama")
+    cache = kvtier.KVCache(model, method="offload")
+    with pytest.raises(ValueError, match="the cache holds 0 tokens and past=5"):
+        kvtier.prefill(model, cache, ids_of(8), past=5)
+    for chunk in (-4, 0, 2.5):
+        with pytest.raises(ValueError, match=f"chunk must be an int >= 1 .* got {chunk}"):
+            kvtier.prefill(model, cache, ids_of(8), chunk=chunk)
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        kvtier.prefill(model, cache, ids_of(8)[:, :0])
+    assert cache.method.lengths[0] == 0
+    assert kvtier.prefill(model, cache, ids_of(8)[0], chunk=3).shape == (1, 256)  # 1D ids are one sequence
+    with pytest.raises(ValueError, match="the cache holds 8 tokens and past=0"):
+        kvtier.prefill(model, cache, ids_of(8))  # the same prompt again
+    with pytest.raises(ValueError, match="the cache holds 8 tokens and past=8, with input_ids of 8 tokens"):
+        kvtier.prefill(model, cache, ids_of(8), past=8)  # nothing new
+    assert cache.method.lengths[0] == 8
+    longer = torch.cat((ids_of(8), ids_of(3, seed=1)), 1)
+    assert kvtier.prefill(model, cache, longer, past=8).shape == (1, 256) and cache.method.lengths[0] == 11
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.0, "3", None, True])
 def test_max_new_tokens_must_be_a_count(tiny, bad):
     with pytest.raises(ValueError, match=f"max_new_tokens must be an int >= 1, got {bad!r}"):

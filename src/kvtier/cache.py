@@ -300,9 +300,10 @@ class KVCache(Cache):
         if (kwargs.get("attention_mask") is None and isinstance(position, torch.Tensor) and ids.shape[1] > 1
                 and int(position[..., -1].max()) < n):
             raise ValueError(f"input_ids ({ids.shape[1]} tokens fed at positions up to {int(position[..., -1].max())}) "
-                             f"do not extend the {n} tokens the cache holds: model.generate feeds the cached tokens "
-                             "again when input_ids has no new token. Give the whole sequence: the cached tokens "
-                             "(cache.token_ids) and then at least one new token")
+                             f"do not extend the {n} tokens the cache holds: they would be stored after them at "
+                             "earlier positions (model.generate does this when its input_ids has no token past the "
+                             "cache's). Give the whole sequence: the cached tokens (cache.token_ids) and then at least "
+                             "one new token")
 
     def _check_inference_mode(self) -> None:
         """A cache used under torch.inference_mode() holds inference tensors, which torch lets nothing but

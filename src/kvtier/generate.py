@@ -116,10 +116,21 @@ def prefill(model, cache: KVCache, input_ids, attention_mask=None, chunk: int | 
     """Run the prompt through the model into `cache` (a KVCache, or any transformers Cache) in chunks of `chunk`
     tokens (default PREFILL_CHUNK); returns the last position's logits [b, vocab]. The first `past` tokens of
     input_ids are in the cache already (a prefix reused) and are not fed again."""
+    input_ids = _token_batch(model, input_ids, "input_ids")
+    if attention_mask is not None:
+        attention_mask = _padding_mask(attention_mask, input_ids)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be an int >= 1 (tokens per forward) or None, got {chunk!r}")
     chunk = chunk or PREFILL_CHUNK
     n = input_ids.shape[1]
-    logits = None
     kvtier_cache = isinstance(cache, KVCache)  # any other transformers Cache (the benchmark's baselines) works too
+    held = cache.method.lengths[0] if kvtier_cache else cache.get_seq_length()
+    if past != held or past >= n:
+        # feeding from another token than the cache's next would store tokens at the wrong positions, silently
+        raise ValueError(f"the cache holds {held} tokens and past={past!r}, with input_ids of {n} tokens: give the "
+                         f"whole sequence as input_ids and past={held} (the cache's tokens, not fed again), with at "
+                         "least one token after them; or use a new cache")
+    logits = None
     name = cache.method.name if kvtier_cache else type(cache).__name__
     bar = tqdm(total=n - past, desc=f"prefill ({name})", unit="tok", disable=not progress, leave=False)
     with cache.prefilling() if kvtier_cache else contextlib.nullcontext():

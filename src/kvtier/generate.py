@@ -226,7 +226,14 @@ def _sampler(model, do_sample: bool, temperature, top_k, top_p, seed, device):
     draw after temperature, top-k and top-p, as model.generate does (unset values: the model's generation
     config, else transformers' defaults 1.0, 50, 1.0). `seed` makes the draws reproducible."""
     if not do_sample:
+        given = [f"{k}={v!r}" for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                           ("seed", seed)) if v is not None]
+        if given:  # they would be ignored: the answer is greedy
+            raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for sampling: add "
+                             "do_sample=True (without it decoding is greedy)")
         return lambda logits: logits.argmax(-1)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                         TopKLogitsWarper, TopPLogitsWarper)
 

@@ -36,6 +36,13 @@ def test_unknown_method_lists_valid_methods(tiny):
             assert name in str(info.value), f"{name!r} missing from: {info.value}"
 
 
+def test_a_method_spec_where_a_name_is_wanted_says_how_to_give_the_options(tiny):
+    # the evaluations take "freekv:budget=16"; KVCache, kvtier.generate and `kvtier generate --method` take a name
+    with pytest.raises(ValueError, match="give the options apart: method='freekv', budget=16, page_size=4 in "
+                                         "Python, --method freekv --option budget=16 --option page_size=4"):
+        kvtier.KVCache(tiny("llama"), method="freekv:budget=16:page_size=4")
+
+
 @pytest.mark.parametrize("method", kvtier.METHODS)
 def test_unknown_option_lists_valid_options(tiny, method):
     model = tiny("llama")

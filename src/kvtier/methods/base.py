@@ -28,7 +28,13 @@ def register(cls: type["Method"]) -> type["Method"]:
 
 def method_class(name: str) -> type["Method"]:
     if name not in METHOD_REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHOD_REGISTRY)}")
+        hint = ""
+        if isinstance(name, str) and ":" in name and name.split(":")[0].strip() in METHOD_REGISTRY:
+            # a spec as the evaluations take it ("freekv:budget=512"), where a method name alone is wanted
+            base, *opts = [part.strip() for part in name.split(":")]
+            hint = (f"; give the options apart: method={base!r}, {', '.join(opts)} in Python, "
+                    f"--method {base} {' '.join('--option ' + o for o in opts)} on the command line")
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHOD_REGISTRY)}{hint}")
     return METHOD_REGISTRY[name]
 
 

@@ -328,6 +328,23 @@ def test_chat_names_a_document_or_question_too_long(tiny):
     assert chat.ask("y" * 200, max_new_tokens=4).new_tokens == 4
 
 
+def test_a_cache_that_is_not_a_kvcache_and_bad_end_ids_are_named(tiny):
+    # were AttributeErrors ('DynamicCache' object has no attribute 'check_usable') and torch.tensor's TypeError
+    model = tiny("llama")
+    for cache in (transformers.DynamicCache(), "offload"):
+        with pytest.raises(TypeError, match=f"cache must be a kvtier.KVCache, got {type(cache).__name__}"):
+            kvtier.generate(model, ids_of(4), cache=cache, max_new_tokens=2)
+        with pytest.raises(TypeError, match="cache must be a kvtier.KVCache"):
+            kvtier.score(model, ids_of(4), ids_of(2), cache=cache)
+    with pytest.raises(ValueError, match="eos_token_id must be a token id .* got '2'"):
+        kvtier.generate(model, ids_of(4), eos_token_id="2", max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"pad_token_id must be one token id, got \[0, 1\]"):
+        kvtier.generate(model, ids_of(4), pad_token_id=[0, 1], max_new_tokens=2)
+    # a tensor of end ids, as transformers takes them, was "Boolean value of Tensor ... is ambiguous"
+    out = kvtier.generate(model, ids_of(4), eos_token_id=torch.tensor([-1, -2]), max_new_tokens=3)
+    assert out.shape == (1, 7)
+
+
 def test_beam_search_refused(tiny):
     model = tiny("llama")
     ids = ids_of(6)

@@ -70,6 +70,9 @@ def _model_device(model) -> torch.device:
 def _cache_for(model, cache, method, options) -> KVCache:
     """The ready cache given, or a new one of `method` (None: "full")."""
     if cache is not None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a kvtier.KVCache, got {type(cache).__name__}; make one with "
+                            "kvtier.KVCache(model, method=...), or give method= and no cache")
         if options:
             raise ValueError(f"options {sorted(options)} were given with a ready cache; pass them to KVCache")
         if method is not None and method != cache.method.name and not (method == "auto" and cache.auto):
@@ -214,11 +217,31 @@ def _eos_and_pad(model, eos_token_id, pad_token_id, device) -> tuple[torch.Tenso
     the model's generation config; without a pad id, the first end id (else 0)."""
     gen_config = getattr(model, "generation_config", None)
     eos = eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None)
-    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=device)
+    eos = _id_list(eos, "eos_token_id")
     pad = pad_token_id if pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
     if pad is None:
-        pad = int(eos[0]) if eos.numel() else 0
-    return eos, pad
+        pad = eos[0] if eos else 0
+    else:
+        pad = _id_list(pad, "pad_token_id")
+        if len(pad) != 1:
+            raise ValueError(f"pad_token_id must be one token id, got {pad_token_id!r}")
+        pad = pad[0]
+    return torch.tensor(eos, dtype=torch.long, device=device), pad
+
+
+def _id_list(value, name: str) -> list[int]:
+    """A token id, or a list or tensor of them (None: none), as a list of ints."""
+    if value is None:
+        return []
+    items = value.flatten().tolist() if isinstance(value, torch.Tensor) else value
+    items = [items] if isinstance(items, (numbers.Integral, str)) else items
+    try:
+        items = list(items)
+    except TypeError:
+        items = [items]
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
+        raise ValueError(f"{name} must be a token id (an int) or a list of them, got {value!r}")
+    return [int(v) for v in items]
 
 
 def _sampler(model, do_sample: bool, temperature, top_k, top_p, seed, device):

@@ -416,6 +416,12 @@ def _method_options(args) -> dict:
     from kvtier.sizes import parse_bytes
 
     options = dict(args.option)
+    given = [key for key, _ in args.option]
+    if twice := sorted({key for key in given if given.count(key) > 1}):
+        raise UsageError(f"--option {', '.join(twice)} given more than once; give each option once")
+    if args.budget is not None and "budget" in options:
+        raise UsageError(f"--budget {args.budget} and --option budget={options['budget']!r} both give the budget; "
+                         "give it once")
     if args.device_memory is not None:
         parse_bytes(args.device_memory, "--device-memory")
     if args.method == "auto":

@@ -82,6 +82,7 @@ PROBES = [
     (["generate"], "--prompt-file"),
     (["demo", "--out", "a-dir"], "--out a-dir is a folder"),
     (["demo", "--methods", "freekv:bogus=1"], "['bogus']"),
+    (["demo", "--methods", "freekv:budget=64:budget=32"], "method option 'budget' is given twice"),
     (["demo", "--methods", ""], "--methods: is empty"),
     (["demo", "--methods", "full,nosuch"], "unknown method 'nosuch'"),
     (["demo", "--context", "0"], "--context"),

@@ -80,6 +80,8 @@ def parse_methods(text_or_list) -> list[MethodSpec]:
             if "=" not in opt:
                 raise ValueError(f"method option {opt!r} in {item!r} must be key=value")
             key, value = opt.split("=", 1)
+            if key.strip() in options:
+                raise ValueError(f"method option {key.strip()!r} is given twice in {item!r}; give it once")
             options[key.strip()] = parse_value(value)
         check_option_names(name, options, f" in {item!r}")
         specs.append(MethodSpec(name, options))

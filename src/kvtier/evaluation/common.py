@@ -91,8 +91,12 @@ def safe_name(label: str) -> str:
 
 
 def with_full(specs: list[MethodSpec]) -> list[MethodSpec]:
-    """Every figure is set against full: put it first (adding it if it is missing)."""
-    return [MethodSpec("full"), *(s for s in specs if s != MethodSpec("full"))]
+    """Every figure is set against full: put it first (adding it if it is missing). A method given twice (the same
+    options in any order) runs once: its rows would repeat the first's, and the run would take twice as long."""
+    unique = {MethodSpec("full").label: MethodSpec("full")}
+    for spec in specs:
+        unique.setdefault(spec.label, spec)
+    return list(unique.values())
 
 
 def check_caches(model, specs, lengths, new_tokens: int = 0) -> None:

@@ -191,9 +191,12 @@ class KVCache(Cache):
         self.spec = ModelSpec.from_model(model)  # unsupported family: NotImplementedError
         check_one_device(model)
         if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
-                                       or not 1 <= max_length <= self.spec.max_positions):
-            raise ValueError(f"max_length must be an int in [1, {self.spec.max_positions}] (prompt + new tokens; the "
-                             f"model's maximum positions), got {max_length!r}")
+                                       or max_length < 1):
+            raise ValueError(f"max_length must be an int >= 1 (prompt + new tokens), got {max_length!r}")
+        if max_length is not None and max_length > self.spec.max_positions:
+            raise ValueError(f"max_length={max_length} (prompt + new tokens) exceeds the model's maximum of "
+                             f"{self.spec.max_positions} positions (max_position_embeddings): shorten the prompt or "
+                             "ask for fewer new tokens")
         self.auto, self.device_memory, self.predicted = None, None, None
         self.planned_batch, self.max_length = batch, max_length
         if method == AUTO or device_memory is not None or batch is not None:

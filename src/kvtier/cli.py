@@ -512,6 +512,10 @@ def cmd_generate(args) -> int:
                                             add_generation_prompt=True, return_tensors="pt")
         if not hasattr(ids, "shape"):
             ids = ids["input_ids"]
+    limit = model.config.max_position_embeddings
+    if ids.shape[1] + args.max_new_tokens > limit:  # before the cache, which would name a max_length not given here
+        raise UsageError(f"the prompt is {ids.shape[1]} tokens; with --max-new-tokens {args.max_new_tokens} that "
+                         f"exceeds the model's maximum of {limit} positions: shorten it, or ask for fewer new tokens")
     planned = {}
     if args.device_memory is not None:  # the cache plans for this prompt and the new tokens
         planned = {"device_memory": args.device_memory, "max_length": int(ids.shape[1]) + args.max_new_tokens}

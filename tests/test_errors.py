@@ -84,6 +84,21 @@ def test_unsupported_architecture_at_construction(make):
     assert model.config._attn_implementation == before, "a refused model must be left untouched"
 
 
+def test_what_is_not_a_causal_language_model_is_named(tiny):
+    # KVCache("...") said "this model is None (str)", an unsupported family; a base model without its head failed
+    # only after the whole prefill, on .logits; swapped arguments were torch.tensor's TypeError
+    for thing in (None, "llama"):
+        with pytest.raises(TypeError, match=f"expected a transformers model .* got {type(thing).__name__}"):
+            kvtier.KVCache(thing)
+    model = tiny("llama")
+    with pytest.raises(TypeError, match="LlamaModel has no language-model head"):
+        kvtier.generate(model.model, ids_of(4), max_new_tokens=2)
+    with pytest.raises(TypeError, match="LlamaModel has no language-model head"):
+        kvtier.score(model.model, ids_of(4), ids_of(2))
+    with pytest.raises(TypeError, match=r"got Tensor; the arguments are \(model, input_ids"):
+        kvtier.generate(ids_of(4), model, max_new_tokens=2)
+
+
 def test_mistral_sliding_window_refused(tiny):
     model = tiny("mistral", sliding_window=16)  # < max_position_embeddings (4096)
     with pytest.raises(NotImplementedError, match="sliding"):

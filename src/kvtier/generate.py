@@ -36,6 +36,18 @@ def _as_batch(ids, name: str) -> torch.Tensor:
     return ids
 
 
+def _check_model(model) -> None:
+    """A causal language model: the loops read its logits (a base model without its head would fail only after the
+    whole prefill)."""
+    if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
+        raise TypeError(f"model must be a transformers model (AutoModelForCausalLM, or kvtier.load()), got "
+                        f"{type(model).__name__}; the arguments are (model, input_ids, ...)")
+    head = getattr(model, "get_output_embeddings", None)
+    if head is None or head() is None:
+        raise TypeError(f"{type(model).__name__} has no language-model head, so it gives no logits; load the model "
+                        "with AutoModelForCausalLM (or kvtier.load())")
+
+
 def _token_batch(model, ids, name: str) -> torch.Tensor:
     """`ids` as [batch, tokens] integer ids, each in the model's vocabulary: an id outside it would fail in the
     embedding lookup as an IndexError (on CUDA, a device-side assert that ends the process's CUDA use)."""
@@ -119,6 +131,7 @@ def prefill(model, cache: KVCache, input_ids, attention_mask=None, chunk: int | 
     """Run the prompt through the model into `cache` (a KVCache, or any transformers Cache) in chunks of `chunk`
     tokens (default PREFILL_CHUNK); returns the last position's logits [b, vocab]. The first `past` tokens of
     input_ids are in the cache already (a prefix reused) and are not fed again."""
+    _check_model(model)
     input_ids = _token_batch(model, input_ids, "input_ids")
     if attention_mask is not None:
         attention_mask = _padding_mask(attention_mask, input_ids)
@@ -308,6 +321,7 @@ def generate(model, input_ids, method: str | None = None, max_new_tokens: int = 
     transformers' prefix reuse, and must start with the cache's tokens (`cache.token_ids`), which are not fed
     again; attention_mask, when given, covers the whole sequence too.
     """
+    _check_model(model)
     input_ids = _token_batch(model, input_ids, "input_ids")
     if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -377,6 +391,7 @@ def speculative_step(model, cache, real, guess, mask, position):
 
 def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cache, progress, options):
     """Yields, for each target in turn, the logits [b, vocab] that predict it; feeds the target after."""
+    _check_model(model)
     context_ids = _token_batch(model, context_ids, "context_ids")
     target_ids = _token_batch(model, target_ids, "target_ids")
     if target_ids.shape[0] != context_ids.shape[0]:

@@ -328,8 +328,12 @@ def test_chat_names_a_document_or_question_too_long(tiny):
 
     model = tiny("llama", max_position_embeddings=64)
     # was a KVCache error about a max_length the caller never gave
-    with pytest.raises(ValueError, match="the document is 70 tokens; the model takes at most 64 positions"):
-        DocumentChat.prefill(model, ByteTokenizer(), "x" * 70, raw=True)
+    with pytest.raises(ValueError, match="the document is 70 tokens; with a question and max_new_tokens=4 it "
+                                         "exceeds the model's maximum of 64 positions"):
+        DocumentChat.prefill(model, ByteTokenizer(), "x" * 70, raw=True, max_new_tokens=4)
+    # was found by every question, after the prefill
+    with pytest.raises(ValueError, match="the document is 40 tokens; with a question and max_new_tokens=30"):
+        DocumentChat.prefill(model, ByteTokenizer(), "x" * 40, raw=True, max_new_tokens=30)
     model = tiny("llama", max_position_embeddings=1024)
     chat = DocumentChat.prefill(model, ByteTokenizer(), "x" * 40, raw=True, method="offload", device_memory="1GiB",
                                 max_new_tokens=4)

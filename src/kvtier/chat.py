@@ -94,12 +94,14 @@ class DocumentChat:
                 progress: bool = False, max_new_tokens: int = 256, device_memory=None,
                 **options) -> "DocumentChat":
         """Prefill the document once. The cache is sized for the document, a question of up to QUESTION_ROOM
-        tokens and `max_new_tokens` (method "auto" plans for that length within `device_memory`)."""
+        tokens and `max_new_tokens` (method "auto" plans for that length within `device_memory`); a document that
+        leaves the model's positions no room for a question and `max_new_tokens` is refused before the prefill."""
         ids = document_ids(tokenizer, document, raw).to(model.device)
         limit = model.config.max_position_embeddings
-        if ids.shape[1] >= limit:  # else a KVCache error about a max_length the caller never gave
-            raise ValueError(f"the document is {ids.shape[1]} tokens; the model takes at most {limit} positions for "
-                             "the document, a question and its answer together: shorten the document")
+        if ids.shape[1] + 1 + max_new_tokens > limit:  # found now, not by every question after the prefill
+            raise ValueError(f"the document is {ids.shape[1]} tokens; with a question and max_new_tokens="
+                             f"{max_new_tokens} it exceeds the model's maximum of {limit} positions: shorten the "
+                             "document or ask for fewer new tokens")
         room = min(ids.shape[1] + QUESTION_ROOM + max_new_tokens, model.config.max_position_embeddings)
         cache = KVCache(model, method=method, max_length=max(room, ids.shape[1]), device_memory=device_memory,
                         **options)

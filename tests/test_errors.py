@@ -273,22 +273,47 @@ def test_reusing_a_filled_cache_with_generate(tiny, method):
         kvtier.score(model, ids_of(6, seed=1), ids_of(2), cache=cache)
 
 
-def test_model_generate_input_that_does_not_extend_the_cache(tiny):
-    """model.generate slices input_ids by the cache's length: given no more tokens than the cache holds, it fed
-    them all again (or nothing, a reshape error deep in the model); the cache refuses before storing anything."""
+def test_model_generate_checks_input_ids_against_the_cache(tiny):
+    """model.generate feeds only the tokens past the cache's length: another prompt was answered from the old cache,
+    silently; one no longer than the cache fed its tokens again, or nothing (a reshape error deep in the model)."""
     model = tiny("llama", eos_token_id=None)
     cache = kvtier.KVCache(model, method="offload")
     out = model.generate(ids_of(10), past_key_values=cache, max_new_tokens=3, do_sample=False)
     held = cache.token_ids
     assert held.shape[1] == 12
-    with pytest.raises(ValueError, match="do not extend the 12 tokens the cache holds"):
-        model.generate(held, past_key_values=cache, max_new_tokens=3, do_sample=False)  # e.g. resuming a loaded cache
-    with pytest.raises(ValueError, match="feeds no token: the cache already holds 12 tokens"):
-        model.generate(held[:, :6], past_key_values=cache, max_new_tokens=3, do_sample=False)
+
+    def generate(ids, **kwargs):
+        return model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False, **kwargs)
+
+    with pytest.raises(ValueError, match="input_ids do not continue the cache: token 0"):
+        generate(ids_of(14, seed=1))  # a cache reused for another prompt
+    with pytest.raises(ValueError, match="input_ids do not continue the cache: token 0"):
+        generate(ids_of(14, seed=1), attention_mask=torch.ones(1, 14, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids has 12 tokens and the cache already holds 12"):
+        generate(held)  # e.g. resuming a loaded cache
+    with pytest.raises(ValueError, match="input_ids has 6 tokens and the cache already holds 12"):
+        generate(held[:, :6])
     assert cache.method.lengths == [12] * model.config.num_hidden_layers and cache.broken is None
-    # control: the whole sequence continues the cache
-    more = model.generate(out, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    # controls: the whole sequence continues the cache; so do the new tokens alone with the whole sequence's mask
+    twin = cache.fork()
+    more = generate(out)
     assert torch.equal(more[:, :13], out) and cache.method.lengths[0] == 14
+    alone = model.generate(out[:, 12:], attention_mask=torch.ones(1, 13, dtype=torch.long), past_key_values=twin,
+                           max_new_tokens=2, do_sample=False)
+    assert torch.equal(alone, more[:, 12:])
+
+
+def test_a_forward_that_does_not_extend_the_cache_is_refused(tiny):
+    # positions before the cache's end, or no token at all: what model.generate fed when input_ids had no new token
+    model = tiny("llama")
+    cache = kvtier.KVCache(model, method="offload")
+    model(input_ids=ids_of(8), past_key_values=cache)
+    with pytest.raises(ValueError, match="do not extend the 8 tokens the cache holds"):
+        model(input_ids=ids_of(8), position_ids=torch.arange(8)[None], past_key_values=cache)
+    with pytest.raises(ValueError, match="feeds no token: the cache already holds 8 tokens"):
+        model(input_ids=ids_of(8)[:, :0], past_key_values=cache)
+    assert cache.method.lengths[0] == 8 and cache.broken is None
+    model(input_ids=ids_of(2), position_ids=torch.arange(8, 10)[None], past_key_values=cache)  # control
 
 
 def test_use_cache_false_with_a_kvcache_is_refused(tiny):

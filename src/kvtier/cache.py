@@ -17,6 +17,7 @@ the layers holding different tokens, so the cache is marked broken and refuses e
 from __future__ import annotations
 
 import contextlib
+import types
 import weakref
 from pathlib import Path
 
@@ -123,6 +124,26 @@ def _install_model_hook(model) -> None:
     if not getattr(model, "_kvtier_model_hook", False):
         model.register_forward_pre_hook(_refuse_broken_cache, with_kwargs=True)
         model._kvtier_model_hook = True
+    if callable(getattr(type(model), "_prefill", None)) and not getattr(model, "_kvtier_prefill_check", False):
+        # a bound method (not a closure): a deepcopy of the model binds it to the copy
+        model._prefill = types.MethodType(_checked_prefill, model)
+        model._kvtier_prefill_check = True
+
+
+def _checked_prefill(model, input_ids, generation_config, model_kwargs, *args, **kwargs):
+    """model.generate's first step (transformers' GenerationMixin._prefill), which sees the whole input_ids. Given a
+    KVCache holding tokens, transformers feeds only the tokens past the cache's length: input_ids must start with the
+    cached ones (a cache reused for another prompt answered from the old one, silently). As transformers does, ids
+    are the whole sequence when they are as long as the attention mask; shorter, they are the new tokens only."""
+    cache = model_kwargs.get("past_key_values")
+    if isinstance(cache, KVCache) and model_kwargs.get("inputs_embeds") is None and isinstance(input_ids,
+                                                                                                torch.Tensor):
+        mask = model_kwargs.get("attention_mask")
+        mask_length = mask.shape[-1] if mask is not None else getattr(generation_config, "_mask_length", None)
+        if mask_length == input_ids.shape[-1]:
+            cache.check_usable()  # a broken cache says so first: its tokens are not what it holds
+            cache.check_prefix(input_ids)
+    return type(model)._prefill(model, input_ids, generation_config, model_kwargs, *args, **kwargs)
 
 
 def _install_input_hooks(modules: dict) -> None:
@@ -454,6 +475,29 @@ class KVCache(Cache):
             ids = torch.cat([ids[:, :keep].to("cpu", torch.long) for ids, keep in self._token_chunks], dim=1)
             self._token_chunks = [(ids, ids.shape[1])]
         return self._token_chunks[0][0].to("cpu", torch.long).clone()  # a copy: changing it changes no cache
+
+    def check_prefix(self, input_ids: torch.Tensor) -> int:
+        """How many leading tokens of `input_ids` (the whole sequence: cached tokens, then new ones) the cache holds.
+        ValueError when they are not the cache's tokens, or nothing new is left to feed."""
+        n = self.method.lengths[0]
+        if n == 0:
+            return 0
+        cached = self.token_ids
+        if cached is None:
+            raise ValueError(f"the cache holds {n} tokens fed as embeddings, not ids, so input_ids cannot be checked "
+                             "against them; prefill the cache with token ids (kvtier.generate or model(input_ids=...))")
+        if input_ids.shape[0] != cached.shape[0]:
+            raise ValueError(f"input_ids has {input_ids.shape[0]} sequences but the cache holds {cached.shape[0]}")
+        if input_ids.shape[1] <= n:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens and the cache already holds {n}: give the "
+                             f"whole sequence, the cached {n} tokens (cache.token_ids) and then at least one new token")
+        differ = (input_ids[:, :n].cpu() != cached).any(0).nonzero()
+        if len(differ):
+            i = int(differ[0])
+            raise ValueError(f"input_ids do not continue the cache: token {i} is {input_ids[:, i].tolist()} in "
+                             f"input_ids but {cached[:, i].tolist()} in the cache; input_ids must start with the "
+                             f"cache's {n} tokens (cache.token_ids), or use a new KVCache")
+        return n
 
     def _check_length(self, new_tokens: int) -> None:
         total = self.method.lengths[0] + new_tokens

@@ -104,25 +104,7 @@ def _empty(cache: KVCache) -> KVCache:
 def cached_prefix(cache: KVCache, input_ids: torch.Tensor) -> int:
     """How many leading tokens of `input_ids` the cache already holds (transformers' prefix reuse: input_ids is
     the whole sequence). ValueError when they are not the cache's tokens or nothing new is left to feed."""
-    n = cache.method.lengths[0]
-    if n == 0:
-        return 0
-    cached = cache.token_ids
-    if cached is None:
-        raise ValueError(f"the cache holds {n} tokens fed as embeddings, not ids, so input_ids cannot be checked "
-                         "against them; prefill the cache with token ids (kvtier.generate or model(input_ids=...))")
-    if input_ids.shape[0] != cached.shape[0]:
-        raise ValueError(f"input_ids has {input_ids.shape[0]} sequences but the cache holds {cached.shape[0]}")
-    if input_ids.shape[1] <= n:
-        raise ValueError(f"input_ids has {input_ids.shape[1]} tokens and the cache already holds {n}: give the whole "
-                         f"sequence, the cached {n} tokens (cache.token_ids) and then at least one new token")
-    differ = (input_ids[:, :n].cpu() != cached).any(0).nonzero()
-    if len(differ):
-        i = int(differ[0])
-        raise ValueError(f"input_ids do not continue the cache: token {i} is {input_ids[:, i].tolist()} in input_ids "
-                         f"but {cached[:, i].tolist()} in the cache; input_ids must start with the cache's {n} "
-                         "tokens (cache.token_ids), or use a new KVCache")
-    return n
+    return cache.check_prefix(input_ids)
 
 
 @torch.inference_mode()

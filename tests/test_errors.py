@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy as copy_module
 import importlib.machinery
 import importlib.util
+import io
 
 import pytest
 import torch
@@ -301,6 +303,20 @@ def test_model_generate_checks_input_ids_against_the_cache(tiny):
     alone = model.generate(out[:, 12:], attention_mask=torch.ones(1, 13, dtype=torch.long), past_key_values=twin,
                            max_new_tokens=2, do_sample=False)
     assert torch.equal(alone, more[:, 12:])
+
+
+def test_a_model_with_a_kvcache_still_copies_and_pickles(tiny):
+    # the check above is attached to the model: copies carry it, bound to themselves
+    model = tiny("llama")
+    kvtier.KVCache(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copy in (copy_module.deepcopy(model), torch.load(buffer, weights_only=False)):
+        cache = kvtier.KVCache(copy, method="offload")
+        copy.generate(ids_of(6), past_key_values=cache, max_new_tokens=2, do_sample=False)
+        with pytest.raises(ValueError, match="input_ids do not continue the cache"):
+            copy.generate(ids_of(9, seed=1), past_key_values=cache, max_new_tokens=2, do_sample=False)
 
 
 def test_a_forward_that_does_not_extend_the_cache_is_refused(tiny):

@@ -17,7 +17,6 @@ the layers holding different tokens, so the cache is marked broken and refuses e
 from __future__ import annotations
 
 import contextlib
-import types
 import weakref
 from pathlib import Path
 
@@ -124,26 +123,33 @@ def _install_model_hook(model) -> None:
     if not getattr(model, "_kvtier_model_hook", False):
         model.register_forward_pre_hook(_refuse_broken_cache, with_kwargs=True)
         model._kvtier_model_hook = True
-    if callable(getattr(type(model), "_prefill", None)) and not getattr(model, "_kvtier_prefill_check", False):
-        # a bound method (not a closure): a deepcopy of the model binds it to the copy
-        model._prefill = types.MethodType(_checked_prefill, model)
-        model._kvtier_prefill_check = True
+    if callable(getattr(type(model), "_prefill", None)) and not isinstance(model.__dict__.get("_prefill"),
+                                                                           _PrefillCheck):
+        model._prefill = _PrefillCheck(model)
 
 
-def _checked_prefill(model, input_ids, generation_config, model_kwargs, *args, **kwargs):
+class _PrefillCheck:
     """model.generate's first step (transformers' GenerationMixin._prefill), which sees the whole input_ids. Given a
     KVCache holding tokens, transformers feeds only the tokens past the cache's length: input_ids must start with the
     cached ones (a cache reused for another prompt answered from the old one, silently). As transformers does, ids
-    are the whole sequence when they are as long as the attention mask; shorter, they are the new tokens only."""
-    cache = model_kwargs.get("past_key_values")
-    if isinstance(cache, KVCache) and model_kwargs.get("inputs_embeds") is None and isinstance(input_ids,
-                                                                                                torch.Tensor):
-        mask = model_kwargs.get("attention_mask")
-        mask_length = mask.shape[-1] if mask is not None else getattr(generation_config, "_mask_length", None)
-        if mask_length == input_ids.shape[-1]:
-            cache.check_usable()  # a broken cache says so first: its tokens are not what it holds
-            cache.check_prefix(input_ids)
-    return type(model)._prefill(model, input_ids, generation_config, model_kwargs, *args, **kwargs)
+    are the whole sequence when they are as long as the attention mask; shorter, they are the new tokens only.
+
+    An object holding its model, not a closure or a bound method: a deepcopy, or a pickle (torch.save), of the model
+    carries it along, bound to the copy."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        cache = model_kwargs.get("past_key_values")
+        if (isinstance(cache, KVCache) and model_kwargs.get("inputs_embeds") is None
+                and isinstance(input_ids, torch.Tensor)):
+            mask = model_kwargs.get("attention_mask")
+            mask_length = mask.shape[-1] if mask is not None else getattr(generation_config, "_mask_length", None)
+            if mask_length == input_ids.shape[-1]:
+                cache.check_usable()  # a broken cache says so first: its tokens are not what it holds
+                cache.check_prefix(input_ids)
+        return type(self.model)._prefill(self.model, input_ids, generation_config, model_kwargs, *args, **kwargs)
 
 
 def _install_input_hooks(modules: dict) -> None:

@@ -186,6 +186,17 @@ def test_batch_size_change_on_used_cache(tiny, method):
         prefill(model, cache, ids_of(1, batch=2))
 
 
+@pytest.mark.parametrize("bad", [-5, 0, 2.5, "x"])
+def test_reserve_takes_a_length_the_model_can_reach(tiny, bad):
+    # -5 and 2.5 passed silently, "x" was a TypeError on '>'
+    cache = kvtier.KVCache(tiny("llama", max_position_embeddings=64), method="offload")
+    with pytest.raises(ValueError, match=f"reserve takes an int >= 1 .* got {bad!r}"):
+        cache.reserve(bad)
+    # beyond the model's positions it sized host buffers for that many tokens: at most the positions now
+    cache.reserve(10**7)
+    assert cache.method.reserved == 64
+
+
 def test_empty_input(tiny):
     model = tiny("llama")
     empty = torch.zeros((1, 0), dtype=torch.long)

@@ -537,10 +537,13 @@ class KVCache(Cache):
     def reserve(self, tokens: int) -> None:
         """Size buffers once for a sequence that will reach `tokens` tokens."""
         self.check_usable()
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"reserve takes an int >= 1 (the tokens the sequence will reach), got {tokens!r}")
         if self.device_memory is not None and tokens > self.max_length:
             raise ValueError(f"this cache planned its device memory for max_length={self.max_length} (prompt + new "
                              f"tokens), not {tokens}; make it with max_length={tokens}")
-        self.method.reserve(tokens)
+        # no sequence gets past the model's positions: larger buffers could only exhaust memory
+        self.method.reserve(min(tokens, self.spec.max_positions))
 
     def stats(self) -> dict:
         """Counters: device_kv_bytes (peak), host_kv_bytes, h2d_bytes, d2h_bytes, decode_steps, tokens, ...; with

@@ -225,6 +225,37 @@ def test_lengths_beyond_the_model_are_refused_before_any_work(tiny, tmp_path, mo
                                   texts=[path], context=48, targets=17, progress=False)
 
 
+class Utf8Tokenizer:
+    """One token per UTF-8 byte (ids < 256: the tiny models' vocabulary), with decode: enough for the haystack
+    prompts of the needle and RULER tasks, without a chat template."""
+
+    chat_template = None
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = list(text.encode())
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(int(i) for i in ids).decode(errors="ignore")
+
+
+def test_a_length_too_short_for_its_prompt_fails_before_any_work(tiny, tmp_path, monkeypatch):
+    """Prompts are built at each cell: the longer lengths' prompts all ran before a short one failed."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("work began before every prompt was built")
+
+    for name in ("needle", "ruler", "fidelity"):
+        monkeypatch.setattr(importlib.import_module(f"kvtier.evaluation.{name}"), "generate", no_work)
+    model, tok = tiny("llama"), Utf8Tokenizer()
+    with pytest.raises(ValueError, match="context_tokens=50 is too short for this prompt"):
+        needle_grid(model, tok, "full", lengths=[1000, 50], depths=[0.5], progress=False)
+    with pytest.raises(ValueError, match="context_tokens=50 is too short for this prompt"):
+        ruler(model, tok, "full", tasks=["vt"], lengths=[1000, 50], samples=1, progress=False)
+    path = _text_file(tmp_path / "a.txt", 200)
+    with pytest.raises(ValueError, match="has 200 tokens; a window of 300 does not fit"):
+        fidelity(model, ByteTokenizer(), "full", texts=[path], lengths=[100, 300], new_tokens=4, progress=False)
+
+
 def test_cli_ppl_windows(tiny, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "ppl", "--methods", "full", "--windows", "0"])

@@ -254,6 +254,17 @@ def test_a_length_too_short_for_its_prompt_fails_before_any_work(tiny, tmp_path,
     path = _text_file(tmp_path / "a.txt", 200)
     with pytest.raises(ValueError, match="has 200 tokens; a window of 300 does not fit"):
         fidelity(model, ByteTokenizer(), "full", texts=[path], lengths=[100, 300], new_tokens=4, progress=False)
+    # perplexity: a second text too short for the windows; a sweep: that, before its needle grid
+    longer = _text_file(tmp_path / "b.txt", 400)
+    monkeypatch.setattr(importlib.import_module("kvtier.evaluation.ppl"), "score", no_work)
+    monkeypatch.setattr(importlib.import_module("kvtier.evaluation.sweep"), "needle_grid", no_work)
+    with pytest.raises(ValueError, match="text '.*a.txt': 200 tokens fit 1 disjoint window"):
+        perplexity(model, ByteTokenizer(), "full", texts=[longer, path], context=80, targets=40, windows=2,
+                   progress=False)
+    with pytest.raises(ValueError, match="text '.*a.txt': 200 tokens fit 1 disjoint window"):
+        importlib.import_module("kvtier.evaluation.sweep").budget_sweep(
+            model, tok, "freekv:page_size=4:sink=4:window=4", budgets=[16], lengths=[1000], texts=[longer, path],
+            context=80, targets=40, windows=2, progress=False)
 
 
 def test_cli_ppl_windows(tiny, tmp_path, monkeypatch, capsys):

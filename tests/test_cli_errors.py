@@ -73,12 +73,16 @@ PROBES = [
     (G + ["--budget", "512"], "'full' has no token budget"),
     (G + ["--method", "freekv", "--option", "bogus=1"], "['bogus']"),
     (G + ["--option", "noequals"], "KEY=VALUE"),
+    (G + ["--method", "freekv", "--option", "budget=64", "--option", "budget=32"], "--option budget given more"),
+    (G + ["--method", "freekv", "--budget", "64", "--option", "budget=32"], "--budget 64 and --option budget=32 both"),
+    (C + ["--method", "freekv", "--option", "page_size=8", "--option", "page_size=16"], "page_size given more"),
     (["generate", "--prompt-file", "binary.txt"], "binary.txt is not UTF-8"),
     (["generate", "--prompt-file", "missing.txt"], "missing.txt: file not found"),
     (["generate", "--prompt-file", "a-dir"], "a-dir is not a file"),
     (["generate"], "--prompt-file"),
     (["demo", "--out", "a-dir"], "--out a-dir is a folder"),
     (["demo", "--methods", "freekv:bogus=1"], "['bogus']"),
+    (["demo", "--methods", "freekv:budget=64:budget=32"], "method option 'budget' is given twice"),
     (["demo", "--methods", ""], "--methods: is empty"),
     (["demo", "--methods", "full,nosuch"], "unknown method 'nosuch'"),
     (["demo", "--context", "0"], "--context"),
@@ -189,6 +193,25 @@ def test_chat_checks_a_cache_file_against_its_arguments(files, tiny, capsys, mon
     assert main(["chat", "--load-cache", "doc.kvc", "--question", "q"]) == 2
     err = capsys.readouterr().err.strip()
     assert "doc.kvc was saved from another model (same shapes but different weights)" in err, err
+
+
+class _FakeTokenizer:
+    chat_template = None
+
+    def __call__(self, text, return_tensors=None):
+        return {"input_ids": torch.full((1, 10), 5)}
+
+
+def test_generate_names_a_prompt_beyond_the_models_positions(files, tiny, capsys, monkeypatch):
+    # with --device-memory it was "max_length must be an int in [1, 64] ..., got 70", a value never given
+    monkeypatch.setattr(kvtier, "load", lambda *a, **k: (tiny("llama", max_position_embeddings=64), _FakeTokenizer()))
+    for extra in (["--method", "offload", "--device-memory", "1GiB"], []):
+        assert main(["generate", "--prompt-file", "prompt.txt", "--max-new-tokens", "60"] + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith("the prompt is 10 tokens; with --max-new-tokens 60 that exceeds the model's maximum of 64 "
+                            "positions: shorten it, or ask for fewer new tokens"), err
+    with pytest.raises(ValueError, match=r"max_length=70 \(prompt \+ new tokens\) exceeds the model's maximum of 64"):
+        kvtier.KVCache(tiny("llama", max_position_embeddings=64), max_length=70)
 
 
 def _refuse_load(*args, **kwargs):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy as copy_module
 import importlib.machinery
 import importlib.util
+import io
 
 import pytest
 import torch
@@ -34,6 +36,13 @@ def test_unknown_method_lists_valid_methods(tiny):
             call()
         for name in kvtier.METHODS:
             assert name in str(info.value), f"{name!r} missing from: {info.value}"
+
+
+def test_a_method_spec_where_a_name_is_wanted_says_how_to_give_the_options(tiny):
+    # the evaluations take "freekv:budget=16"; KVCache, kvtier.generate and `kvtier generate --method` take a name
+    with pytest.raises(ValueError, match="give the options apart: method='freekv', budget=16, page_size=4 in "
+                                         "Python, --method freekv --option budget=16 --option page_size=4"):
+        kvtier.KVCache(tiny("llama"), method="freekv:budget=16:page_size=4")
 
 
 @pytest.mark.parametrize("method", kvtier.METHODS)
@@ -75,6 +84,21 @@ def test_unsupported_architecture_at_construction(make):
         assert family in message, f"{family!r} missing from: {message}"
     assert model.config.model_type in message
     assert model.config._attn_implementation == before, "a refused model must be left untouched"
+
+
+def test_what_is_not_a_causal_language_model_is_named(tiny):
+    # KVCache("...") said "this model is None (str)", an unsupported family; a base model without its head failed
+    # only after the whole prefill, on .logits; swapped arguments were torch.tensor's TypeError
+    for thing in (None, "llama"):
+        with pytest.raises(TypeError, match=f"expected a transformers model .* got {type(thing).__name__}"):
+            kvtier.KVCache(thing)
+    model = tiny("llama")
+    with pytest.raises(TypeError, match="LlamaModel has no language-model head"):
+        kvtier.generate(model.model, ids_of(4), max_new_tokens=2)
+    with pytest.raises(TypeError, match="LlamaModel has no language-model head"):
+        kvtier.score(model.model, ids_of(4), ids_of(2))
+    with pytest.raises(TypeError, match=r"got Tensor; the arguments are \(model, input_ids"):
+        kvtier.generate(ids_of(4), model, max_new_tokens=2)
 
 
 def test_mistral_sliding_window_refused(tiny):
@@ -162,6 +186,17 @@ def test_batch_size_change_on_used_cache(tiny, method):
         prefill(model, cache, ids_of(1, batch=2))
 
 
+@pytest.mark.parametrize("bad", [-5, 0, 2.5, "x"])
+def test_reserve_takes_a_length_the_model_can_reach(tiny, bad):
+    # -5 and 2.5 passed silently, "x" was a TypeError on '>'
+    cache = kvtier.KVCache(tiny("llama", max_position_embeddings=64), method="offload")
+    with pytest.raises(ValueError, match=f"reserve takes an int >= 1 .* got {bad!r}"):
+        cache.reserve(bad)
+    # beyond the model's positions it sized host buffers for that many tokens: at most the positions now
+    cache.reserve(10**7)
+    assert cache.method.reserved == 64
+
+
 def test_empty_input(tiny):
     model = tiny("llama")
     empty = torch.zeros((1, 0), dtype=torch.long)
@@ -171,6 +206,70 @@ def test_empty_input(tiny):
         kvtier.score(model, empty, ids_of(2))
     with pytest.raises(ValueError, match="empty"):
         kvtier.score(model, ids_of(4), empty)
+
+
+BAD_IDS = [
+    ("a string", TypeError, "tokenize it first"),
+    (torch.rand(1, 6), TypeError, "integer token ids, got dtype torch.float32"),
+    (torch.tensor([[5, 6, 256]]), ValueError, "token id 256, outside the model's vocabulary of 256 ids"),
+    (torch.tensor([[5, -1, 7]]), ValueError, "token id -1, outside"),
+]
+
+
+@pytest.mark.parametrize("ids, error, match", BAD_IDS, ids=["str", "float", "too-large", "negative"])
+def test_bad_token_ids_are_named(tiny, ids, error, match):
+    # they failed in the embedding (IndexError; on CUDA a device-side assert) or in torch.tensor
+    model = tiny("llama")
+    with pytest.raises(error, match=match):
+        kvtier.generate(model, ids, max_new_tokens=2)
+    with pytest.raises(error, match=match):
+        kvtier.score(model, ids_of(4), ids)
+    with pytest.raises(error, match=match):
+        kvtier.score(model, ids, ids_of(2))
+
+
+def test_prefill_checks_its_arguments(tiny):
+    # past= other than the cache's length stored tokens at the wrong positions; a negative chunk, past >= the
+    # prompt or an empty prompt fed nothing and returned None; 1D ids were an IndexError
+    model = tiny("llama")
+    cache = kvtier.KVCache(model, method="offload")
+    with pytest.raises(ValueError, match="the cache holds 0 tokens and past=5"):
+        kvtier.prefill(model, cache, ids_of(8), past=5)
+    for chunk in (-4, 0, 2.5):
+        with pytest.raises(ValueError, match=f"chunk must be an int >= 1 .* got {chunk}"):
+            kvtier.prefill(model, cache, ids_of(8), chunk=chunk)
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        kvtier.prefill(model, cache, ids_of(8)[:, :0])
+    assert cache.method.lengths[0] == 0
+    assert kvtier.prefill(model, cache, ids_of(8)[0], chunk=3).shape == (1, 256)  # 1D ids are one sequence
+    with pytest.raises(ValueError, match="the cache holds 8 tokens and past=0"):
+        kvtier.prefill(model, cache, ids_of(8))  # the same prompt again
+    with pytest.raises(ValueError, match="the cache holds 8 tokens and past=8, with input_ids of 8 tokens"):
+        kvtier.prefill(model, cache, ids_of(8), past=8)  # nothing new
+    assert cache.method.lengths[0] == 8
+    longer = torch.cat((ids_of(8), ids_of(3, seed=1)), 1)
+    assert kvtier.prefill(model, cache, longer, past=8).shape == (1, 256) and cache.method.lengths[0] == 11
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, "3", None, True])
+def test_max_new_tokens_must_be_a_count(tiny, bad):
+    with pytest.raises(ValueError, match=f"max_new_tokens must be an int >= 1, got {bad!r}"):
+        kvtier.generate(tiny("llama"), ids_of(4), max_new_tokens=bad)
+
+
+def test_right_padding_and_mask_shape_are_refused(tiny):
+    # a sequence ending in padding had its next token predicted from a pad, silently
+    model = tiny("llama")
+    ids, right = ids_of(6, batch=2), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match=r"ends in padding \(0\) for sequence\(s\) \[1\]"):
+        kvtier.generate(model, ids, attention_mask=right, max_new_tokens=2)
+    with pytest.raises(ValueError, match="ends in padding"):
+        kvtier.score(model, ids, ids_of(2, batch=2), attention_mask=right)
+    with pytest.raises(ValueError, match=r"attention_mask \(1, 5\) does not match the ids \(1, 6\)"):
+        kvtier.score(model, ids_of(6), ids_of(2), attention_mask=torch.ones(1, 5, dtype=torch.long))
+    # control: left padding is fine
+    left = right.flip(1)
+    assert kvtier.generate(model, ids, attention_mask=left, max_new_tokens=2).shape == (2, 8)
 
 
 @pytest.mark.parametrize("method", ["full", "offload"])
@@ -185,6 +284,136 @@ def test_reusing_a_filled_cache_with_generate(tiny, method):
         kvtier.generate(model, torch.cat((ids_of(6, seed=1), out), 1), cache=cache, max_new_tokens=3)
     with pytest.raises(ValueError, match="already holds tokens"):
         kvtier.score(model, ids_of(6, seed=1), ids_of(2), cache=cache)
+
+
+def test_model_generate_checks_input_ids_against_the_cache(tiny):
+    """model.generate feeds only the tokens past the cache's length: another prompt was answered from the old cache,
+    silently; one no longer than the cache fed its tokens again, or nothing (a reshape error deep in the model)."""
+    model = tiny("llama", eos_token_id=None)
+    cache = kvtier.KVCache(model, method="offload")
+    out = model.generate(ids_of(10), past_key_values=cache, max_new_tokens=3, do_sample=False)
+    held = cache.token_ids
+    assert held.shape[1] == 12
+
+    def generate(ids, **kwargs):
+        return model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False, **kwargs)
+
+    with pytest.raises(ValueError, match="input_ids do not continue the cache: token 0"):
+        generate(ids_of(14, seed=1))  # a cache reused for another prompt
+    with pytest.raises(ValueError, match="input_ids do not continue the cache: token 0"):
+        generate(ids_of(14, seed=1), attention_mask=torch.ones(1, 14, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids has 12 tokens and the cache already holds 12"):
+        generate(held)  # e.g. resuming a loaded cache
+    with pytest.raises(ValueError, match="input_ids has 6 tokens and the cache already holds 12"):
+        generate(held[:, :6])
+    assert cache.method.lengths == [12] * model.config.num_hidden_layers and cache.broken is None
+    # controls: the whole sequence continues the cache; so do the new tokens alone with the whole sequence's mask
+    twin = cache.fork()
+    more = generate(out)
+    assert torch.equal(more[:, :13], out) and cache.method.lengths[0] == 14
+    alone = model.generate(out[:, 12:], attention_mask=torch.ones(1, 13, dtype=torch.long), past_key_values=twin,
+                           max_new_tokens=2, do_sample=False)
+    assert torch.equal(alone, more[:, 12:])
+
+
+def test_a_model_with_a_kvcache_still_copies_and_pickles(tiny):
+    # the check above is attached to the model: copies carry it, bound to themselves
+    model = tiny("llama")
+    kvtier.KVCache(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copy in (copy_module.deepcopy(model), torch.load(buffer, weights_only=False)):
+        cache = kvtier.KVCache(copy, method="offload")
+        copy.generate(ids_of(6), past_key_values=cache, max_new_tokens=2, do_sample=False)
+        with pytest.raises(ValueError, match="input_ids do not continue the cache"):
+            copy.generate(ids_of(9, seed=1), past_key_values=cache, max_new_tokens=2, do_sample=False)
+
+
+def test_a_forward_that_does_not_extend_the_cache_is_refused(tiny):
+    # positions before the cache's end, or no token at all: what model.generate fed when input_ids had no new token
+    model = tiny("llama")
+    cache = kvtier.KVCache(model, method="offload")
+    model(input_ids=ids_of(8), past_key_values=cache)
+    with pytest.raises(ValueError, match="do not extend the 8 tokens the cache holds"):
+        model(input_ids=ids_of(8), position_ids=torch.arange(8)[None], past_key_values=cache)
+    with pytest.raises(ValueError, match="feeds no token: the cache already holds 8 tokens"):
+        model(input_ids=ids_of(8)[:, :0], past_key_values=cache)
+    assert cache.method.lengths[0] == 8 and cache.broken is None
+    model(input_ids=ids_of(2), position_ids=torch.arange(8, 10)[None], past_key_values=cache)  # control
+
+
+def test_use_cache_false_with_a_kvcache_is_refused(tiny):
+    # model.generate(use_cache=False) feeds the whole sequence every step, into the cache it was given
+    model = tiny("llama")
+    cache = kvtier.KVCache(model, method="full")
+    with pytest.raises(ValueError, match="use_cache=False was given with a KVCache"):
+        model.generate(ids_of(8), past_key_values=cache, use_cache=False, max_new_tokens=3, do_sample=False)
+    assert cache.method.lengths[0] == 0
+
+
+def test_a_method_given_with_a_ready_cache_is_not_ignored(tiny):
+    model = tiny("llama")
+    cache = kvtier.KVCache(model, method="offload")
+    with pytest.raises(ValueError, match="method='freekv' was given with a ready 'offload' cache"):
+        kvtier.generate(model, ids_of(6), method="freekv", cache=cache, max_new_tokens=2)
+    with pytest.raises(ValueError, match="method='full' was given with a ready 'offload' cache"):
+        kvtier.score(model, ids_of(6), ids_of(2), method="full", cache=cache)
+    assert cache.method.lengths[0] == 0
+    # the cache's own method named, or none: fine
+    assert kvtier.generate(model, ids_of(6), method="offload", cache=cache, max_new_tokens=2).shape == (1, 8)
+    assert kvtier.score(model, ids_of(6), ids_of(2), cache=kvtier.KVCache(model, method="offload")).shape == (1, 2)
+
+
+class ByteTokenizer:
+    """One token per byte (ids 3..258 folded below the tiny models' 256), for DocumentChat with raw=True."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + b % 250 for b in text.encode()]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_chat_names_a_document_or_question_too_long(tiny):
+    from kvtier.chat import DocumentChat
+
+    model = tiny("llama", max_position_embeddings=64)
+    # was a KVCache error about a max_length the caller never gave
+    with pytest.raises(ValueError, match="the document is 70 tokens; with a question and max_new_tokens=4 it "
+                                         "exceeds the model's maximum of 64 positions"):
+        DocumentChat.prefill(model, ByteTokenizer(), "x" * 70, raw=True, max_new_tokens=4)
+    # was found by every question, after the prefill
+    with pytest.raises(ValueError, match="the document is 40 tokens; with a question and max_new_tokens=30"):
+        DocumentChat.prefill(model, ByteTokenizer(), "x" * 40, raw=True, max_new_tokens=30)
+    model = tiny("llama", max_position_embeddings=1024)
+    chat = DocumentChat.prefill(model, ByteTokenizer(), "x" * 40, raw=True, method="offload", device_memory="1GiB",
+                                max_new_tokens=4)
+    assert chat.cache.max_length == 40 + 256 + 4
+    # was the fork's "make it with max_length=...": the cache is the chat's, made by prefill
+    with pytest.raises(ValueError, match=r"the question \(300 tokens\) and 4 new tokens after the document's 40 "
+                                         "need 344 positions, more than the 300"):
+        chat.ask("y" * 298, max_new_tokens=4)
+    with pytest.raises(ValueError, match="prefill with a larger max_new_tokens"):
+        chat.ask("y", max_new_tokens=300)
+    assert chat.ask("y" * 200, max_new_tokens=4).new_tokens == 4
+
+
+def test_a_cache_that_is_not_a_kvcache_and_bad_end_ids_are_named(tiny):
+    # were AttributeErrors ('DynamicCache' object has no attribute 'check_usable') and torch.tensor's TypeError
+    model = tiny("llama")
+    for cache in (transformers.DynamicCache(), "offload"):
+        with pytest.raises(TypeError, match=f"cache must be a kvtier.KVCache, got {type(cache).__name__}"):
+            kvtier.generate(model, ids_of(4), cache=cache, max_new_tokens=2)
+        with pytest.raises(TypeError, match="cache must be a kvtier.KVCache"):
+            kvtier.score(model, ids_of(4), ids_of(2), cache=cache)
+    with pytest.raises(ValueError, match="eos_token_id must be a token id .* got '2'"):
+        kvtier.generate(model, ids_of(4), eos_token_id="2", max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"pad_token_id must be one token id, got \[0, 1\]"):
+        kvtier.generate(model, ids_of(4), pad_token_id=[0, 1], max_new_tokens=2)
+    # a tensor of end ids, as transformers takes them, was "Boolean value of Tensor ... is ambiguous"
+    out = kvtier.generate(model, ids_of(4), eos_token_id=torch.tensor([-1, -2]), max_new_tokens=3)
+    assert out.shape == (1, 7)
 
 
 def test_beam_search_refused(tiny):

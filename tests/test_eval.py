@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import random
@@ -30,6 +31,9 @@ def test_parse_methods_with_options():
     assert specs[1].label == "freekv:budget=512,page_size=8"
     assert with_full([MethodSpec("freekv")])[0] == MethodSpec("full")
     assert with_full(parse_methods("freekv,full")) == parse_methods("full,freekv"), "full first: the reference"
+    # a method given twice ran twice, its rows repeated under one label
+    assert with_full(parse_methods("offload,full,offload,freekv:budget=8:page_size=4,freekv:page_size=4:budget=8")) \
+        == parse_methods("full,offload,freekv:budget=8:page_size=4")
     assert resolve_options(parse_methods("freekv:budget=0.25")[0].options, 2048) == {"budget": 512}
     assert resolve_options(parse_methods("freekv:budget=300")[0].options, 2048) == {"budget": 300}
     with pytest.raises(ValueError, match="unknown method"):
@@ -196,6 +200,71 @@ def test_perplexity_refuses_a_text_too_short_for_the_windows(tiny, tmp_path):
     with pytest.raises(ValueError, match="150 tokens fit 2 disjoint window"):
         perplexity(tiny("llama"), ByteTokenizer(), "full", texts=[path], context=48, targets=16, windows=3,
                    progress=False)
+
+
+def test_lengths_beyond_the_model_are_refused_before_any_work(tiny, tmp_path, monkeypatch):
+    """The shorter lengths' prompts (or, in a sweep, the whole needle grid) used to run before the longest one
+    failed in its own generation."""
+    fidelity_module = importlib.import_module("kvtier.evaluation.fidelity")  # the package exports the functions
+    sweep_module = importlib.import_module("kvtier.evaluation.sweep")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work began before the lengths were checked")
+
+    monkeypatch.setattr(fidelity_module, "generate", no_work)
+    monkeypatch.setattr(sweep_module, "needle_grid", no_work)
+    model, tok = tiny("llama", max_position_embeddings=64), ByteTokenizer()
+    path = _text_file(tmp_path / "a.txt", 300)
+    with pytest.raises(ValueError, match="length 62 \\+ 4 tokens after it exceeds the model's maximum of 64 "
+                                         "positions; use lengths up to 60"):
+        fidelity(model, tok, "full", texts=[path], lengths=[16, 62], new_tokens=4, progress=False)
+    with pytest.raises(ValueError, match="length 100 exceeds the model's maximum of 64 positions"):
+        ruler(model, tok, "full", lengths=[32, 100], samples=1, progress=False)
+    with pytest.raises(ValueError, match="length 48 \\+ 17 tokens after it exceeds"):
+        sweep_module.budget_sweep(model, tok, "freekv:page_size=4:sink=4:window=4", budgets=[16], lengths=[32],
+                                  texts=[path], context=48, targets=17, progress=False)
+
+
+class Utf8Tokenizer:
+    """One token per UTF-8 byte (ids < 256: the tiny models' vocabulary), with decode: enough for the haystack
+    prompts of the needle and RULER tasks, without a chat template."""
+
+    chat_template = None
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = list(text.encode())
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(int(i) for i in ids).decode(errors="ignore")
+
+
+def test_a_length_too_short_for_its_prompt_fails_before_any_work(tiny, tmp_path, monkeypatch):
+    """Prompts are built at each cell: the longer lengths' prompts all ran before a short one failed."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("work began before every prompt was built")
+
+    for name in ("needle", "ruler", "fidelity"):
+        monkeypatch.setattr(importlib.import_module(f"kvtier.evaluation.{name}"), "generate", no_work)
+    model, tok = tiny("llama"), Utf8Tokenizer()
+    with pytest.raises(ValueError, match="context_tokens=50 is too short for this prompt"):
+        needle_grid(model, tok, "full", lengths=[1000, 50], depths=[0.5], progress=False)
+    with pytest.raises(ValueError, match="context_tokens=50 is too short for this prompt"):
+        ruler(model, tok, "full", tasks=["vt"], lengths=[1000, 50], samples=1, progress=False)
+    path = _text_file(tmp_path / "a.txt", 200)
+    with pytest.raises(ValueError, match="has 200 tokens; a window of 300 does not fit"):
+        fidelity(model, ByteTokenizer(), "full", texts=[path], lengths=[100, 300], new_tokens=4, progress=False)
+    # perplexity: a second text too short for the windows; a sweep: that, before its needle grid
+    longer = _text_file(tmp_path / "b.txt", 400)
+    monkeypatch.setattr(importlib.import_module("kvtier.evaluation.ppl"), "score", no_work)
+    monkeypatch.setattr(importlib.import_module("kvtier.evaluation.sweep"), "needle_grid", no_work)
+    with pytest.raises(ValueError, match="text '.*a.txt': 200 tokens fit 1 disjoint window"):
+        perplexity(model, ByteTokenizer(), "full", texts=[longer, path], context=80, targets=40, windows=2,
+                   progress=False)
+    with pytest.raises(ValueError, match="text '.*a.txt': 200 tokens fit 1 disjoint window"):
+        importlib.import_module("kvtier.evaluation.sweep").budget_sweep(
+            model, tok, "freekv:page_size=4:sink=4:window=4", budgets=[16], lengths=[1000], texts=[longer, path],
+            context=80, targets=40, windows=2, progress=False)
 
 
 def test_cli_ppl_windows(tiny, tmp_path, monkeypatch, capsys):

@@ -144,6 +144,17 @@ def test_bad_split_is_a_clear_error(tiny, bad):
         kvtier.KVCache(model, method="kvpr", split=bad, profile=PROFILE)
 
 
+def test_a_bad_profile_fails_when_the_cache_is_made(tiny, tmp_path):
+    # it was read in the first forward, which failed part-way and left the cache broken
+    model = tiny("llama")
+    with pytest.raises(FileNotFoundError, match="hardware profile file not found"):
+        kvtier.KVCache(model, method="kvpr", profile=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="needs both rates"):
+        kvtier.KVCache(model, method="kvpr", profile={"h2d_bytes_per_s": 25e9})
+    cache = kvtier.KVCache(model, method="kvpr", profile=PROFILE)
+    assert cache.method.hardware.h2d_bytes_per_s == 25e9
+
+
 @pytest.mark.embedded
 def test_embedded_model_kvpr_matches_full(embedded):
     model, tokenizer = embedded

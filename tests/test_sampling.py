@@ -73,7 +73,19 @@ def test_text_streamer_prints_the_answer(embedded, capsys):
     (dict(top_k=-1), "top_k must be an int >= 0"),
     (dict(top_p=0), r"top_p must be a number in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+    (dict(seed="abc"), "seed must be an int, got 'abc'"),
+    (dict(seed=1.5), "seed must be an int, got 1.5"),
 ])
 def test_bad_sampling_values_are_refused(tiny, bad, match):
     with pytest.raises(ValueError, match=match):
         kvtier.generate(tiny("llama"), IDS, max_new_tokens=2, do_sample=True, **bad)
+
+
+@pytest.mark.parametrize("given, match", [
+    (dict(temperature=0.7), "temperature=0.7 is for sampling: add do_sample=True"),
+    (dict(top_k=5, top_p=0.9, seed=1), "top_k=5, top_p=0.9, seed=1 are for sampling"),
+])
+def test_sampling_values_without_do_sample_are_refused(tiny, given, match):
+    # they were ignored: the answer came out greedy
+    with pytest.raises(ValueError, match=match):
+        kvtier.generate(tiny("llama"), IDS, max_new_tokens=2, **given)

@@ -113,14 +113,43 @@ def _refuse_broken_cache(module, args, kwargs):
     cache = kwargs.get("past_key_values")
     if isinstance(cache, KVCache):
         cache.check_usable()
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        cache._check_feed(ids, kwargs)
         # the ids this step feeds; the cache keeps them when the step completes (None: fed embeddings)
-        cache._incoming = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        cache._incoming = ids
 
 
 def _install_model_hook(model) -> None:
     if not getattr(model, "_kvtier_model_hook", False):
         model.register_forward_pre_hook(_refuse_broken_cache, with_kwargs=True)
         model._kvtier_model_hook = True
+    if callable(getattr(type(model), "_prefill", None)) and not isinstance(model.__dict__.get("_prefill"),
+                                                                           _PrefillCheck):
+        model._prefill = _PrefillCheck(model)
+
+
+class _PrefillCheck:
+    """model.generate's first step (transformers' GenerationMixin._prefill), which sees the whole input_ids. Given a
+    KVCache holding tokens, transformers feeds only the tokens past the cache's length: input_ids must start with the
+    cached ones (a cache reused for another prompt answered from the old one, silently). As transformers does, ids
+    are the whole sequence when they are as long as the attention mask; shorter, they are the new tokens only.
+
+    An object holding its model, not a closure or a bound method: a deepcopy, or a pickle (torch.save), of the model
+    carries it along, bound to the copy."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        cache = model_kwargs.get("past_key_values")
+        if (isinstance(cache, KVCache) and model_kwargs.get("inputs_embeds") is None
+                and isinstance(input_ids, torch.Tensor)):
+            mask = model_kwargs.get("attention_mask")
+            mask_length = mask.shape[-1] if mask is not None else getattr(generation_config, "_mask_length", None)
+            if mask_length == input_ids.shape[-1]:
+                cache.check_usable()  # a broken cache says so first: its tokens are not what it holds
+                cache.check_prefix(input_ids)
+        return type(self.model)._prefill(self.model, input_ids, generation_config, model_kwargs, *args, **kwargs)
 
 
 def _install_input_hooks(modules: dict) -> None:
@@ -189,9 +218,12 @@ class KVCache(Cache):
         self.spec = ModelSpec.from_model(model)  # unsupported family: NotImplementedError
         check_one_device(model)
         if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
-                                       or not 1 <= max_length <= self.spec.max_positions):
-            raise ValueError(f"max_length must be an int in [1, {self.spec.max_positions}] (prompt + new tokens; the "
-                             f"model's maximum positions), got {max_length!r}")
+                                       or max_length < 1):
+            raise ValueError(f"max_length must be an int >= 1 (prompt + new tokens), got {max_length!r}")
+        if max_length is not None and max_length > self.spec.max_positions:
+            raise ValueError(f"max_length={max_length} (prompt + new tokens) exceeds the model's maximum of "
+                             f"{self.spec.max_positions} positions (max_position_embeddings): shorten the prompt or "
+                             "ask for fewer new tokens")
         self.auto, self.device_memory, self.predicted = None, None, None
         self.planned_batch, self.max_length = batch, max_length
         if method == AUTO or device_memory is not None or batch is not None:
@@ -275,6 +307,33 @@ class KVCache(Cache):
             raise ValueError(f"this cache planned its device memory for max_length={self.max_length} (prompt + new "
                              f"tokens, so at most {self.max_length - 1} fed), and this forward would hold {total}; "
                              "make it with a larger max_length")
+
+    def _check_feed(self, ids, kwargs: dict) -> None:
+        """Refuse, before the model does any work, the forwards of model.generate that would store tokens wrongly:
+        transformers slices its input_ids by the cache's length, and gets it wrong when they do not extend it."""
+        if kwargs.get("use_cache") is False:
+            # the model still stores into a cache it is given, and model.generate then feeds the whole sequence
+            # at every step: every token would be stored again
+            raise ValueError("use_cache=False was given with a KVCache: the model would still store every token it "
+                             "is fed into the cache; leave use_cache at True, or leave past_key_values out")
+        n = self.method.lengths[0]
+        if not n or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return
+        if ids.shape[1] == 0:
+            raise ValueError(f"this forward feeds no token: the cache already holds {n} tokens and input_ids holds "
+                             f"no more (model.generate was given {n} or fewer?). Give the whole sequence: the "
+                             "cached tokens (cache.token_ids) and then at least one new token")
+        position = kwargs.get("position_ids")
+        # Without padding (no mask), the fed tokens go after the n cached ones. Positions that end before n mean
+        # model.generate was given no more tokens than the cache holds and fed them again. Checked on prompts only
+        # (more than one token fed): a decode step reads nothing back to the host.
+        if (kwargs.get("attention_mask") is None and isinstance(position, torch.Tensor) and ids.shape[1] > 1
+                and int(position[..., -1].max()) < n):
+            raise ValueError(f"input_ids ({ids.shape[1]} tokens fed at positions up to {int(position[..., -1].max())}) "
+                             f"do not extend the {n} tokens the cache holds: they would be stored after them at "
+                             "earlier positions (model.generate does this when its input_ids has no token past the "
+                             "cache's). Give the whole sequence: the cached tokens (cache.token_ids) and then at least "
+                             "one new token")
 
     def _check_inference_mode(self) -> None:
         """A cache used under torch.inference_mode() holds inference tensors, which torch lets nothing but
@@ -423,6 +482,29 @@ class KVCache(Cache):
             self._token_chunks = [(ids, ids.shape[1])]
         return self._token_chunks[0][0].to("cpu", torch.long).clone()  # a copy: changing it changes no cache
 
+    def check_prefix(self, input_ids: torch.Tensor) -> int:
+        """How many leading tokens of `input_ids` (the whole sequence: cached tokens, then new ones) the cache holds.
+        ValueError when they are not the cache's tokens, or nothing new is left to feed."""
+        n = self.method.lengths[0]
+        if n == 0:
+            return 0
+        cached = self.token_ids
+        if cached is None:
+            raise ValueError(f"the cache holds {n} tokens fed as embeddings, not ids, so input_ids cannot be checked "
+                             "against them; prefill the cache with token ids (kvtier.generate or model(input_ids=...))")
+        if input_ids.shape[0] != cached.shape[0]:
+            raise ValueError(f"input_ids has {input_ids.shape[0]} sequences but the cache holds {cached.shape[0]}")
+        if input_ids.shape[1] <= n:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens and the cache already holds {n}: give the "
+                             f"whole sequence, the cached {n} tokens (cache.token_ids) and then at least one new token")
+        differ = (input_ids[:, :n].cpu() != cached).any(0).nonzero()
+        if len(differ):
+            i = int(differ[0])
+            raise ValueError(f"input_ids do not continue the cache: token {i} is {input_ids[:, i].tolist()} in "
+                             f"input_ids but {cached[:, i].tolist()} in the cache; input_ids must start with the "
+                             f"cache's {n} tokens (cache.token_ids), or use a new KVCache")
+        return n
+
     def _check_length(self, new_tokens: int) -> None:
         total = self.method.lengths[0] + new_tokens
         if total > self.spec.max_positions:
@@ -455,10 +537,13 @@ class KVCache(Cache):
     def reserve(self, tokens: int) -> None:
         """Size buffers once for a sequence that will reach `tokens` tokens."""
         self.check_usable()
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"reserve takes an int >= 1 (the tokens the sequence will reach), got {tokens!r}")
         if self.device_memory is not None and tokens > self.max_length:
             raise ValueError(f"this cache planned its device memory for max_length={self.max_length} (prompt + new "
                              f"tokens), not {tokens}; make it with max_length={tokens}")
-        self.method.reserve(tokens)
+        # no sequence gets past the model's positions: larger buffers could only exhaust memory
+        self.method.reserve(min(tokens, self.spec.max_positions))
 
     def stats(self) -> dict:
         """Counters: device_kv_bytes (peak), host_kv_bytes, h2d_bytes, d2h_bytes, decode_steps, tokens, ...; with

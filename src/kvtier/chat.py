@@ -94,8 +94,14 @@ class DocumentChat:
                 progress: bool = False, max_new_tokens: int = 256, device_memory=None,
                 **options) -> "DocumentChat":
         """Prefill the document once. The cache is sized for the document, a question of up to QUESTION_ROOM
-        tokens and `max_new_tokens` (method "auto" plans for that length within `device_memory`)."""
+        tokens and `max_new_tokens` (method "auto" plans for that length within `device_memory`); a document that
+        leaves the model's positions no room for a question and `max_new_tokens` is refused before the prefill."""
         ids = document_ids(tokenizer, document, raw).to(model.device)
+        limit = model.config.max_position_embeddings
+        if ids.shape[1] + 1 + max_new_tokens > limit:  # found now, not by every question after the prefill
+            raise ValueError(f"the document is {ids.shape[1]} tokens; with a question and max_new_tokens="
+                             f"{max_new_tokens} it exceeds the model's maximum of {limit} positions: shorten the "
+                             "document or ask for fewer new tokens")
         room = min(ids.shape[1] + QUESTION_ROOM + max_new_tokens, model.config.max_position_embeddings)
         cache = KVCache(model, method=method, max_length=max(room, ids.shape[1]), device_memory=device_memory,
                         **options)
@@ -124,6 +130,14 @@ class DocumentChat:
             raise ValueError("the question is empty")
         q = question_ids(self.tokenizer, question, self.raw).to(self.ids.device)
         ids = torch.cat((self.ids, q), dim=1).to(self.model.device)
+        planned = self.cache.max_length if self.cache.device_memory is not None else None
+        if planned is not None and ids.shape[1] + max_new_tokens > planned:
+            # the fork's own error would say to make the cache with a larger max_length, which `prefill` chose
+            raise ValueError(f"the question ({q.shape[1]} tokens) and {max_new_tokens} new tokens after the document's "
+                             f"{self.ids.shape[1]} need {ids.shape[1] + max_new_tokens} positions, more than the "
+                             f"{planned} the cache planned its device memory for (the document, {QUESTION_ROOM} "
+                             "question tokens and the max_new_tokens given at prefill): ask a shorter question or "
+                             "for fewer new tokens, or prefill with a larger max_new_tokens")
         before = self.cache.stats()
         fork = self.cache.fork()
         start = time.perf_counter()

@@ -416,6 +416,12 @@ def _method_options(args) -> dict:
     from kvtier.sizes import parse_bytes
 
     options = dict(args.option)
+    given = [key for key, _ in args.option]
+    if twice := sorted({key for key in given if given.count(key) > 1}):
+        raise UsageError(f"--option {', '.join(twice)} given more than once; give each option once")
+    if args.budget is not None and "budget" in options:
+        raise UsageError(f"--budget {args.budget} and --option budget={options['budget']!r} both give the budget; "
+                         "give it once")
     if args.device_memory is not None:
         parse_bytes(args.device_memory, "--device-memory")
     if args.method == "auto":
@@ -506,6 +512,10 @@ def cmd_generate(args) -> int:
                                             add_generation_prompt=True, return_tensors="pt")
         if not hasattr(ids, "shape"):
             ids = ids["input_ids"]
+    limit = model.config.max_position_embeddings
+    if ids.shape[1] + args.max_new_tokens > limit:  # before the cache, which would name a max_length not given here
+        raise UsageError(f"the prompt is {ids.shape[1]} tokens; with --max-new-tokens {args.max_new_tokens} that "
+                         f"exceeds the model's maximum of {limit} positions: shorten it, or ask for fewer new tokens")
     planned = {}
     if args.device_memory is not None:  # the cache plans for this prompt and the new tokens
         planned = {"device_memory": args.device_memory, "max_length": int(ids.shape[1]) + args.max_new_tokens}

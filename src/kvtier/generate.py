@@ -11,6 +11,7 @@ of, `positions`, `decode_step`, and SpeCache's `lookahead` and `speculative_step
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +22,9 @@ PREFILL_CHUNK = 2048
 
 
 def _as_batch(ids, name: str) -> torch.Tensor:
+    if isinstance(ids, str):
+        raise TypeError(f"{name} must be token ids, got a string; tokenize it first "
+                        "(tokenizer(text, return_tensors='pt').input_ids)")
     if not isinstance(ids, torch.Tensor):
         ids = torch.tensor(ids, dtype=torch.long)
     if ids.dim() == 1:
@@ -32,18 +36,63 @@ def _as_batch(ids, name: str) -> torch.Tensor:
     return ids
 
 
+def _check_model(model) -> None:
+    """A causal language model: the loops read its logits (a base model without its head would fail only after the
+    whole prefill)."""
+    if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
+        raise TypeError(f"model must be a transformers model (AutoModelForCausalLM, or kvtier.load()), got "
+                        f"{type(model).__name__}; the arguments are (model, input_ids, ...)")
+    head = getattr(model, "get_output_embeddings", None)
+    if head is None or head() is None:
+        raise TypeError(f"{type(model).__name__} has no language-model head, so it gives no logits; load the model "
+                        "with AutoModelForCausalLM (or kvtier.load())")
+
+
+def _token_batch(model, ids, name: str) -> torch.Tensor:
+    """`ids` as [batch, tokens] integer ids, each in the model's vocabulary: an id outside it would fail in the
+    embedding lookup as an IndexError (on CUDA, a device-side assert that ends the process's CUDA use)."""
+    ids = _as_batch(ids, name)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside the model's vocabulary of "
+                         f"{vocab} ids (0..{vocab - 1}); were they made by this model's tokenizer?")
+    return ids.to(_model_device(model))
+
+
+def _padding_mask(mask, ids: torch.Tensor) -> torch.Tensor:
+    """The attention mask of `ids`, checked: same shape, and left padding only (a sequence whose last position is
+    padding would have its next token predicted from a pad)."""
+    mask = _as_batch(mask, "attention_mask").to(ids.device)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} does not match the ids {tuple(ids.shape)}")
+    ends_in_padding = (mask[:, -1] == 0).nonzero().flatten().tolist()
+    if ends_in_padding:
+        raise ValueError(f"attention_mask ends in padding (0) for sequence(s) {ends_in_padding}: kvtier takes left "
+                         "padding only (tokenizer.padding_side = 'left'), so that every sequence ends in a real token")
+    return mask
+
+
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
 def _cache_for(model, cache, method, options) -> KVCache:
-    """The ready cache given, or a new one of `method`."""
+    """The ready cache given, or a new one of `method` (None: "full")."""
     if cache is not None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a kvtier.KVCache, got {type(cache).__name__}; make one with "
+                            "kvtier.KVCache(model, method=...), or give method= and no cache")
         if options:
             raise ValueError(f"options {sorted(options)} were given with a ready cache; pass them to KVCache")
+        if method is not None and method != cache.method.name and not (method == "auto" and cache.auto):
+            raise ValueError(f"method={method!r} was given with a ready {cache.method.name!r} cache, which decodes "
+                             "with its own method; leave method out, or make the cache with that method")
         cache.check_usable()  # a cache whose step was interrupted: CacheBrokenError
         return cache
-    return make_cache(model, method, **options)
+    return make_cache(model, "full" if method is None else method, **options)
 
 
 def _empty(cache: KVCache) -> KVCache:
@@ -55,25 +104,7 @@ def _empty(cache: KVCache) -> KVCache:
 def cached_prefix(cache: KVCache, input_ids: torch.Tensor) -> int:
     """How many leading tokens of `input_ids` the cache already holds (transformers' prefix reuse: input_ids is
     the whole sequence). ValueError when they are not the cache's tokens or nothing new is left to feed."""
-    n = cache.method.lengths[0]
-    if n == 0:
-        return 0
-    cached = cache.token_ids
-    if cached is None:
-        raise ValueError(f"the cache holds {n} tokens fed as embeddings, not ids, so input_ids cannot be checked "
-                         "against them; prefill the cache with token ids (kvtier.generate or model(input_ids=...))")
-    if input_ids.shape[0] != cached.shape[0]:
-        raise ValueError(f"input_ids has {input_ids.shape[0]} sequences but the cache holds {cached.shape[0]}")
-    if input_ids.shape[1] <= n:
-        raise ValueError(f"input_ids has {input_ids.shape[1]} tokens and the cache already holds {n}: give the whole "
-                         f"sequence, the cached {n} tokens (cache.token_ids) and then at least one new token")
-    differ = (input_ids[:, :n].cpu() != cached).any(0).nonzero()
-    if len(differ):
-        i = int(differ[0])
-        raise ValueError(f"input_ids do not continue the cache: token {i} is {input_ids[:, i].tolist()} in input_ids "
-                         f"but {cached[:, i].tolist()} in the cache; input_ids must start with the cache's {n} "
-                         "tokens (cache.token_ids), or use a new KVCache")
-    return n
+    return cache.check_prefix(input_ids)
 
 
 @torch.inference_mode()
@@ -82,10 +113,22 @@ def prefill(model, cache: KVCache, input_ids, attention_mask=None, chunk: int | 
     """Run the prompt through the model into `cache` (a KVCache, or any transformers Cache) in chunks of `chunk`
     tokens (default PREFILL_CHUNK); returns the last position's logits [b, vocab]. The first `past` tokens of
     input_ids are in the cache already (a prefix reused) and are not fed again."""
+    _check_model(model)
+    input_ids = _token_batch(model, input_ids, "input_ids")
+    if attention_mask is not None:
+        attention_mask = _padding_mask(attention_mask, input_ids)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be an int >= 1 (tokens per forward) or None, got {chunk!r}")
     chunk = chunk or PREFILL_CHUNK
     n = input_ids.shape[1]
-    logits = None
     kvtier_cache = isinstance(cache, KVCache)  # any other transformers Cache (the benchmark's baselines) works too
+    held = cache.method.lengths[0] if kvtier_cache else cache.get_seq_length()
+    if past != held or past >= n:
+        # feeding from another token than the cache's next would store tokens at the wrong positions, silently
+        raise ValueError(f"the cache holds {held} tokens and past={past!r}, with input_ids of {n} tokens: give the "
+                         f"whole sequence as input_ids and past={held} (the cache's tokens, not fed again), with at "
+                         "least one token after them; or use a new cache")
+    logits = None
     name = cache.method.name if kvtier_cache else type(cache).__name__
     bar = tqdm(total=n - past, desc=f"prefill ({name})", unit="tok", disable=not progress, leave=False)
     with cache.prefilling() if kvtier_cache else contextlib.nullcontext():
@@ -169,11 +212,31 @@ def _eos_and_pad(model, eos_token_id, pad_token_id, device) -> tuple[torch.Tenso
     the model's generation config; without a pad id, the first end id (else 0)."""
     gen_config = getattr(model, "generation_config", None)
     eos = eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None)
-    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=device)
+    eos = _id_list(eos, "eos_token_id")
     pad = pad_token_id if pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
     if pad is None:
-        pad = int(eos[0]) if eos.numel() else 0
-    return eos, pad
+        pad = eos[0] if eos else 0
+    else:
+        pad = _id_list(pad, "pad_token_id")
+        if len(pad) != 1:
+            raise ValueError(f"pad_token_id must be one token id, got {pad_token_id!r}")
+        pad = pad[0]
+    return torch.tensor(eos, dtype=torch.long, device=device), pad
+
+
+def _id_list(value, name: str) -> list[int]:
+    """A token id, or a list or tensor of them (None: none), as a list of ints."""
+    if value is None:
+        return []
+    items = value.flatten().tolist() if isinstance(value, torch.Tensor) else value
+    items = [items] if isinstance(items, (numbers.Integral, str)) else items
+    try:
+        items = list(items)
+    except TypeError:
+        items = [items]
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
+        raise ValueError(f"{name} must be a token id (an int) or a list of them, got {value!r}")
+    return [int(v) for v in items]
 
 
 def _sampler(model, do_sample: bool, temperature, top_k, top_p, seed, device):
@@ -181,7 +244,14 @@ def _sampler(model, do_sample: bool, temperature, top_k, top_p, seed, device):
     draw after temperature, top-k and top-p, as model.generate does (unset values: the model's generation
     config, else transformers' defaults 1.0, 50, 1.0). `seed` makes the draws reproducible."""
     if not do_sample:
+        given = [f"{k}={v!r}" for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                           ("seed", seed)) if v is not None]
+        if given:  # they would be ignored: the answer is greedy
+            raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for sampling: add "
+                             "do_sample=True (without it decoding is greedy)")
         return lambda logits: logits.argmax(-1)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                         TopKLogitsWarper, TopPLogitsWarper)
 
@@ -217,7 +287,7 @@ def _sampler(model, do_sample: bool, temperature, top_k, top_p, seed, device):
 
 
 @torch.inference_mode()
-def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, attention_mask=None,
+def generate(model, input_ids, method: str | None = None, max_new_tokens: int = 64, attention_mask=None,
              cache: KVCache | None = None, progress: bool = False, eos_token_id=None, pad_token_id=None,
              do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, streamer=None, **options) -> torch.Tensor:
@@ -226,20 +296,20 @@ def generate(model, input_ids, method: str = "full", max_new_tokens: int = 64, a
     Greedy, or with `do_sample` sampled after `temperature`, `top_k` and `top_p` (`seed` for reproducible
     draws). `streamer` (a transformers streamer, e.g. TextStreamer) gets input_ids, then each new token.
     Sequences stop at the end-of-sequence token (then padded with the pad token) as in `model.generate`;
-    extra keyword arguments are the method's options (`budget=...`).
+    `method` (default "full") and extra keyword arguments, the method's options (`budget=...`), make a new cache;
+    a ready `cache` decodes with its own.
 
     `cache` may already hold tokens (prefilled, forked or loaded): then input_ids is the whole sequence, as with
     transformers' prefix reuse, and must start with the cache's tokens (`cache.token_ids`), which are not fed
     again; attention_mask, when given, covers the whole sequence too.
     """
-    input_ids = _as_batch(input_ids, "input_ids").to(_model_device(model))
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    _check_model(model)
+    input_ids = _token_batch(model, input_ids, "input_ids")
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     if attention_mask is not None:
-        attention_mask = _as_batch(attention_mask, "attention_mask").to(input_ids.device)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
-                             f"{tuple(input_ids.shape)}")
+        attention_mask = _padding_mask(attention_mask, input_ids)
     pick = _sampler(model, do_sample, temperature, top_k, top_p, seed, input_ids.device)
     cache = _cache_for(model, cache, method, options)
     past = cached_prefix(cache, input_ids)
@@ -303,8 +373,9 @@ def speculative_step(model, cache, real, guess, mask, position):
 
 def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cache, progress, options):
     """Yields, for each target in turn, the logits [b, vocab] that predict it; feeds the target after."""
-    context_ids = _as_batch(context_ids, "context_ids").to(_model_device(model))
-    target_ids = _as_batch(target_ids, "target_ids").to(context_ids.device)
+    _check_model(model)
+    context_ids = _token_batch(model, context_ids, "context_ids")
+    target_ids = _token_batch(model, target_ids, "target_ids")
     if target_ids.shape[0] != context_ids.shape[0]:
         raise ValueError(f"context batch {context_ids.shape[0]} != target batch {target_ids.shape[0]}")
     cache = _empty(_cache_for(model, cache, method, options))
@@ -313,7 +384,7 @@ def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cach
         raise ValueError(f"context + targets = {total} tokens exceeds the model's maximum of "
                          f"{cache.spec.max_positions} positions")
     cache.reserve(total)
-    mask = None if attention_mask is None else _as_batch(attention_mask, "attention_mask").to(context_ids.device)
+    mask = None if attention_mask is None else _padding_mask(attention_mask, context_ids)
     logits = prefill(model, cache, context_ids, mask, progress=progress)
     decoder = Decoder(model, cache, context_ids, mask, speculate=False)
     n_targets = target_ids.shape[1]
@@ -325,7 +396,7 @@ def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cach
 
 
 @torch.inference_mode()
-def score(model, context_ids, target_ids, method: str = "full", attention_mask=None,
+def score(model, context_ids, target_ids, method: str | None = None, attention_mask=None,
           cache: KVCache | None = None, progress: bool = False, **options) -> torch.Tensor:
     """Teacher-forced negative log-likelihoods of `target_ids` after `context_ids`, decoded one token at a time.
 
@@ -337,7 +408,7 @@ def score(model, context_ids, target_ids, method: str = "full", attention_mask=N
 
 
 @torch.inference_mode()
-def forced_logits(model, context_ids, target_ids, method: str = "full", attention_mask=None,
+def forced_logits(model, context_ids, target_ids, method: str | None = None, attention_mask=None,
                   cache: KVCache | None = None, progress: bool = False, **options) -> torch.Tensor:
     """The float32 logits [batch, targets, vocab] that predict each target, teacher-forced as `score` is."""
     steps = _teacher_forced(model, context_ids, target_ids, method, attention_mask, cache, progress, options)

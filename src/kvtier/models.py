@@ -49,6 +49,9 @@ class ModelSpec:
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "ModelSpec":
         config = getattr(model, "config", None)
+        if not isinstance(model, torch.nn.Module) or config is None:  # not "an unsupported family": not a model
+            raise TypeError(f"expected a transformers model (AutoModelForCausalLM, or kvtier.load()), got "
+                            f"{type(model).__name__}")
         family = getattr(config, "model_type", None)
         if family not in SUPPORTED_FAMILIES:
             raise NotImplementedError(

@@ -11,7 +11,7 @@ import torch
 
 from ..cache import make_cache
 from ..methods import MethodSpec
-from ..models import environment_summary
+from ..models import ModelSpec, environment_summary
 
 
 def check_output_dir(path, what: str = "out_dir") -> Path:
@@ -91,17 +91,33 @@ def safe_name(label: str) -> str:
 
 
 def with_full(specs: list[MethodSpec]) -> list[MethodSpec]:
-    """Every figure is set against full: put it first (adding it if it is missing)."""
-    return [MethodSpec("full"), *(s for s in specs if s != MethodSpec("full"))]
+    """Every figure is set against full: put it first (adding it if it is missing). A method given twice (the same
+    options in any order) runs once: its rows would repeat the first's, and the run would take twice as long."""
+    unique = {MethodSpec("full").label: MethodSpec("full")}
+    for spec in specs:
+        unique.setdefault(spec.label, spec)
+    return list(unique.values())
 
 
-def check_caches(model, specs, lengths) -> None:
+def check_caches(model, specs, lengths, new_tokens: int = 0) -> None:
     """Build (and drop) each method's cache before any work, so that a bad option value fails before the first
-    method runs rather than after it (a fractional budget at every length). Building a cache stores nothing."""
+    method runs rather than after it (a fractional budget at every length). Building a cache stores nothing.
+    The longest length (+ `new_tokens`) must fit the model's positions (`check_fits`)."""
     lengths = [lengths] if isinstance(lengths, int) else list(lengths)
     for spec in specs:
         for n in lengths if isinstance(spec.options.get("budget"), float) else lengths[:1]:
             make_cache(model, spec, n)
+    check_fits(ModelSpec.from_model(model).max_positions, lengths, new_tokens)
+
+
+def check_fits(max_positions: int, lengths, new_tokens: int = 0) -> None:
+    """Every length + `new_tokens` within the model's maximum positions, checked before the first prompt runs (a
+    generation checks its own prompt, but only once the shorter lengths' prompts have all run)."""
+    longest = max([lengths] if isinstance(lengths, int) else lengths)
+    if longest + new_tokens > max_positions:
+        more = f" + {new_tokens} tokens after it" if new_tokens else ""
+        raise ValueError(f"length {longest}{more} exceeds the model's maximum of {max_positions} positions; use "
+                         f"lengths up to {max_positions - new_tokens}")
 
 
 def parse_length(text) -> int:

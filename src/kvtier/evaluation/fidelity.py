@@ -48,15 +48,16 @@ def fidelity(model, tokenizer, methods, texts=("prose", "code"), lengths=("1k",)
     over every step of every prompt). Writes fidelity.json and fidelity.png if out_dir.
     """
     texts, lengths = check_fidelity(texts, lengths, prompts, new_tokens)
-    runner = BesideFull(model, methods, lengths, out_dir)
+    runner = BesideFull(model, methods, lengths, out_dir, new_tokens=new_tokens)
     rng = random.Random(seed)
     rows = []
     cells = [(t, n, i) for t in texts for n in lengths for i in range(prompts)]
     tokens = {t: tokenizer(text_by_name(t), add_special_tokens=False, return_tensors="pt")["input_ids"] for t in texts}
+    for text, length, _ in cells:  # before the first prompt runs, not after the shorter lengths' prompts
+        if tokens[text].shape[1] < length:
+            raise ValueError(f"text {text!r} has {tokens[text].shape[1]} tokens; a window of {length} does not fit")
     for text, length, _ in tqdm(cells, desc="fidelity", disable=not progress):
         ids = tokens[text]
-        if ids.shape[1] < length:
-            raise ValueError(f"text {text!r} has {ids.shape[1]} tokens; a window of {length} does not fit")
         start = rng.randrange(ids.shape[1] - length + 1)
         context = ids[:, start:start + length].to(runner.device)
         targets = generate(model, context, method="full", max_new_tokens=new_tokens)[:, length:]

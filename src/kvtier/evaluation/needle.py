@@ -100,12 +100,15 @@ def needle_grid(model, tokenizer, methods, lengths=("1k", "2k"), depths=(0.0, 0.
     cells = [(kind, n, d) for kind in kinds for n in lengths for d in depths]
     # one generator per kind, so a kind's prompts do not depend on which other kinds run
     rngs = {kind: random.Random(seed if kind == "single" else f"{kind}:{seed}") for kind in kinds}
-    for kind, length, depth in tqdm(cells, desc="needle grid", disable=not progress):
+    prompts = []  # all built before the first method runs: a length too short for its prompt fails before any work
+    for kind, length, depth in cells:
         if kind == "single":
             value, distractors = passphrase(rngs[kind]), []
-            ids = needle_prompt(tokenizer, length, depth, value)
+            prompts.append((needle_prompt(tokenizer, length, depth, value), value, distractors))
         else:
-            ids, value, distractors = multikey_prompt(tokenizer, length, depth, rngs[kind], keys)
+            prompts.append(multikey_prompt(tokenizer, length, depth, rngs[kind], keys))
+    for (kind, length, depth), (ids, value, distractors) in tqdm(list(zip(cells, prompts)), desc="needle grid",
+                                                                 disable=not progress):
         ids = ids.to(runner.device)
 
         def ask(spec):

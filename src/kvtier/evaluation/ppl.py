@@ -42,6 +42,19 @@ def check_ppl(texts, context, targets: int, windows: int) -> tuple[list[str], in
     return texts, context
 
 
+def text_windows(tokenizer, texts, context: int, targets: int, windows: int) -> dict:
+    """{text: (its ids, the starts of its windows)}, every text checked before any is scored: one too short for the
+    windows failed only after the texts before it had run."""
+    out = {}
+    for name in texts:
+        ids = tokenizer(text_by_name(name), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        try:
+            out[name] = ids, window_starts(ids.shape[1], context + targets, windows)
+        except ValueError as err:
+            raise ValueError(f"text {name!r}: {err}") from None
+    return out
+
+
 @torch.inference_mode()
 def perplexity(model, tokenizer, methods, texts=("prose", "code"), context="2k", targets: int = 256,
                out_dir=None, progress: bool = True, windows: int = 1) -> dict:
@@ -51,14 +64,9 @@ def perplexity(model, tokenizer, methods, texts=("prose", "code"), context="2k",
     Cache counters add up over windows, except device_kv_bytes: the largest of the windows' peaks.
     """
     texts, context = check_ppl(texts, context, targets, windows)
-    runner = BesideFull(model, methods, context, out_dir)
+    runner = BesideFull(model, methods, context, out_dir, new_tokens=targets)
     rows = []
-    for name in texts:
-        ids = tokenizer(text_by_name(name), return_tensors="pt", add_special_tokens=False)["input_ids"]
-        try:
-            starts = window_starts(ids.shape[1], context + targets, windows)
-        except ValueError as err:
-            raise ValueError(f"text {name!r}: {err}") from None
+    for name, (ids, starts) in text_windows(tokenizer, texts, context, targets, windows).items():
 
         def nll_of(spec):
             """The NLLs of every window's targets, pooled, and the cache counters over the windows."""

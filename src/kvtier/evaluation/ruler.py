@@ -153,9 +153,10 @@ def ruler(model, tokenizer, methods, tasks=TASKS, lengths=("1k",), samples: int 
     runner = BesideFull(model, methods, lengths, out_dir)
     rows = []
     cells = [(t, n, i) for t in tasks for n in lengths for i in range(samples)]
-    for task, length, sample in tqdm(cells, desc="ruler", disable=not progress):
-        rng = random.Random(f"{task}:{seed}:{length}:{sample}")
-        prompt = GENERATORS[task](tokenizer, length, rng, **options[task])
+    # all built before the first method runs: a length too short for its task fails before any work
+    prompts = [GENERATORS[task](tokenizer, length, random.Random(f"{task}:{seed}:{length}:{sample}"), **options[task])
+               for task, length, sample in cells]
+    for (task, length, sample), prompt in tqdm(list(zip(cells, prompts)), desc="ruler", disable=not progress):
         ids = prompt["ids"].to(runner.device)
 
         def ask(spec):

@@ -14,14 +14,15 @@ from .common import check_caches, check_output_dir, with_full
 class BesideFull:
     """`methods` ("freekv:budget=512,specache" or MethodSpecs) with full put first. Before any work it checks the
     output folder (when given) and builds each method's cache once at each of `lengths`, so that a bad option
-    value fails before the first method runs."""
+    value fails before the first method runs, and that the longest length + `new_tokens` (what each prompt is
+    given after it, where that is exact) fits the model's positions."""
 
-    def __init__(self, model, methods, lengths, out_dir=None):
+    def __init__(self, model, methods, lengths, out_dir=None, new_tokens: int = 0):
         self.model = model
         self.specs = with_full(parse_methods(methods))
         if out_dir is not None:
             check_output_dir(out_dir)
-        check_caches(model, self.specs, lengths)
+        check_caches(model, self.specs, lengths, new_tokens)
         self.device = next(model.parameters()).device
 
     @property

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..methods import MethodSpec, check_option_names, parse_methods
 from .common import check_caches, check_output_dir, plotting, write_json
 from .needle import check_grid, needle_grid
-from .ppl import check_ppl, perplexity
+from .ppl import check_ppl, perplexity, text_windows
 
 
 def check_sweep(method: str, option: str, values, base_options=None) -> tuple[str, dict]:
@@ -33,11 +33,13 @@ def budget_sweep(model, tokenizer, method: str = "freekv", budgets=(256, 512, 10
     base_options are; the swept option must not be one of them."""
     method, base = check_sweep(method, option, budgets, base_options)
     lengths, depths, _ = check_grid(lengths, depths, "single")
-    check_ppl(texts, context, targets, windows)
+    texts, context = check_ppl(texts, context, targets, windows)
     if out_dir is not None:
         check_output_dir(out_dir)
     specs = [MethodSpec(method, {**base, option: b}) for b in budgets]
     check_caches(model, specs, lengths)
+    check_caches(model, specs, context, targets)  # before the needle grid, not after it
+    text_windows(tokenizer, texts, context, targets, windows)  # the same
     needle = needle_grid(model, tokenizer, specs, lengths=lengths, depths=depths, progress=progress)
     ppl = perplexity(model, tokenizer, specs, texts=texts, context=context, targets=targets, windows=windows,
                      progress=progress)

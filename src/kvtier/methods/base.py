@@ -28,7 +28,13 @@ def register(cls: type["Method"]) -> type["Method"]:
 
 def method_class(name: str) -> type["Method"]:
     if name not in METHOD_REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHOD_REGISTRY)}")
+        hint = ""
+        if isinstance(name, str) and ":" in name and name.split(":")[0].strip() in METHOD_REGISTRY:
+            # a spec as the evaluations take it ("freekv:budget=512"), where a method name alone is wanted
+            base, *opts = [part.strip() for part in name.split(":")]
+            hint = (f"; give the options apart: method={base!r}, {', '.join(opts)} in Python, "
+                    f"--method {base} {' '.join('--option ' + o for o in opts)} on the command line")
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHOD_REGISTRY)}{hint}")
     return METHOD_REGISTRY[name]
 
 
@@ -74,6 +80,8 @@ def parse_methods(text_or_list) -> list[MethodSpec]:
             if "=" not in opt:
                 raise ValueError(f"method option {opt!r} in {item!r} must be key=value")
             key, value = opt.split("=", 1)
+            if key.strip() in options:
+                raise ValueError(f"method option {key.strip()!r} is given twice in {item!r}; give it once")
             options[key.strip()] = parse_value(value)
         check_option_names(name, options, f" in {item!r}")
         specs.append(MethodSpec(name, options))

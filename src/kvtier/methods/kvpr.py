@@ -45,6 +45,10 @@ class KVPR(Offload):
             raise ValueError(f"kvpr split must be 'auto' or a non-negative int number of tokens, got {split!r}")
         self.split = split
         self.hardware = None
+        if self.options["profile"] is not None:
+            # a given profile (dict, file) is read now: a bad one fails here, not in the first forward, which it
+            # would leave broken. None stays lazy: measuring the machine takes a while, and only a forward needs it
+            self._load_hardware()
         self.projectors = None
         self.acts: list[torch.Tensor | None] = [None] * spec.num_layers  # host [capacity, b, hidden]
         self.num_acts = [0] * spec.num_layers
@@ -77,12 +81,15 @@ class KVPR(Offload):
         return self.num_acts[layer]
 
     # -- the cost model ---------------------------------------------------------------------------------
+    def _load_hardware(self) -> None:
+        s = self.spec
+        self.hardware = load_profile(self.options["profile"], device=s.device, dtype=s.dtype,
+                                     hidden_size=s.hidden_size, kv_width=s.num_kv_heads * s.head_dim)
+
     def plan_for(self, tokens: int, batch: int):
         if tokens not in self.plans:
             if self.hardware is None:
-                s = self.spec
-                self.hardware = load_profile(self.options["profile"], device=s.device, dtype=s.dtype,
-                                             hidden_size=s.hidden_size, kv_width=s.num_kv_heads * s.head_dim)
+                self._load_hardware()
             s = self.spec
             self.plans = {tokens: plan_split(
                 tokens, batch, s.hidden_size, s.num_kv_heads * s.head_dim,

@@ -446,3 +446,51 @@ def test_growing_past_the_first_capacity_stays_exact(tiny_pair, options):
                          past_key_values=cache)
     assert torch.equal(out, expected)
     assert cache.method.layers[1].capacity > 20 + 256
+
+
+def test_a_budget_beyond_the_sequence_holds_no_more_than_the_sequence_needs(tiny):
+    """Slots and the window's ring are sized by what the reserved length can fill: a budget of a billion tokens on
+    a 300-token prompt holds what one covering the prompt holds, and gives the same tokens."""
+    model = tiny("llama", num_hidden_layers=2)
+    ids, _ = batch_prompt(1, length=300)
+    held, tokens = {}, {}
+    for method, options in (("full", {}), ("freekv", dict(budget=2048)), ("freekv", dict(budget=10**9)),
+                            ("specache", dict(topk=10**6, residual=10**5))):
+        cache = kvtier.KVCache(model, method=method, **options)
+        tokens[method, str(options)] = kvtier.generate(model, ids, cache=cache, max_new_tokens=4)
+        held[method, str(options)] = cache.stats()["device_kv_bytes"]
+    full = held["full", "{}"]
+    assert held["freekv", "{'budget': 2048}"] == held["freekv", "{'budget': 1000000000}"] < 1.5 * full
+    assert held["specache", "{'topk': 1000000, 'residual': 100000}"] < 2 * full
+    assert torch.equal(tokens["freekv", "{'budget': 2048}"], tokens["freekv", "{'budget': 1000000000}"])
+
+
+@pytest.mark.parametrize("method, options", [
+    ("freekv", dict(budget=256, page_size=8, sink=16, window=64, dense_layers=0)),
+    ("freekv", dict(budget=256, page_size=8, sink=16, window=64, dense_layers=0, scorer="lowbit", rest="lowbit",
+                    score_group=8)),
+    ("specache", dict(topk=64, residual=64, group_size=16, speculative=False)),
+])
+def test_a_sequence_past_its_reserved_length_widens_slots_and_ring_and_decodes_the_same(tiny, monkeypatch, method,
+                                                                                          options):
+    """Without reserve() a layer starts at the prompt's length and a margin, with as many slots and ring rows as
+    that fills; as the sequence grows they widen (the ring's tokens move to their rows in the larger ring) and
+    every step attends what a cache sized for the whole sequence from the start attends."""
+    monkeypatch.setattr(kvtier.sizes, "GROWTH_MARGIN", 8)  # grow every few steps, not once in 256
+    model = tiny("llama", num_hidden_layers=2)
+    ids, _ = batch_prompt(1, length=40)
+    sized, growing = (kvtier.KVCache(model, method=method, **options) for _ in range(2))
+    sized.reserve(40 + 90)
+    first = growing.method
+    with torch.no_grad():
+        out_sized = model(input_ids=ids, past_key_values=sized)
+        out_growing = model(input_ids=ids, past_key_values=growing)
+        slots, ring = first.layers[1].table.slots, first.layers[1].ring
+        for _ in range(90):
+            nxt = out_sized.logits[:, -1:].argmax(-1)  # both fed the same tokens
+            out_sized = model(input_ids=nxt, past_key_values=sized)
+            out_growing = model(input_ids=nxt, past_key_values=growing)
+            torch.testing.assert_close(out_growing.logits, out_sized.logits, atol=1e-4, rtol=1e-4)
+    st = first.layers[1]
+    assert slots < st.table.slots <= first.o.slots and ring < st.ring == first.o.ring
+    assert growing.stats()["device_kv_bytes"] == growing.method.ledger.peak

@@ -205,13 +205,14 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
     capacity = -(-length // unit) * unit
     held = length - 1
     retrieval = spec.num_layers - o.dense_layers
-    rows = o.sink + o.slots * p + o.ring + p
+    slots, ring = o.held_rows(capacity)
+    rows = o.sink + slots * p + ring + p
     parts = {
         "dense_layers": o.dense_layers * length * token_layer_bytes(spec, batch),
         "buffers": retrieval * 2 * b * h * rows * d * elem,
         "positions": retrieval * b * h * rows * ROW_BYTES,
         # slot -> page (int64) and page -> slot (int32, one more column for -1 entries)
-        "page_table": retrieval * b * h * (o.slots * ROW_BYTES + (capacity // p + 1) * 4),
+        "page_table": retrieval * b * h * (slots * ROW_BYTES + (capacity // p + 1) * 4),
     }
     if not lowbit:
         parts["digests"] = retrieval * 2 * b * h * (capacity // p) * d * elem
@@ -222,7 +223,7 @@ def predict_retrieval(spec: ModelSpec, method: str, options: dict, length: int, 
             parts["lowbit_values"] = retrieval * (codes + 2 * b * h * capacity * (d // o.value_group) * elem)
     if retrieval:
         query_rows = spec.num_heads // h * 2  # a speculative step has two query tokens
-        workspace = plan_workspace_bytes(b, h, o.slots)
+        workspace = plan_workspace_bytes(b, h, slots)
         if not lowbit:  # the page bounds per query row and their softmax
             workspace += 4 * b * h * query_rows * (capacity // p) * 2
         else:

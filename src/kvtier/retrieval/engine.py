@@ -44,13 +44,9 @@ class _Layer:
         p = o.page_size
         self.capacity = capacity
         self.slot_start = o.sink
-        self.ring_start = o.sink + o.slots * p
-        self.ring = o.ring
-        length = self.ring_start + self.ring + p  # the last page is the reference copy's trash
-        self.k = k.new_zeros((b, h, length, d))
-        self.v = k.new_zeros((b, h, length, d))
-        self.pos = torch.full((b, h, length), -1, dtype=torch.long, device=k.device)
-        self.table = PageTable(b, h, o.slots, capacity // p, k.device)
+        slots, self.ring = o.held_rows(capacity)
+        self.table = PageTable(b, h, slots, capacity // p, k.device)
+        self._buffers(o, k, slots)
         self.scorer = (LowBitScorer(o.bits, o.key_group, p, capacity) if o.scorer == "lowbit"
                        else DigestScorer(k, capacity // p, p))
         self.values = None
@@ -62,12 +58,40 @@ class _Layer:
         self.wanted: torch.Tensor | None = None  # [b, h, k] pages the next attention reads
         self.previous_q: torch.Tensor | None = None
         self.pending = None  # event of a recall in flight
+        self.recalled = self.corrections = self.hits = None  # views of the engine's counters
+        self.counted = None  # (capacity, scored) when the ledger last counted this layer
+
+    def _buffers(self, o: EngineOptions, like: torch.Tensor, slots: int) -> None:
+        """The KV buffer of sink, `slots` slots, the ring and the trash page, empty, with its row views."""
+        b, h, _, d = like.shape
+        p = o.page_size
+        self.ring_start = o.sink + slots * p
+        length = self.ring_start + self.ring + p  # the last page is the reference copy's trash
+        self.k = like.new_zeros((b, h, length, d))
+        self.v = like.new_zeros((b, h, length, d))
+        self.pos = torch.full((b, h, length), -1, dtype=torch.long, device=like.device)
         self.rows = SlotRows(heads=b * h, rows_per_head=length // p, first_slot=o.sink // p)
         self.row_k = self.k.view(-1, p * d)
         self.row_v = self.v.view(-1, p * d)
         self.pos_rows = self.pos.view(-1, p)
-        self.recalled = self.corrections = self.hits = None  # views of the engine's counters
-        self.counted = None  # (capacity, scored) when the ledger last counted this layer
+
+    def widen(self, o: EngineOptions, capacity: int) -> None:
+        """Room for the slots and ring `capacity` tokens can use (the sequence went past its reserved length).
+        Every row keeps its place in its part: the sink's and the slots' (the page table names slots by index),
+        and the ring's, since a ring narrower than `o.ring` is as long as the capacity it was made for and so holds
+        every token at row = position, wrapping nowhere (a ring already at `o.ring` keeps its length)."""
+        slots, ring = o.held_rows(capacity)
+        old_slots, old_ring, old_ring_start = self.table.slots, self.ring, self.ring_start
+        if (slots, ring) == (old_slots, old_ring):
+            return
+        old = (self.k, self.v, self.pos)
+        self.ring = ring
+        self._buffers(o, self.k, slots)
+        kept, ring_rows = self.slot_start + old_slots * o.page_size, slice(old_ring_start, old_ring_start + old_ring)
+        for new, before in zip((self.k, self.v, self.pos), old):
+            new[:, :, :kept] = before[:, :, :kept]
+            new[:, :, self.ring_start:self.ring_start + old_ring] = before[:, :, ring_rows]
+        self.table.widen(slots)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         held = (self.k, self.v, self.pos, *self.table.tensors(), *self.scorer.tensors())
@@ -132,6 +156,10 @@ class RetrievalEngine(Method):
         elif tokens > st.capacity:  # past the reserved length: grow by a quarter (reserve() avoids this)
             p = self.o.page_size
             st.capacity = self._capacity(tokens)
+            if st.pending is not None:  # a copy in flight writes into the buffer that widen may replace
+                self.link.wait(st.pending)
+                st.pending = None
+            st.widen(self.o, st.capacity)
             st.scorer.grow(st.capacity if st.scorer.lowbit else st.capacity // self.o.page_size)
             if st.values is not None:
                 st.values.reserve(st.capacity)
@@ -206,7 +234,7 @@ class RetrievalEngine(Method):
         rows = self.spec.num_heads // h * 2  # a decode step has one query token, a speculative one two
         elem = k.element_size()
         pages = st.capacity // self.o.page_size
-        plan = plan_workspace_bytes(b, h, self.o.slots)
+        plan = plan_workspace_bytes(b, h, st.table.slots)
         if not st.scorer.lowbit:  # the page bounds per query row and their softmax
             return plan + 4 * b * h * rows * pages * 2
         size = plan + 4 * b * h * rows * st.capacity * 2  # raw token scores and their softmax

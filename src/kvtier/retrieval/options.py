@@ -104,6 +104,14 @@ class EngineOptions:
         most = max(self.window + self.window_unit, self.key_group if self.scorer == "lowbit" else 0)
         return -(-most // self.page_size) * self.page_size
 
+    def held_rows(self, capacity: int) -> tuple[int, int]:
+        """(slots, ring tokens) a layer of `capacity` tokens holds: no more than the sequence can fill, since a
+        budget or window beyond it would only hold empty rows. The pages selected stay the same: a step selects
+        among the pages between the sink and the window, at most (capacity - sink - window) / page_size."""
+        p = self.page_size
+        between = -(-(capacity - self.sink - self.window) // p)
+        return min(self.slots, max(1, between)), min(self.ring, -(-capacity // p) * p)
+
 
 @dataclass
 class FreeKVOptions:

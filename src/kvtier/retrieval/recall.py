@@ -42,6 +42,13 @@ class PageTable:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.slot_page, self.page_slot
 
+    def widen(self, slots: int) -> None:
+        """`slots` slots per (sequence, KV head), the new ones empty (the layer's buffer grew with them)."""
+        if slots > self.slots:
+            new = self.slot_page.new_full((*self.slot_page.shape[:2], slots), -1)
+            new[..., :self.slots] = self.slot_page
+            self.slot_page = new
+
     def grow(self, pages: int) -> None:
         """Room for page ids below `pages` (the capacity grew)."""
         if pages > self.pages:

@@ -243,15 +243,19 @@ def _sdpa_mask(valid: torch.Tensor | None, t: int, n: int, q_offset: int, device
     """`causal_mask` as SDPA's boolean attn_mask [b or 1, 1, t, n], with no row fully masked.
 
     A query that sees no key (a left-padding position at the start of the prompt) would have an all-False row,
-    for which SDPA returns NaN or 0 depending on the backend and torch version. Such rows see every key instead
-    (finite, like `attend`'s fill; their output is padding that no real query attends to); every row with at
-    least one visible key is unchanged, so real positions are exact.
+    for which SDPA returns NaN or 0 depending on the backend and torch version. Such rows see the keys up to their
+    own position instead (finite; their output is padding that no real query attends to), which is what they see
+    however the prompt is cut into chunks: later layers' keys and values at padding positions, which page digests
+    and low-bit groups take in, are then the same for a chunked prefill and a whole one. Every row with at least
+    one visible key is unchanged, so real positions are exact.
     """
     mask = causal_mask(valid, t, n, q_offset, device)
     if mask is None:
         return None
     if valid is not None:
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        blind = ~mask.any(dim=-1, keepdim=True)
+        causal = causal_mask(None, t, n, q_offset, device)
+        mask = mask | (blind if causal is None else blind & causal)
     return mask.unsqueeze(1)
 
 

@@ -143,10 +143,14 @@ def test_value_group_sets_the_value_quantization_alone(tiny):
     assert lowbit[None] < lowbit[32] < lowbit[16]
 
 
-@pytest.mark.parametrize("bad", [dict(bits=3), dict(topk=0), dict(group_size=5), dict(speculative="y"),
-                                 dict(value_group=48), dict(value_group=0), dict(correct=1.5), dict(correct=True)])
-def test_bad_options(tiny, bad):
-    with pytest.raises(ValueError, match="specache"):
+@pytest.mark.parametrize("bad, named", [(dict(bits=3), "bits"), (dict(bits=True), "bits"), (dict(topk=0), "topk"),
+                                        (dict(group_size=5), "group_size"), (dict(speculative="y"), "speculative"),
+                                        (dict(value_group=48), "value_group"), (dict(value_group=3), "value_group"),
+                                        (dict(value_group=0), "value_group"), (dict(correct=1.5), "correct"),
+                                        (dict(correct=True), "correct")])
+def test_bad_options(tiny, bad, named):
+    """Each bad value is refused by the option it was given as (True is not the bits count 1)."""
+    with pytest.raises(ValueError, match=f"specache.* {named} "):
         kvtier.KVCache(tiny("llama"), method="specache", **bad)
 
 

@@ -37,7 +37,9 @@ def check_fields(obj, owner: str) -> None:
                 what = "a non-negative int" if rule["min"] == 0 else f"an int >= {rule['min']}"
                 raise ValueError(f"{owner} option {f.name} must be {what}, got {value!r}")
         elif kind == "choice":
-            if value not in rule["values"]:
+            # True == 1 in Python: a bool is one of the choices only where the choices are bools
+            if value not in rule["values"] or (isinstance(value, bool)
+                                               and not any(isinstance(c, bool) for c in rule["values"])):
                 raise ValueError(f"{owner} option {f.name} must be one of {list(rule['values'])}, got {value!r}")
         elif kind == "bool":
             if not isinstance(value, bool):
@@ -166,6 +168,9 @@ class SpeCacheOptions:
     def engine(self, head_dim: int, num_layers: int) -> EngineOptions:
         check_fields(self, "specache")
         value_group = self.value_group if self.value_group is not None else min(self.group_size, head_dim)
+        if head_dim % value_group and self.value_group is not None:
+            raise ValueError(f"specache value_group {self.value_group} must divide head_dim {head_dim} (values are "
+                             "grouped along channels)")
         if head_dim % value_group:
             raise ValueError(f"specache group_size {self.group_size} must divide head_dim {head_dim} (values are "
                              "grouped along channels), or give value_group")

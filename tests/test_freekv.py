@@ -348,8 +348,8 @@ def test_sink_and_window_scale_with_the_budget(tiny, options, sink, window):
 @pytest.mark.parametrize("bad", [dict(budget=16, **SMALL), dict(page_size=4, sink=6, window=8),
                                  dict(tau=2.0), dict(dense_layers=99), dict(speculative="yes"),
                                  dict(budget=-1), dict(page_size=0), dict(scorer="exact"), dict(score_bits=3),
-                                 dict(score_bits=True), dict(page_size=32, score_group=48), dict(score_group=0), dict(rest="zero"),
-                                 dict(rest="lowbit")])
+                                 dict(score_bits=True), dict(page_size=32, score_group=48), dict(score_group=0),
+                                 dict(rest="zero"), dict(rest="lowbit")])
 def test_bad_options_are_clear_errors(tiny, bad):
     with pytest.raises(ValueError, match="freekv"):
         kvtier.KVCache(tiny("llama"), method="freekv", **bad)

@@ -122,3 +122,35 @@ def test_chat_command_with_method_auto(embedded, document, tmp_path, monkeypatch
                  "4", "--method", "auto", "--device-memory", "4MiB", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["method"] != "full" and result["document_prefills"] == 1 and len(result["answers"]) == 1
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_at_the_prompt_a_failing_question_does_not_end_the_chat(embedded, document, tmp_path, monkeypatch, capsys):
+    """Interactive chat: a question that fails (or is interrupted) says why and the next one is answered from the
+    same prefill; questions piped from a script still stop at the first failure, with its error."""
+    model, tokenizer = embedded
+    monkeypatch.setattr(kvtier, "load", lambda *args, **kwargs: (model, tokenizer))
+    (tmp_path / "doc.txt").write_text(document[:1500])
+    real_ask = DocumentChat.ask
+
+    def ask(self, question, **kwargs):
+        if question == "break":
+            raise ValueError("this question cannot be answered")
+        if question == "stop":
+            raise KeyboardInterrupt
+        return real_ask(self, question, **kwargs)
+
+    monkeypatch.setattr(DocumentChat, "ask", ask)
+    argv = ["chat", "--document", str(tmp_path / "doc.txt"), "--max-new-tokens", "4", "--method", "offload"]
+    monkeypatch.setattr(sys, "stdin", _Terminal(f"break\nstop\n{QUESTIONS[0]}\n"))
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "error: this question cannot be answered; ask again" in err and "interrupted; ask again" in err
+    assert "1 answer(s) from 1 prefill(s)" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"break\n{QUESTIONS[0]}\n"))
+    assert main(argv) == 2
+    assert "kvtier chat: error: this question cannot be answered" in capsys.readouterr().err

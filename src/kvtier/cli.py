@@ -629,8 +629,17 @@ def cmd_chat(args) -> int:
             line = sys.stdin.readline() if sys.stdin is not None else ""
             if not line or line.strip() in ("/exit", "/quit"):  # end of input, or asked to stop
                 break
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 ask(line.strip())
+            except (*USER_ERRORS, KeyboardInterrupt) as err:
+                if not interactive:  # a script's questions: the first that fails ends the run, with its error
+                    raise
+                # at the prompt, one bad or interrupted question does not cost the document's prefill: each answer
+                # comes from a fork of the document's cache, which stays as it was
+                what = "interrupted" if isinstance(err, KeyboardInterrupt) else f"error: {_one_line(err)}"
+                print(f"kvtier chat: {what}; ask again, or /exit", file=sys.stderr, flush=True)
     total = time.perf_counter() - started
     if args.json:
         print(json.dumps({"method": chat.cache.method.name, "options": chat.cache.method.options,

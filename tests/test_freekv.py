@@ -494,3 +494,18 @@ def test_a_sequence_past_its_reserved_length_widens_slots_and_ring_and_decodes_t
     st = first.layers[1]
     assert slots < st.table.slots <= first.o.slots and ring < st.ring == first.o.ring
     assert growing.stats()["device_kv_bytes"] == growing.method.ledger.peak
+
+
+def test_widen_never_narrows_a_layer(tiny):
+    """A layer holding more slots and ring than its capacity needs (a cache file saved before the rows were capped
+    to the reserved length) keeps them as it grows."""
+    model = tiny("llama", num_hidden_layers=2)
+    ids, _ = batch_prompt(1, length=40)
+    cache = kvtier.KVCache(model, method="freekv", budget=256, page_size=8, sink=16, window=64, dense_layers=0)
+    cache.reserve(1000)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+    st = cache.method.layers[1]
+    held = (st.table.slots, st.ring, st.k.shape)
+    st.widen(cache.method.o, 48)
+    assert (st.table.slots, st.ring, st.k.shape) == held

@@ -80,9 +80,9 @@ class _Layer:
         Every row keeps its place in its part: the sink's and the slots' (the page table names slots by index),
         and the ring's, since a ring narrower than `o.ring` is as long as the capacity it was made for and so holds
         every token at row = position, wrapping nowhere (a ring already at `o.ring` keeps its length)."""
-        slots, ring = o.held_rows(capacity)
         old_slots, old_ring, old_ring_start = self.table.slots, self.ring, self.ring_start
-        if (slots, ring) == (old_slots, old_ring):
+        slots, ring = (max(new, held) for new, held in zip(o.held_rows(capacity), (old_slots, old_ring)))
+        if (slots, ring) == (old_slots, old_ring):  # never narrower (a cache saved before the rows were capped)
             return
         old = (self.k, self.v, self.pos)
         self.ring = ring

@@ -119,7 +119,12 @@ def prefill(model, cache: KVCache, input_ids, attention_mask=None, chunk: int | 
         attention_mask = _padding_mask(attention_mask, input_ids)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be an int >= 1 (tokens per forward) or None, got {chunk!r}")
-    chunk = chunk or PREFILL_CHUNK
+    return _prefill(model, cache, input_ids, attention_mask, chunk or PREFILL_CHUNK, progress, past)
+
+
+def _prefill(model, cache, input_ids: torch.Tensor, attention_mask, chunk: int, progress: bool,
+             past: int) -> torch.Tensor:
+    """`prefill` of ids and mask already checked (generate and score check them once, before any work)."""
     n = input_ids.shape[1]
     kvtier_cache = isinstance(cache, KVCache)  # any other transformers Cache (the benchmark's baselines) works too
     held = cache.method.lengths[0] if kvtier_cache else cache.get_seq_length()
@@ -323,7 +328,7 @@ def generate(model, input_ids, method: str | None = None, max_new_tokens: int = 
     if streamer is not None:
         streamer.put(input_ids.cpu())
     try:
-        logits = prefill(model, cache, input_ids, attention_mask, progress=progress, past=past)
+        logits = _prefill(model, cache, input_ids, attention_mask, PREFILL_CHUNK, progress, past)
         decoder = Decoder(model, cache, input_ids, attention_mask)
         tokens = [input_ids]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -385,7 +390,7 @@ def _teacher_forced(model, context_ids, target_ids, method, attention_mask, cach
                          f"{cache.spec.max_positions} positions")
     cache.reserve(total)
     mask = None if attention_mask is None else _padding_mask(attention_mask, context_ids)
-    logits = prefill(model, cache, context_ids, mask, progress=progress)
+    logits = _prefill(model, cache, context_ids, mask, PREFILL_CHUNK, progress, 0)
     decoder = Decoder(model, cache, context_ids, mask, speculate=False)
     n_targets = target_ids.shape[1]
     for i in tqdm(range(n_targets), desc=f"score ({cache.method.name})", unit="tok", disable=not progress,

@@ -610,7 +610,8 @@ static inline float dot(const float *a, const float *b, int64_t d) {
  * row is read in blocks of 32: the k-th largest of the blocks' maxima is a floor no kept value lies below (k
  * blocks reach it), so only the few blocks whose maximum reaches it are read one by one, into a min-heap of the
  * k best so far (its worst at the root, displaced only by a strictly larger later value). Returns 0, or -1 at a
- * NaN (which torch ranks above every number) or where memory could not be had: nothing is written then. */
+ * NaN (which torch ranks above every number), for rows of fewer than k blocks, or where memory could not be had:
+ * out is then not to be read. */
 typedef struct { float value; int64_t index; } ranked;
 
 static int worse(const ranked *a, const ranked *b) {
@@ -662,8 +663,8 @@ static inline void offer(ranked *heap, int64_t k, int64_t *held, float value, in
 
 int kvt_topk_f32(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t k, int64_t offset, int64_t *out) {
     enum { RUN = 32 };  /* values per block */
-    if (k < 1 || k > n) return -1;
-    const int64_t blocks = n / RUN, scratch = 2 * blocks + 1;
+    const int64_t blocks = n / RUN, scratch = 2 * blocks;
+    if (k < 1 || blocks < k) return -1;
     ranked *heaps = malloc(sizeof *heaps * (size_t)(rows * k));
     float *peak_rows = malloc(sizeof *peak_rows * (size_t)(rows * scratch));
     if (!heaps || !peak_rows) { free(heaps); free(peak_rows); return -1; }
@@ -687,11 +688,8 @@ int kvt_topk_f32(const float *x, int64_t rows, int64_t n, int64_t stride, int64_
         for (int64_t i = blocks * RUN; i < n; i++) bad |= row[i] != row[i];
         for (int j = 0; j < 8; j++) bad |= nan[j] != 0;
         if (bad) { failed = 1; continue; }
-        float floor = -__builtin_inff();
-        if (blocks >= k) {
-            memcpy(peaks + blocks, peaks, sizeof *peaks * (size_t)blocks);
-            floor = kth_largest(peaks + blocks, blocks, k);
-        }
+        memcpy(peaks + blocks, peaks, sizeof *peaks * (size_t)blocks);
+        const float floor = kth_largest(peaks + blocks, blocks, k);
         int64_t held = 0;
         for (int64_t b = 0; b < blocks; b++) {
             if (peaks[b] < floor) continue;

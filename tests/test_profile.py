@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import time
 
@@ -222,3 +223,24 @@ def test_cli_profile_measures_caches_and_writes_json(cache_dir, tmp_path, capsys
 def test_cli_profile_bad_dtype_is_a_clear_error(cache_dir, capsys):
     assert main(["profile", "--device", "cpu", "--dtype", "fp8"]) == 2
     assert "dtype" in capsys.readouterr().err
+
+
+def test_steady_cpu_gemm_sets_mkl_mode_unless_the_user_did(monkeypatch):
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    assert prof.steady_cpu_gemm() == "AUTO"
+    assert os.environ["MKL_CBWR"] == "AUTO"
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert prof.steady_cpu_gemm() == "COMPATIBLE"
+    monkeypatch.setenv("MKL_CBWR", "")  # empty: MKL's own dispatch, kept as the user asked
+    assert prof.steady_cpu_gemm() is None
+    assert os.environ["MKL_CBWR"] == ""
+
+
+def test_cli_sets_the_mkl_mode_before_anything_else(monkeypatch):
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert os.environ["MKL_CBWR"] == "AUTO"
+    from kvtier.models import environment_summary
+
+    assert environment_summary()["mkl_cbwr"] == "AUTO"

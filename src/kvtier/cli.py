@@ -872,6 +872,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+    from .hardware import steady_cpu_gemm
+
+    steady_cpu_gemm()  # before any matmul of this process
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv

@@ -119,6 +119,23 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+# MKL's conditional-numerical-reproducibility mode; AUTO keeps its choice of instruction set.
+MKL_GEMM_MODE = ("MKL_CBWR", "AUTO")
+
+
+def steady_cpu_gemm() -> str | None:
+    """Ask Intel MKL (torch's CPU BLAS) for its regular GEMM kernels; returns the mode in effect (None: MKL's own).
+
+    By default MKL may send GEMMs of 2 or 3 rows to a small-matrix path that, on some CPUs, costs up to twice a
+    one-row GEMM, so a decode step that feeds two tokens (SpeCache's speculative step, `kvtier.generate` with a
+    speculating method) pays for its second token on CPU what it would not pay on a GPU. With MKL_CBWR=AUTO a
+    two-row GEMM reads the weights once, like a one-row one. MKL reads the variable at its first call, so this
+    runs before any matmul (the CLI calls it first); a value the user set, even an empty one, is kept."""
+    name, mode = MKL_GEMM_MODE
+    os.environ.setdefault(name, mode)
+    return os.environ[name] or None
+
+
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
     return statistics.median(fn() for _ in range(repeats))

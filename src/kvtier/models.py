@@ -303,6 +303,7 @@ def environment_summary() -> dict:
         "cuda": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "cpu_threads": torch.get_num_threads(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR") or None,  # see hardware.steady_cpu_gemm
         "cpu_kernels": native.status() if os.environ.get("KVTIER_KERNELS", "auto") in ("auto", "native")
         else f"off (KVTIER_KERNELS={os.environ['KVTIER_KERNELS']})",
         "python": platform.python_version(),

@@ -411,8 +411,7 @@ def _read_prompt(name: str, flag: str = "--prompt-file") -> str:
 
 
 def _method_options(args) -> dict:
-    from kvtier.methods import check_option_names
-    from kvtier.methods import METHOD_REGISTRY
+    from kvtier.methods import METHOD_REGISTRY, method_class
     from kvtier.sizes import parse_bytes
 
     options = dict(args.option)
@@ -436,7 +435,7 @@ def _method_options(args) -> dict:
             raise UsageError(f"--budget: method {args.method!r} has no token budget; methods with one: "
                              f"{', '.join(with_budget)}")
         options["budget"] = args.budget
-    check_option_names(args.method, options)
+    method_class(args.method).check_values(options)  # before the model loads
     return options
 
 

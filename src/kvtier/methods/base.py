@@ -84,6 +84,7 @@ def parse_methods(text_or_list) -> list[MethodSpec]:
                 raise ValueError(f"method option {key.strip()!r} is given twice in {item!r}; give it once")
             options[key.strip()] = parse_value(value)
         check_option_names(name, options, f" in {item!r}")
+        method_class(name).check_values(_nominal_budget(options))
         specs.append(MethodSpec(name, options))
     if not specs:
         raise ValueError("no methods given")
@@ -94,6 +95,15 @@ def check_option_names(method: str, options, where: str = "") -> None:
     """Unknown method or option names as the method's constructor reports them, without building anything (the
     values are checked when the cache is made)."""
     _check_names(method, method_class(method).defaults, options, where)
+
+
+def _nominal_budget(options: dict) -> dict:
+    """A spec's options with a budget given as a share of the context ("freekv:budget=0.25") replaced by a budget
+    large enough for every other check: the share is resolved, and checked, per prompt (`resolve_options`)."""
+    budget = options.get("budget")
+    if isinstance(budget, float) and 0 < budget <= 1:
+        return {**options, "budget": 1 << 30}
+    return options
 
 
 def _check_names(method: str, defaults: dict, options, where: str = "") -> None:
@@ -137,6 +147,13 @@ class Method:
         self.feed_mode = "store"
 
     supports_speculation: ClassVar[bool] = False
+
+    @classmethod
+    def check_values(cls, options: dict) -> None:
+        """Check the option names and the values that need no model, as the constructor would (ValueError): the
+        command line and the evaluations call this before they load a model. The constructor checks the rest
+        (those that depend on the model's shape)."""
+        _check_names(cls.name, cls.defaults, options)
 
     def stored_count(self, fed: int) -> int:
         """How many of `fed` tokens this forward keeps in the cache."""

@@ -38,12 +38,17 @@ class KVPR(Offload):
     defaults = {"split": "auto", "profile": None}
     needs_layer_inputs = True
 
-    def __init__(self, spec, **options):
-        super().__init__(spec, **options)
-        split = self.options["split"]
+    @classmethod
+    def check_values(cls, options: dict) -> None:
+        super().check_values(options)
+        split = options.get("split", cls.defaults["split"])
         if not (split == "auto" or (isinstance(split, int) and not isinstance(split, bool) and split >= 0)):
             raise ValueError(f"kvpr split must be 'auto' or a non-negative int number of tokens, got {split!r}")
-        self.split = split
+
+    def __init__(self, spec, **options):
+        super().__init__(spec, **options)
+        self.check_values(options)
+        self.split = self.options["split"]
         self.hardware = None
         if self.options["profile"] is not None:
             # a given profile (dict, file) is read now: a bad one fails here, not in the first forward, which it

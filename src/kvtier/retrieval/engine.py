@@ -114,6 +114,11 @@ class RetrievalEngine(Method):
     exact = False
     options_class: type = None
 
+    @classmethod
+    def check_values(cls, options: dict) -> None:
+        super().check_values(options)
+        cls.options_class(**options).check()
+
     def __init__(self, spec, **options):
         super().__init__(spec, **options)
         self.user_options = self.options_class(**options)

@@ -135,7 +135,8 @@ class FreeKVOptions:
 
     edge_tokens = 128  # the paper's sink and window for long inputs
 
-    def engine(self, head_dim: int, num_layers: int) -> EngineOptions:
+    def check(self) -> tuple[int, int, int]:
+        """The checks that need no model; returns the (sink, window, slots) the budget is split into."""
         check_fields(self, "freekv")
         p = self.page_size
         edge = max(p, min(self.edge_tokens, self.budget // 16 // p * p))
@@ -145,6 +146,11 @@ class FreeKVOptions:
         if slots < 1:
             raise ValueError(f"freekv budget {self.budget} must cover sink ({sink}) + window ({window}) + at least "
                              f"one page of {p} tokens")
+        return sink, window, slots
+
+    def engine(self, head_dim: int, num_layers: int) -> EngineOptions:
+        sink, window, slots = self.check()
+        p = self.page_size
         group = self.score_group if self.score_group is not None else max(64, p) // p * p
         query = self.query or ("previous" if self.speculative else "current")
         return EngineOptions(page_size=p, sink=sink, window=window, window_unit=p, slots=slots, scorer=self.scorer,
@@ -165,8 +171,12 @@ class SpeCacheOptions:
     value_group: int | None = field(default=None, metadata={**_int(1), "optional": True})
     correct: float = field(default=0.0, metadata={"check": "range", "range": (0.0, 1.0), "means": "a hit share"})
 
-    def engine(self, head_dim: int, num_layers: int) -> EngineOptions:
+    def check(self) -> None:
+        """The checks that need no model."""
         check_fields(self, "specache")
+
+    def engine(self, head_dim: int, num_layers: int) -> EngineOptions:
+        self.check()
         value_group = self.value_group if self.value_group is not None else min(self.group_size, head_dim)
         if head_dim % value_group and self.value_group is not None:
             raise ValueError(f"specache value_group {self.value_group} must divide head_dim {head_dim} (values are "

@@ -129,7 +129,7 @@ def steady_cpu_gemm() -> str | None:
     By default MKL may send GEMMs of 2 or 3 rows to a small-matrix path that, on some CPUs, costs up to twice a
     one-row GEMM, so a decode step that feeds two tokens (SpeCache's speculative step, `kvtier.generate` with a
     speculating method) pays for its second token on CPU what it would not pay on a GPU. With MKL_CBWR=AUTO a
-    two-row GEMM reads the weights once, like a one-row one. MKL reads the variable at its first call, so this
+    two-row GEMM costs about what a one-row one does. MKL reads the variable at its first call, so this
     runs before any matmul (the CLI calls it first); a value the user set, even an empty one, is kept."""
     name, mode = MKL_GEMM_MODE
     os.environ.setdefault(name, mode)

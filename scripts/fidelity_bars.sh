@@ -9,8 +9,9 @@
 # scoring on 8-token pages; beyond the paper, also reading the pages it did not recall from 2-bit keys and values
 # (rest=lowbit, with the stricter correction threshold tau=0.9; the default is 0.8). SpeCache runs at its defaults
 # (2 bits, groups of 64), and with key groups of 32 plus correction of wrong guesses (correct=0.9, beyond the
-# paper). Also beyond both papers, FreeKV's pages chosen by SpeCache's speculative next token (query=speculative):
-# the needle only, since perplexity is teacher-forced and has no guess to select by.
+# paper). Also beyond both papers, FreeKV's pages (2-bit scoring, 8-token pages) chosen by SpeCache's speculative
+# next token (query=speculative), without and with correction: the needle only, since perplexity is teacher-forced
+# and has no guess to select by.
 # Each text's perplexity runs in its own process: two at a time fill this 2-core machine. The methods beyond the
 # papers run in grids and folders of their own, which the report merges (their full baseline must agree).
 # About 80 minutes on 2 cores (2026-11-30; 2 hours before the register-unpacking C kernels).  Usage: bash scripts/fidelity_bars.sh [OUT_DIR]
@@ -23,10 +24,10 @@ DIGEST="freekv:budget=0.25"
 LOWBIT="freekv:budget=0.25:page_size=8:scorer=lowbit"
 REST="freekv:budget=0.25:page_size=8:scorer=lowbit:rest=lowbit:tau=0.9"
 CORRECTED="specache:group_size=32:correct=0.9"
-SPECULATIVE="freekv:budget=0.25:query=speculative"  # FreeKV's pages chosen by SpeCache's speculative token
+SPECULATIVE="$LOWBIT:query=speculative"  # FreeKV's pages chosen by SpeCache's speculative token
 OMP_NUM_THREADS=2 kvtier eval needle --methods "full,$DIGEST,$LOWBIT,specache,specache:bits=1" --kinds single --lengths 2k,4k \
   --depths 0.1,0.3,0.5,0.7,0.9 --seed 0 --max-new-tokens 20 --out "$OUT" --overwrite
-for run in "freekv-rest:$REST" "specache-correct:$CORRECTED" "freekv-speculative:$SPECULATIVE"; do
+for run in "freekv-rest:$REST" "specache-correct:$CORRECTED" "freekv-speculative:$SPECULATIVE,$SPECULATIVE:correct=0.9"; do
   OMP_NUM_THREADS=2 kvtier eval needle --methods "${run#*:}" --kinds single --lengths 2k,4k \
     --depths 0.1,0.3,0.5,0.7,0.9 --seed 0 --max-new-tokens 20 --out "$OUT/needle-${run%%:*}" --overwrite
 done

@@ -32,8 +32,13 @@ def test_parse_methods_with_options():
     assert with_full([MethodSpec("freekv")])[0] == MethodSpec("full")
     assert with_full(parse_methods("freekv,full")) == parse_methods("full,freekv"), "full first: the reference"
     # a method given twice ran twice, its rows repeated under one label
-    assert with_full(parse_methods("offload,full,offload,freekv:budget=8:page_size=4,freekv:page_size=4:budget=8")) \
-        == parse_methods("full,offload,freekv:budget=8:page_size=4")
+    assert with_full(parse_methods("offload,full,offload,freekv:budget=16:page_size=4,freekv:page_size=4:budget=16")) \
+        == parse_methods("full,offload,freekv:budget=16:page_size=4")
+    # values that need no model are checked as the spec is read; a share of the context, per prompt
+    with pytest.raises(ValueError, match="budget 8 must cover sink"):
+        parse_methods("freekv:budget=8:page_size=4")
+    with pytest.raises(ValueError, match="bits must be one of"):
+        parse_methods("full,specache:bits=3")
     assert resolve_options(parse_methods("freekv:budget=0.25")[0].options, 2048) == {"budget": 512}
     assert resolve_options(parse_methods("freekv:budget=300")[0].options, 2048) == {"budget": 300}
     with pytest.raises(ValueError, match="unknown method"):

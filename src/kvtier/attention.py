@@ -57,7 +57,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
         mask = torch.where(mask, 0.0, torch.finfo(q.dtype).min)
         mask = mask if mask.dtype == q.dtype else mask.to(q.dtype)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)  # [b, H_kv, g*t, d]
-    return out.view(b, num_heads, t, d).transpose(1, 2)
+    return out.reshape(b, num_heads, t, d).transpose(1, 2)  # CUDA's backends may return it in another layout
 
 
 @dataclass

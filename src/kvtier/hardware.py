@@ -119,10 +119,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-# MKL's conditional-numerical-reproducibility mode; AUTO keeps its choice of instruction set.
-MKL_GEMM_MODE = ("MKL_CBWR", "AUTO")
-
-
 def steady_cpu_gemm() -> str | None:
     """Ask Intel MKL (torch's CPU BLAS) for its regular GEMM kernels; returns the mode in effect (None: MKL's own).
 
@@ -131,9 +127,8 @@ def steady_cpu_gemm() -> str | None:
     speculating method) pays for its second token on CPU what it would not pay on a GPU. With MKL_CBWR=AUTO a
     two-row GEMM costs about what a one-row one does. MKL reads the variable at its first call, so this
     runs before any matmul (the CLI calls it first); a value the user set, even an empty one, is kept."""
-    name, mode = MKL_GEMM_MODE
-    os.environ.setdefault(name, mode)
-    return os.environ[name] or None
+    # MKL's conditional-numerical-reproducibility mode; AUTO keeps its choice of instruction set
+    return os.environ.setdefault("MKL_CBWR", "AUTO") or None
 
 
 def _median_seconds(fn, repeats: int) -> float:

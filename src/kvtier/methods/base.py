@@ -84,7 +84,8 @@ def parse_methods(text_or_list) -> list[MethodSpec]:
                 raise ValueError(f"method option {key.strip()!r} is given twice in {item!r}; give it once")
             options[key.strip()] = parse_value(value)
         check_option_names(name, options, f" in {item!r}")
-        method_class(name).check_values(_nominal_budget(options))
+        # a budget given as a share of the context is resolved, and checked, per prompt: any context will do here
+        method_class(name).check_values(resolve_options(options, 1 << 30))
         specs.append(MethodSpec(name, options))
     if not specs:
         raise ValueError("no methods given")
@@ -95,15 +96,6 @@ def check_option_names(method: str, options, where: str = "") -> None:
     """Unknown method or option names as the method's constructor reports them, without building anything (the
     values are checked when the cache is made)."""
     _check_names(method, method_class(method).defaults, options, where)
-
-
-def _nominal_budget(options: dict) -> dict:
-    """A spec's options with a budget given as a share of the context ("freekv:budget=0.25") replaced by a budget
-    large enough for every other check: the share is resolved, and checked, per prompt (`resolve_options`)."""
-    budget = options.get("budget")
-    if isinstance(budget, float) and 0 < budget <= 1:
-        return {**options, "budget": 1 << 30}
-    return options
 
 
 def _check_names(method: str, defaults: dict, options, where: str = "") -> None:
@@ -130,7 +122,7 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, spec: ModelSpec, **options):
-        _check_names(self.name, self.defaults, options)
+        self.check_values(options)
         self.options = {**self.defaults, **options}
         self.spec = spec
         self.device = spec.device

@@ -47,7 +47,6 @@ class KVPR(Offload):
 
     def __init__(self, spec, **options):
         super().__init__(spec, **options)
-        self.check_values(options)
         self.split = self.options["split"]
         self.hardware = None
         if self.options["profile"] is not None:
